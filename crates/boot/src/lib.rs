@@ -1,0 +1,87 @@
+//! Direct boot of a Linux kernel on x86_64: load the kernel and initrd,
+//! write the boot tables, and compute the 64-bit entry state.
+
+pub mod layout;
+mod cpu;
+mod kernel;
+mod mptable;
+mod zero_page;
+
+use std::path::PathBuf;
+
+pub use cpu::{boot_cpu_state, boot_msrs, write_long_mode_tables};
+pub use kernel::{KernelFormat, KernelImage, LoadedKernel, load_kernel};
+pub use mptable::write_mptable;
+pub use zero_page::{InitrdPlacement, load_initrd, write_zero_page};
+
+/// Errors from loading and booting a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is not a kernel we can boot.
+    #[error("{path} is not a bootable x86_64 Linux kernel: {reason}")]
+    KernelInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// linux-loader refused to load the kernel into guest memory.
+    #[error("loading kernel {path} into guest memory: {source}")]
+    KernelLoad {
+        /// The file.
+        path: PathBuf,
+        /// The loader's error.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The initrd cannot be read.
+    #[error("cannot read initrd {path}: {source}")]
+    InitrdRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit in guest RAM next to the kernel.
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel; give the VM more memory")]
+    InitrdTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The highest address it may end at.
+        limit: u64,
+    },
+    /// The command line is too long or has a NUL.
+    #[error("kernel command line is invalid: {0}")]
+    Cmdline(String),
+    /// Too many vCPUs for the MP table.
+    #[error("{0} vCPUs do not fit the MP table (at most 254)")]
+    TooManyCpus(u32),
+    /// A write to guest memory failed (the layout does not fit in RAM).
+    #[error("writing {what} to guest memory: {source}")]
+    GuestMemory {
+        /// Which structure.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
+    move |source| Error::GuestMemory { what, source }
+}

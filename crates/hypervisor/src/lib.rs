@@ -1,0 +1,206 @@
+//! The backend-agnostic hypervisor interface: `Hypervisor` -> `Vm` -> `Vcpu`.
+//!
+//! Nothing here names a particular hypervisor: KVM, HVF and WHP each
+//! implement these traits in their own crate. The VMM holds only
+//! `Arc<dyn Hypervisor>`, `Arc<dyn Vm>` and `Box<dyn Vcpu>`.
+
+pub mod x86_64;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+pub use x86_64::{CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs};
+
+/// Errors any backend reports through this interface.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The hypervisor is not present on this host or cannot be opened.
+    #[error("hypervisor not available: {0}")]
+    Unavailable(String),
+    /// An operation of the hypervisor failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// What we asked the hypervisor to do.
+        op: &'static str,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend does not support what was asked.
+    #[error("not supported by this hypervisor: {0}")]
+    Unsupported(String),
+    /// The request was invalid (out of range, overlapping, ...).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a VM needs to know before it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Number of vCPUs that will be created (1..=max_vcpus()).
+    pub vcpu_count: u32,
+}
+
+/// A hypervisor on this host.
+pub trait Hypervisor: Send + Sync + Debug {
+    /// Short name ("kvm", "hvf", "whp").
+    fn name(&self) -> &'static str;
+    /// The most vCPUs one VM may have.
+    fn max_vcpus(&self) -> u32;
+    /// Creates a VM with its platform interrupt controllers and timer.
+    fn create_vm(&self, spec: &VmSpec) -> Result<Arc<dyn Vm>>;
+}
+
+/// Where a guest write raises an `IoNotifier`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoAddress {
+    /// An x86 I/O port.
+    Port(u16),
+    /// A guest physical MMIO address.
+    Mmio(u64),
+}
+
+/// Which guest writes raise an [`IoNotifier`]: any write, or only a write
+/// of exactly this width and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datamatch {
+    /// Any write, of any width.
+    Any,
+    /// A 1-byte write of this value.
+    U8(u8),
+    /// A 2-byte write of this value.
+    U16(u16),
+    /// A 4-byte write of this value.
+    U32(u32),
+    /// An 8-byte write of this value.
+    U64(u64),
+}
+
+/// A VM: guest memory, vCPUs and interrupt routing.
+pub trait Vm: Send + Sync + Debug {
+    /// Maps `len` bytes of host memory at `host_addr` as guest RAM at
+    /// `guest_addr`, in memory slot `slot`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + len` must be a valid, writable mapping in this
+    /// process that stays mapped for as long as the VM exists; the guest will
+    /// read and write it behind Rust's back.
+    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, len: u64, host_addr: u64)
+    -> Result<()>;
+
+    /// Creates vCPU `index` (0-based, below the `VmSpec`'s count) with its CPU
+    /// identity (CPUID, APIC id) set up for a `count`-CPU guest.
+    fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>>;
+
+    /// An edge-triggered interrupt line for global system interrupt `gsi`.
+    fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>>;
+
+    /// A notifier raised (without a vCPU exit) whenever the guest writes to
+    /// `addr` a value that `datamatch` accepts.
+    fn io_notifier(&self, addr: IoAddress, datamatch: Datamatch) -> Result<Box<dyn IoNotifier>>;
+}
+
+/// An interrupt input of the guest's interrupt controller.
+pub trait InterruptLine: Send + Sync + Debug {
+    /// Raises an edge on the line. Safe to call from any thread.
+    fn trigger(&self) -> Result<()>;
+}
+
+/// A host-waitable event that a guest write signals.
+pub trait IoNotifier: Send + Sync + Debug {
+    /// A file descriptor that becomes readable when the guest has written.
+    #[cfg(unix)]
+    fn as_raw_fd(&self) -> std::os::fd::RawFd;
+    /// Consumes pending notifications; returns how many arrived (0 if none).
+    fn consume(&self) -> Result<u64>;
+}
+
+/// Makes a vCPU's `run()` return [`VcpuExit::Interrupted`] from another thread.
+pub trait VcpuKicker: Send + Sync + Debug {
+    /// Requests the exit. If the vCPU is not in `run()`, its next `run()`
+    /// returns `Interrupted` at once.
+    fn kick(&self);
+}
+
+/// Why `Vcpu::run` returned.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// The guest wrote `data` to I/O port `port`, `data.len()` bytes at once.
+    IoOut {
+        /// First port.
+        port: u16,
+        /// Bytes written.
+        data: &'a [u8],
+    },
+    /// The guest read I/O port `port`; fill `data` before the next `run()`.
+    IoIn {
+        /// First port.
+        port: u16,
+        /// Bytes to return to the guest.
+        data: &'a mut [u8],
+    },
+    /// The guest read unmapped guest physical memory at `addr`; fill `data`.
+    MmioRead {
+        /// Guest physical address.
+        addr: u64,
+        /// Bytes to return to the guest.
+        data: &'a mut [u8],
+    },
+    /// The guest wrote `data` to unmapped guest physical memory at `addr`.
+    MmioWrite {
+        /// Guest physical address.
+        addr: u64,
+        /// Bytes written.
+        data: &'a [u8],
+    },
+    /// The vCPU executed `hlt` with no interrupt controller to wait on it.
+    Halt,
+    /// The CPU shut down (on x86: a triple fault).
+    Shutdown,
+    /// The guest asked the platform for a reset (through the hypervisor).
+    SystemReset,
+    /// The guest asked the platform to power off (through the hypervisor).
+    SystemPowerOff,
+    /// A [`VcpuKicker`] asked this `run()` to return.
+    Interrupted,
+    /// The hypervisor could not emulate or enter the guest.
+    InternalError(String),
+    /// An exit this interface does not model.
+    Unhandled(String),
+}
+
+/// One virtual CPU. Owned by the thread that runs it.
+pub trait Vcpu: Send + Debug {
+    /// The vCPU's index in its VM.
+    fn index(&self) -> u32;
+    /// Runs the guest until it needs the VMM.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// A handle other threads use to make `run()` return.
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+
+    /// General-purpose registers.
+    fn regs(&self) -> Result<Regs>;
+    /// Sets general-purpose registers.
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    /// Segment, control and descriptor-table registers.
+    fn special_regs(&self) -> Result<SpecialRegs>;
+    /// Sets segment, control and descriptor-table registers.
+    fn set_special_regs(&mut self, sregs: &SpecialRegs) -> Result<()>;
+    /// Sets the x87/SSE control state.
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
+    /// Reads the MSRs named by `indices`.
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
+    /// Writes MSRs; every entry must be accepted.
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()>;
+
+    /// Sets the complete boot state in one call.
+    fn set_cpu_state(&mut self, state: &CpuState) -> Result<()> {
+        self.set_special_regs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        self.set_fpu(&state.fpu)?;
+        self.set_msrs(&state.msrs)
+    }
+}

@@ -1,0 +1,270 @@
+//! Guest physical memory: the x86_64 address-space layout and the mapping
+//! that backs it.
+//!
+//! Everything the VMM reads from or writes to guest memory goes through
+//! `vm-memory`'s `Bytes` interface on [`GuestAddress`]es, which checks every
+//! access against the mapped regions. The only raw host addresses that leave
+//! this crate are the region bases handed to a hypervisor to map.
+
+use std::fs::File;
+
+pub use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
+    GuestMemoryRegion, GuestUsize, VolatileSlice,
+};
+use vm_memory::{FileOffset, GuestMemoryMmap};
+
+/// The concrete guest memory type every supermachine crate shares.
+pub type GuestMemoryMmapped = GuestMemoryMmap<()>;
+
+/// Start of the 32-bit MMIO gap: RAM below it, devices inside it.
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// End of the 32-bit MMIO gap; RAM continues from here.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The smallest guest that makes sense: room for the boot structures, a kernel and its initrd.
+pub const MIN_RAM_BYTES: u64 = 16 << 20;
+/// A ceiling that keeps size arithmetic far from overflow (1 TiB).
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+const PAGE_SIZE: u64 = 4096;
+
+/// Errors from building guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The requested RAM size is outside what we support.
+    #[error("guest RAM size {0} bytes is invalid: it must be a multiple of 4 KiB between 16 MiB and 1 TiB")]
+    InvalidSize(u64),
+    /// The backing file is too small or could not be sized.
+    #[error("backing file for guest RAM: {0}")]
+    BackingFile(#[source] std::io::Error),
+    /// vm-memory refused the layout or the mapping failed.
+    #[error("mapping guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One contiguous range of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest physical start address.
+    pub start: GuestAddress,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl RamRange {
+    /// First address past the range.
+    pub fn end(&self) -> u64 {
+        self.start.raw_value() + self.len
+    }
+}
+
+/// Where RAM sits in the guest physical address space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    ranges: Vec<RamRange>,
+}
+
+impl MemoryLayout {
+    /// The x86_64 layout for `size` bytes of RAM: up to 3 GiB below the MMIO
+    /// gap, the remainder from 4 GiB up.
+    pub fn x86_64(size: u64) -> Result<Self> {
+        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&size) || size % PAGE_SIZE != 0 {
+            return Err(Error::InvalidSize(size));
+        }
+        let low = size.min(MMIO_GAP_START);
+        let mut ranges = vec![RamRange {
+            start: GuestAddress(0),
+            len: low,
+        }];
+        if size > low {
+            ranges.push(RamRange {
+                start: GuestAddress(MMIO_GAP_END),
+                len: size - low,
+            });
+        }
+        Ok(Self { ranges })
+    }
+
+    /// The RAM ranges, sorted by address.
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// Total RAM in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+
+    /// The RAM range that starts at guest address 0 (always present).
+    pub fn low_range(&self) -> RamRange {
+        self.ranges[0]
+    }
+}
+
+/// Guest RAM, mapped into this process.
+#[derive(Debug)]
+pub struct GuestRam {
+    layout: MemoryLayout,
+    memory: GuestMemoryMmapped,
+}
+
+impl GuestRam {
+    /// Private anonymous memory, zero-filled, populated on first touch.
+    pub fn anonymous(layout: &MemoryLayout) -> Result<Self> {
+        let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = layout
+            .ranges
+            .iter()
+            .map(|r| (r.start, r.len as usize, None))
+            .collect();
+        Ok(Self {
+            layout: layout.clone(),
+            memory: GuestMemoryMmap::from_ranges_with_files(ranges)?,
+        })
+    }
+
+    /// Shared mapping of `file`, the layout's ranges stored back to back from
+    /// offset 0. The file is grown to the total RAM size if it is shorter.
+    /// Writes by the guest land in the file.
+    pub fn file_backed(layout: &MemoryLayout, file: File) -> Result<Self> {
+        let total = layout.total_bytes();
+        let current = file.metadata().map_err(Error::BackingFile)?.len();
+        if current < total {
+            file.set_len(total).map_err(Error::BackingFile)?;
+        }
+        let file = std::sync::Arc::new(file);
+        let mut offset = 0u64;
+        let mut ranges = Vec::with_capacity(layout.ranges.len());
+        for r in &layout.ranges {
+            ranges.push((
+                r.start,
+                r.len as usize,
+                Some(FileOffset::from_arc(file.clone(), offset)),
+            ));
+            offset += r.len;
+        }
+        Ok(Self {
+            layout: layout.clone(),
+            memory: GuestMemoryMmap::from_ranges_with_files(ranges)?,
+        })
+    }
+
+    /// The layout this RAM was built from.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The bounds-checked guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmapped {
+        &self.memory
+    }
+
+    /// Every mapped region as (guest address, length, host address), for
+    /// registering with a hypervisor. The host addresses stay valid for as
+    /// long as this `GuestRam` lives.
+    pub fn host_mappings(&self) -> Vec<HostMapping> {
+        self.memory
+            .iter()
+            .map(|region| HostMapping {
+                guest_addr: region.start_addr().raw_value(),
+                len: region.len(),
+                host_addr: region.as_ptr() as u64,
+            })
+            .collect()
+    }
+}
+
+/// A region of guest RAM and where it is mapped in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostMapping {
+    /// Guest physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Start of the mapping in this process.
+    pub host_addr: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom};
+
+    #[test]
+    fn small_guest_is_one_low_range() {
+        let layout = MemoryLayout::x86_64(256 << 20).unwrap();
+        assert_eq!(
+            layout.ranges(),
+            &[RamRange {
+                start: GuestAddress(0),
+                len: 256 << 20
+            }]
+        );
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_mmio_gap() {
+        let layout = MemoryLayout::x86_64(4 << 30).unwrap();
+        assert_eq!(layout.ranges().len(), 2);
+        assert_eq!(layout.ranges()[0].end(), MMIO_GAP_START);
+        assert_eq!(layout.ranges()[1].start, GuestAddress(MMIO_GAP_END));
+        assert_eq!(layout.ranges()[1].len, 1 << 30);
+        assert_eq!(layout.total_bytes(), 4 << 30);
+    }
+
+    #[test]
+    fn invalid_sizes_are_refused() {
+        for size in [0, 4096, (16 << 20) + 1, MAX_RAM_BYTES + 4096] {
+            assert!(
+                matches!(MemoryLayout::x86_64(size), Err(Error::InvalidSize(s)) if s == size),
+                "{size}"
+            );
+        }
+    }
+
+    #[test]
+    fn access_outside_ram_fails_instead_of_touching_host_memory() {
+        let layout = MemoryLayout::x86_64(4 << 30).unwrap();
+        let ram = GuestRam::anonymous(&layout).unwrap();
+        let mem = ram.memory();
+        mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        // Inside the MMIO gap: no RAM there.
+        assert!(mem.read_obj::<u32>(GuestAddress(MMIO_GAP_START)).is_err());
+        // Straddling the end of the low range.
+        assert!(mem.write_obj(0u64, GuestAddress(MMIO_GAP_START - 4)).is_err());
+        // Past the end of all RAM, and at the very top of the address space.
+        assert!(mem.read_obj::<u8>(GuestAddress(MMIO_GAP_END + (1 << 30))).is_err());
+        assert!(mem.read_obj::<u64>(GuestAddress(u64::MAX - 3)).is_err());
+        // The high range is usable.
+        mem.write_obj(7u8, GuestAddress(MMIO_GAP_END)).unwrap();
+    }
+
+    #[test]
+    fn file_backed_ram_writes_through_to_the_file() {
+        let layout = MemoryLayout::x86_64(32 << 20).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let mut reader = file.try_clone().unwrap();
+        let ram = GuestRam::file_backed(&layout, file).unwrap();
+        assert_eq!(reader.metadata().unwrap().len(), 32 << 20);
+        ram.memory()
+            .write_slice(b"snapshot", GuestAddress(0x20_0000))
+            .unwrap();
+        reader.seek(SeekFrom::Start(0x20_0000)).unwrap();
+        let mut buf = [0u8; 8];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"snapshot");
+    }
+
+    #[test]
+    fn host_mappings_cover_every_range() {
+        let layout = MemoryLayout::x86_64(4 << 30).unwrap();
+        let ram = GuestRam::anonymous(&layout).unwrap();
+        let maps = ram.host_mappings();
+        assert_eq!(maps.len(), 2);
+        assert_eq!(maps[0].guest_addr, 0);
+        assert_eq!(maps[1].guest_addr, MMIO_GAP_END);
+        assert!(maps.iter().all(|m| m.host_addr != 0));
+    }
+}

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub use cpu::{boot_cpu_state, boot_msrs, write_long_mode_tables};
 pub use kernel::{KernelFormat, KernelImage, LoadedKernel, load_kernel};
-pub use mptable::write_mptable;
+pub use mptable::{MAX_CPUS, write_mptable};
 pub use zero_page::{InitrdPlacement, load_initrd, write_zero_page};
 
 /// Errors from loading and booting a kernel.

@@ -1,0 +1,100 @@
+//! The `supermachine` command-line tool.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use supermachine::{Console, DEFAULT_CMDLINE, Machine, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "supermachine", version, about = "Run Linux microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel directly (low level): no image, no agent.
+    Boot {
+        /// Kernel: an ELF vmlinux or a bzImage.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initial ramdisk (cpio archive).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line, replacing the default.
+        #[arg(long, default_value = DEFAULT_CMDLINE)]
+        cmdline: String,
+        /// Extra kernel command-line arguments, appended.
+        #[arg(long)]
+        append: Option<String>,
+        /// Guest RAM, e.g. 256M or 1G (a bare number means MiB).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        memory: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Write the guest console to this file instead of standard output.
+        #[arg(long)]
+        console_file: Option<PathBuf>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 20),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512M or 2G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Boot {
+            kernel,
+            initrd,
+            cmdline,
+            append,
+            memory,
+            cpus,
+            console_file,
+        } => {
+            let mut config = VmConfig::new(kernel);
+            config.initrd = initrd;
+            config.cmdline = match append {
+                Some(extra) => format!("{cmdline} {extra}"),
+                None => cmdline,
+            };
+            config.memory_bytes = memory;
+            config.vcpus = cpus;
+            config.console = match console_file {
+                Some(path) => Console::File(path),
+                None => Console::Stdout,
+            };
+            config.forward_stdin = true;
+            Machine::start(config).and_then(Machine::wait)
+        }
+    };
+    match result {
+        Ok(exit) => {
+            log::info!("guest ended: {exit:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("supermachine: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

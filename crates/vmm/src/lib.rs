@@ -1,0 +1,368 @@
+//! The supermachine VMM: builds a VM from a [`VmConfig`] and runs it.
+//!
+//! A boot goes: check the kernel file → lay out and map guest RAM → load
+//! the kernel and initrd and write the boot tables → create the VM on the
+//! hypervisor and map RAM into it → add the platform devices (serial
+//! console, i8042 reset) → create the vCPUs with their boot state → start
+//! one thread per vCPU and the event loop. Everything that can fail because
+//! of the user's input fails before the hypervisor VM is created.
+
+mod bus;
+mod devices;
+mod event_loop;
+mod lifecycle;
+mod vcpu;
+
+use std::fs::File;
+use std::io::{self, LineWriter, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use supermachine_boot as boot;
+use supermachine_hypervisor::{Hypervisor, Vm, VmSpec};
+use supermachine_memory::{GuestRam, MemoryLayout};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use bus::{Bus, BusDevice};
+
+use devices::console::ConsoleSink;
+use devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_SPAN};
+use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_SPAN, InputRoom, IrqTrigger, SerialPort};
+use lifecycle::Lifecycle;
+
+/// The kernel command line used when the caller gives none: console on
+/// COM1, reset through the i8042 (which ends the VM), reboot at once on a
+/// panic, no I/O-delay port writes.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none";
+
+/// Where the guest's serial console goes.
+pub enum Console {
+    /// This process's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Any writer (for embedding: capture the console in memory, say).
+    Writer(Box<dyn Write + Send>),
+    /// Nowhere (the console is still watched for panics and power-off).
+    Discard,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Console::Stdout => f.write_str("Stdout"),
+            Console::File(p) => f.debug_tuple("File").field(p).finish(),
+            Console::Writer(_) => f.write_str("Writer"),
+            Console::Discard => f.write_str("Discard"),
+        }
+    }
+}
+
+/// What a VM is built from.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (a cpio archive, possibly compressed).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Where the serial console's output goes.
+    pub console: Console,
+    /// Forward this process's standard input to the serial console.
+    pub forward_stdin: bool,
+}
+
+impl VmConfig {
+    /// A config for `kernel` with the defaults: 256 MiB, one vCPU,
+    /// [`DEFAULT_CMDLINE`], console on stdout.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory_bytes: 256 << 20,
+            vcpus: 1,
+            console: Console::Stdout,
+            forward_stdin: false,
+        }
+    }
+}
+
+/// How a VM ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (or halted for good).
+    PowerOff,
+    /// The guest rebooted; a supermachine VM ends on reboot.
+    Reboot,
+    /// The host asked the VM to stop.
+    Stopped,
+}
+
+/// Errors from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// Loading the kernel or writing the boot tables failed.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] supermachine_memory::Error),
+    /// The hypervisor refused an operation.
+    #[error(transparent)]
+    Hypervisor(#[from] supermachine_hypervisor::Error),
+    /// The console destination could not be opened.
+    #[error("console output {path}: {source}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A host resource (thread, eventfd) could not be created.
+    #[error("{what}: {source}")]
+    Host {
+        /// What we tried to create.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop failed: {0}")]
+    EventLoop(String),
+    /// The guest kernel panicked.
+    #[error("guest kernel panicked: {0}")]
+    GuestPanic(String),
+    /// A vCPU triple-faulted (the CPU shut down).
+    #[error("guest triple fault on vCPU {index}: the CPU shut down")]
+    TripleFault {
+        /// The vCPU.
+        index: u32,
+    },
+    /// A vCPU could not go on.
+    #[error("vCPU {index} failed: {detail}")]
+    VcpuFailed {
+        /// The vCPU.
+        index: u32,
+        /// What the hypervisor said.
+        detail: String,
+    },
+    /// A vCPU thread panicked (a VMM bug).
+    #[error("vCPU thread {0} panicked")]
+    VcpuThreadPanicked(u32),
+    /// `wait` was called after the outcome had been taken.
+    #[error("the VM's outcome was already taken")]
+    AlreadyWaited,
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn host(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Host { what, source }
+}
+
+fn open_console(console: Console) -> Result<Box<dyn Write + Send>> {
+    Ok(match console {
+        Console::Stdout => Box::new(io::stdout()),
+        Console::File(path) => {
+            let file = File::create(&path).map_err(|source| Error::Console {
+                path: path.clone(),
+                source,
+            })?;
+            Box::new(LineWriter::new(file))
+        }
+        Console::Writer(w) => w,
+        Console::Discard => Box::new(io::sink()),
+    })
+}
+
+/// A VM that has been started.
+pub struct RunningVm {
+    lifecycle: Arc<Lifecycle>,
+    vcpu_threads: Vec<(u32, JoinHandle<()>)>,
+    event_thread: Option<JoinHandle<()>>,
+    serial: Arc<Mutex<SerialPort>>,
+    // Dropped in this order: the VM before the RAM it maps.
+    vm: Option<Arc<dyn Vm>>,
+    ram: Option<Arc<GuestRam>>,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vcpus", &self.vcpu_threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningVm {
+    /// Asks the VM to stop; `wait` then returns [`ExitReason::Stopped`]
+    /// unless the guest had already ended.
+    pub fn stop(&self) {
+        self.lifecycle.finish(Ok(ExitReason::Stopped));
+    }
+
+    /// Waits for the VM to end and releases everything it held.
+    pub fn wait(mut self) -> Result<ExitReason> {
+        let outcome = self.lifecycle.wait();
+        let mut outcome = outcome;
+        for (index, t) in self.vcpu_threads.drain(..) {
+            if t.join().is_err() && outcome.is_ok() {
+                outcome = Err(Error::VcpuThreadPanicked(index));
+            }
+        }
+        if let Some(t) = self.event_thread.take() {
+            let _ = t.join();
+        }
+        let _ = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .uart
+            .writer_mut()
+            .flush();
+        self.vm.take();
+        self.ram.take();
+        outcome
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.vcpu_threads.is_empty() {
+            self.lifecycle.finish(Ok(ExitReason::Stopped));
+            for (_, t) in self.vcpu_threads.drain(..) {
+                let _ = t.join();
+            }
+            if let Some(t) = self.event_thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Builds the VM described by `config` on `hypervisor` and starts it.
+pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm> {
+    if config.vcpus == 0 || config.vcpus > boot::MAX_CPUS.min(hypervisor.max_vcpus()) {
+        return Err(Error::Config(format!(
+            "{} vCPUs requested; between 1 and {} are possible here",
+            config.vcpus,
+            boot::MAX_CPUS.min(hypervisor.max_vcpus())
+        )));
+    }
+    // Guest-independent checks and loading first: no hypervisor VM exists
+    // until the kernel, initrd and command line have all been accepted.
+    let mut kernel_image = boot::KernelImage::open(&config.kernel)?;
+    let layout = MemoryLayout::x86_64(config.memory_bytes)?;
+    let ram = Arc::new(GuestRam::anonymous(&layout)?);
+    let mem = ram.memory();
+    let kernel = boot::load_kernel(mem, &mut kernel_image)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| boot::load_initrd(mem, &layout, &kernel, path))
+        .transpose()?;
+    boot::write_zero_page(mem, &layout, &kernel, &config.cmdline, initrd)?;
+    boot::write_mptable(mem, config.vcpus)?;
+    boot::write_long_mode_tables(mem)?;
+    let console_out = open_console(config.console)?;
+    log::debug!(
+        "kernel {} ({:?}) entry {:#x}, initrd {initrd:?}",
+        config.kernel.display(),
+        kernel_image.format(),
+        kernel.entry
+    );
+
+    let vm = hypervisor.create_vm(&VmSpec {
+        vcpu_count: config.vcpus,
+    })?;
+    for (slot, m) in ram.host_mappings().iter().enumerate() {
+        // SAFETY: the mapping belongs to `ram`, which RunningVm keeps alive
+        // until after the VM (and every vCPU) is dropped.
+        unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }?;
+    }
+
+    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
+    let serial = Arc::new(Mutex::new(SerialPort {
+        uart: vm_superio::Serial::with_events(
+            IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
+            InputRoom {
+                room: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
+            },
+            ConsoleSink::new(console_out, lifecycle.clone()),
+        ),
+    }));
+    let mut pio = Bus::default();
+    let bus_conflict =
+        |o: bus::Overlap| Error::Config(format!("device ranges overlap at {:#x}", o.base));
+    pio.insert(COM1_PORT, COM1_PORT_SPAN, serial.clone())
+        .map_err(bus_conflict)?;
+    pio.insert(
+        I8042_DATA_PORT,
+        I8042_PORT_SPAN,
+        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
+    )
+    .map_err(bus_conflict)?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::default());
+
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let mut vcpu = vm.create_vcpu(index)?;
+        if index == 0 {
+            vcpu.set_cpu_state(&boot::boot_cpu_state(kernel.entry))?;
+        } else {
+            // Application processors wait for the boot CPU's INIT/SIPI.
+            vcpu.set_msrs(&boot::boot_msrs())?;
+        }
+        vcpus.push(vcpu);
+    }
+    lifecycle.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
+
+    let input = config.forward_stdin.then(|| event_loop::InputForwarder {
+        input: Box::new(io::stdin()),
+        serial: serial.clone(),
+        paused: false,
+    });
+    let event_thread = {
+        let lifecycle = lifecycle.clone();
+        std::thread::Builder::new()
+            .name("vmm-events".into())
+            .spawn(move || event_loop::run(lifecycle, input))
+            .map_err(host("spawning the event loop thread"))?
+    };
+    let mut running = RunningVm {
+        lifecycle: lifecycle.clone(),
+        vcpu_threads: Vec::new(),
+        event_thread: Some(event_thread),
+        serial,
+        vm: Some(vm),
+        ram: Some(ram),
+    };
+    for vcpu in vcpus {
+        let index = vcpu.index();
+        let ctx = vcpu::VcpuContext {
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            lifecycle: lifecycle.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu::run(vcpu, ctx))
+            .map_err(host("spawning a vCPU thread"))?;
+        running.vcpu_threads.push((index, thread));
+    }
+    Ok(running)
+}

@@ -1,0 +1,367 @@
+//! The tier-3 runner. It runs wherever `/dev/kvm` can boot Linux: directly
+//! on a host with real KVM, or inside the QEMU test host that `cargo xtask
+//! e2e` builds. It drives the real `supermachine` binary and the real guest
+//! kernel, and ends with the line `N passed, N failed`.
+//!
+//! `supermachine-e2e test --supermachine BIN --assets DIR`
+//! `supermachine-e2e bench-boot --supermachine BIN --assets DIR [--runs N]`
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
+const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
+const QUIET: &str = "quiet";
+
+struct Env {
+    supermachine: PathBuf,
+    assets: PathBuf,
+}
+
+impl Env {
+    fn asset(&self, name: &str) -> PathBuf {
+        self.assets.join(name)
+    }
+
+    fn boot(&self, args: &[&str]) -> Run {
+        let started = Instant::now();
+        let out = Command::new(&self.supermachine)
+            .arg("boot")
+            .args(args)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) => Run {
+                code: o.status.code(),
+                stdout: String::from_utf8_lossy(&o.stdout).replace('\r', ""),
+                stderr: String::from_utf8_lossy(&o.stderr).replace('\r', ""),
+                elapsed: started.elapsed(),
+            },
+            Err(e) => Run {
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot start {}: {e}", self.supermachine.display()),
+                elapsed: started.elapsed(),
+            },
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.asset(name).display().to_string()
+    }
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n    ")
+        };
+        format!(
+            "exit {:?} after {:.1?}\n  stdout (tail):\n    {}\n  stderr:\n    {}",
+            self.code,
+            self.elapsed,
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+
+    fn marker_line(&self) -> Option<&str> {
+        self.stdout.lines().find(|l| l.starts_with(MARKER))
+    }
+}
+
+type Check = Result<(), String>;
+
+fn expect(cond: bool, what: &str, run: &Run) -> Check {
+    if cond {
+        Ok(())
+    } else {
+        Err(format!("{what}\n  {}", run.describe()))
+    }
+}
+
+fn clean_exit_with_marker(run: &Run) -> Check {
+    expect(run.code == Some(0), "expected exit status 0", run)?;
+    expect(run.marker_line().is_some(), "expected the marker on stdout", run)
+}
+
+fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
+    let vmlinux = env.path("vmlinux");
+    let bzimage = env.path("bzImage");
+    vec![
+        (
+            "elf-vmlinux-boots-to-init-and-powers-off",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let r = env.boot(&["--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"), "--append", QUIET]);
+                    clean_exit_with_marker(&r)
+                }
+            }),
+        ),
+        (
+            "bzimage-boots-to-init-and-reboots",
+            Box::new({
+                let bzimage = bzimage.clone();
+                move || {
+                    let r = env.boot(&["--kernel", &bzimage, "--initrd", &env.path("reboot.cpio"), "--append", QUIET]);
+                    clean_exit_with_marker(&r)
+                }
+            }),
+        ),
+        (
+            "two-vcpus-and-512m-are-seen-by-the-guest",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let r = env.boot(&[
+                        "--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"),
+                        "--cpus", "2", "--memory", "512M", "--append", QUIET,
+                    ]);
+                    clean_exit_with_marker(&r)?;
+                    let line = r.marker_line().unwrap_or_default();
+                    expect(line.contains("cpus=2"), "expected the guest to see 2 CPUs", &r)?;
+                    let mem_kib: u64 = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("mem_kib="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    expect((400_000..=524_288).contains(&mem_kib), "expected about 512 MiB of guest RAM", &r)
+                }
+            }),
+        ),
+        (
+            "guest-panic-is-a-failure-with-the-panic-message",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let r = env.boot(&["--kernel", &vmlinux, "--initrd", &env.path("panic.cpio"), "--append", QUIET]);
+                    expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                    expect(
+                        r.stderr.contains("guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"),
+                        "expected the panic message on stderr",
+                        &r,
+                    )
+                }
+            }),
+        ),
+        (
+            "console-file-receives-the-guest-console",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let file = std::env::temp_dir().join(format!("sm-console-{}.log", std::process::id()));
+                    let r = env.boot(&[
+                        "--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"),
+                        "--console-file", &file.display().to_string(), "--append", QUIET,
+                    ]);
+                    let console = std::fs::read_to_string(&file).unwrap_or_default();
+                    let _ = std::fs::remove_file(&file);
+                    expect(r.code == Some(0), "expected exit status 0", &r)?;
+                    expect(!r.stdout.contains(MARKER), "expected nothing on stdout", &r)?;
+                    expect(console.contains(MARKER), "expected the marker in the console file", &r)
+                }
+            }),
+        ),
+        (
+            "missing-kernel-is-refused-before-any-vm",
+            Box::new(move || {
+                let r = env.boot(&["--kernel", "/nonexistent/vmlinux"]);
+                expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                expect(
+                    r.stderr.trim() == "supermachine: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)",
+                    "expected one clear line naming the kernel",
+                    &r,
+                )
+            }),
+        ),
+        (
+            "truncated-kernel-is-refused-before-any-vm",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let cut = std::env::temp_dir().join(format!("sm-truncated-{}", std::process::id()));
+                    let bytes = std::fs::read(&vmlinux).unwrap_or_default();
+                    let write = std::fs::write(&cut, &bytes[..bytes.len() / 2]);
+                    let r = env.boot(&["--kernel", &cut.display().to_string()]);
+                    let _ = std::fs::remove_file(&cut);
+                    write.map_err(|e| format!("writing the truncated kernel: {e}"))?;
+                    expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                    expect(
+                        r.stderr.contains("is not a bootable x86_64 Linux kernel") && r.stderr.contains("truncated"),
+                        "expected a clear 'truncated' error",
+                        &r,
+                    )?;
+                    expect(!r.stdout.contains("Linux version"), "expected no guest output", &r)
+                }
+            }),
+        ),
+        (
+            "garbage-kernel-is-refused-before-any-vm",
+            Box::new(move || {
+                let r = env.boot(&["--kernel", &env.path("poweroff.cpio")]);
+                expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                expect(
+                    r.stderr.contains("neither an ELF vmlinux") && r.stderr.lines().count() == 1,
+                    "expected one clear line",
+                    &r,
+                )
+            }),
+        ),
+    ]
+}
+
+fn run_tests(env: &Env) -> ExitCode {
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests(env) {
+        let started = Instant::now();
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("PASS {name} ({:.1?})", started.elapsed());
+            }
+            Err(why) => {
+                failed += 1;
+                println!("FAIL {name}: {why}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+struct Sample {
+    to_init: Duration,
+    rss_kib: u64,
+}
+
+fn boot_once(env: &Env, kernel: &str) -> Result<Sample, String> {
+    let started = Instant::now();
+    let mut child = Command::new(&env.supermachine)
+        .args(["boot", "--kernel", kernel, "--initrd", &env.path("bench.cpio"), "--append", QUIET])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting supermachine: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut to_init = None;
+    let mut rss = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.starts_with(BENCH_MARKER) && to_init.is_none() {
+            to_init = Some(started.elapsed());
+            rss = vm_hwm_kib(child.id());
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() {
+        return Err(format!("supermachine failed: {status}: {err}"));
+    }
+    Ok(Sample {
+        to_init: to_init.ok_or("the guest never printed its marker")?,
+        rss_kib: rss.ok_or("could not read the VMM's RSS")?,
+    })
+}
+
+fn median<T: Copy + Ord>(v: &mut [T]) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn bench_boot(env: &Env, runs: usize) -> ExitCode {
+    let mut rows = Vec::new();
+    for (label, file) in [("ELF vmlinux", "vmlinux"), ("bzImage", "bzImage")] {
+        let kernel = env.path(file);
+        let mut times = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..runs {
+            match boot_once(env, &kernel) {
+                Ok(s) => {
+                    times.push(s.to_init);
+                    rss.push(s.rss_kib);
+                }
+                Err(e) => {
+                    println!("bench failed for {label}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let (min, max) = (times.iter().min().copied(), times.iter().max().copied());
+        rows.push((label, median(&mut times), min, max, median(&mut rss)));
+    }
+    let baseline = rows[0].1.as_secs_f64();
+    println!("boot: VMM process start to guest /init (median of {runs} runs each)");
+    println!("| kernel | median | min | max | ratio to ELF | VMM peak RSS (VmHWM) |");
+    println!("|---|---|---|---|---|---|");
+    for (label, med, min, max, rss) in &rows {
+        println!(
+            "| {label} | {:.1} ms | {:.1} ms | {:.1} ms | {:.2}x | {:.1} MiB |",
+            med.as_secs_f64() * 1e3,
+            min.unwrap_or_default().as_secs_f64() * 1e3,
+            max.unwrap_or_default().as_secs_f64() * 1e3,
+            med.as_secs_f64() / baseline,
+            *rss as f64 / 1024.0
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let (Some(mode), Some(bin), Some(assets)) = (
+        args.get(1).cloned(),
+        value("--supermachine"),
+        value("--assets"),
+    ) else {
+        eprintln!("usage: supermachine-e2e test|bench-boot --supermachine BIN --assets DIR [--runs N]");
+        return ExitCode::from(2);
+    };
+    let env = Env {
+        supermachine: PathBuf::from(bin),
+        assets: PathBuf::from(assets),
+    };
+    if !Path::new(&env.supermachine).exists() {
+        eprintln!("supermachine-e2e: no supermachine binary at {}", env.supermachine.display());
+        return ExitCode::from(2);
+    }
+    match mode.as_str() {
+        "test" => run_tests(&env),
+        "bench-boot" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
+            bench_boot(&env, runs)
+        }
+        other => {
+            eprintln!("supermachine-e2e: unknown mode {other}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Installs what the tasks need when it is missing: Debian packages with
+//! apt-get, Rust targets with rustup.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::util::{have, run};
+
+/// Debian packages needed to build the kernels.
+pub const KERNEL_BUILD: &[&str] = &[
+    "make", "gcc", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "cpio", "xz-utils",
+    "dpkg-dev",
+];
+/// Debian packages needed for guest images and the QEMU test host.
+pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static"];
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Installs the missing ones of `packages` (running apt-get update first).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!(
+            "missing packages {} and no apt-get to install them; install them by hand",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc_geteuid() } == 0;
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(apt(&["update", "-qq"]).stdout(std::process::Stdio::null()))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing).stdout(std::process::Stdio::null());
+    run(&mut install)
+}
+
+/// Adds a Rust target with rustup when it is not installed.
+pub fn ensure_rust_target(target: &str) -> Result<()> {
+    let list = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    if let Ok(out) = &list {
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == target)
+        {
+            return Ok(());
+        }
+    }
+    eprintln!("xtask: adding Rust target {target}");
+    run(Command::new("rustup").args(["target", "add", target]))
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -1,0 +1,68 @@
+//! Guest initramfs images for the demo, the end-to-end tests and the boot
+//! benchmark: Debian's static busybox and a one-purpose `/init` each.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cpio::Archive;
+use crate::deps;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Lines every image's /init starts with: applets, /proc, /sys.
+const INIT_PRELUDE: &str = "#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+";
+
+/// The guest's view of itself, on one line the tests parse.
+const MARKER_LINE: &str = r#"echo "SUPERMACHINE-E2E-MARKER cpus=$(nproc) mem_kib=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)""#;
+
+pub const DEMO_INIT: &str = r#"echo
+echo "Hello from a supermachine microVM."
+echo "  kernel: $(uname -sr)"
+echo "  cpus:   $(nproc)"
+echo "  memory: $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
+echo "  uptime: $(cut -d' ' -f1 /proc/uptime) s"
+echo
+poweroff -f
+"#;
+
+fn busybox() -> Result<PathBuf> {
+    deps::ensure_packages(&["busybox-static"])?;
+    let path = PathBuf::from(BUSYBOX);
+    let bytes = fs::read(&path).with_context(|| format!("reading {BUSYBOX}"))?;
+    // A dynamically linked busybox would need its libraries in the image.
+    if bytes.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {
+        bail!("{BUSYBOX} is dynamically linked; install Debian's busybox-static");
+    }
+    Ok(path)
+}
+
+/// A minimal root: busybox, /dev/console, and `init` as /init.
+pub fn image(init_body: &str, dest: &Path) -> Result<()> {
+    let mut a = Archive::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin"] {
+        a.dir(d);
+    }
+    a.char_device("dev/console", 5, 1).char_device("dev/null", 1, 3);
+    a.file_from("bin/busybox", 0o755, &busybox()?)?;
+    a.symlink("bin/sh", "busybox");
+    a.file("init", 0o755, format!("{INIT_PRELUDE}{init_body}").as_bytes());
+    a.write_to(dest)
+}
+
+/// Writes every guest image the tests and benchmark use into `dir`.
+pub fn build_test_images(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    image(&format!("{MARKER_LINE}\npoweroff -f\n"), &dir.join("poweroff.cpio"))?;
+    image(&format!("{MARKER_LINE}\nreboot -f\n"), &dir.join("reboot.cpio"))?;
+    // /init exiting makes the kernel panic ("Attempted to kill init!").
+    image("echo 'init: exiting on purpose'\nexit 3\n", &dir.join("panic.cpio"))?;
+    image("echo SUPERMACHINE-BENCH-INIT\nsleep 1\npoweroff -f\n", &dir.join("bench.cpio"))?;
+    image(DEMO_INIT, &dir.join("demo.cpio"))?;
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! `cargo xtask ...`: the project's build, test and benchmark tasks.
+
+mod cpio;
+mod deps;
+mod images;
+mod kernel;
+mod testhost;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use testhost::Mode;
+use util::{run, workspace_root};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "supermachine project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build (or find in the cache) the minimal x86_64 guest kernel.
+    GuestKernel {
+        /// A kernel source tarball to use instead of Debian's linux-source-6.12.
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+    /// Build (or find in the cache) the QEMU test host's kernel.
+    TesthostKernel {
+        /// A kernel source tarball to use instead of Debian's linux-source-6.12.
+        #[arg(long)]
+        source: Option<PathBuf>,
+    },
+    /// Build the guest images (initramfs archives) into a directory.
+    GuestImages {
+        #[arg(long, default_value = "target/guest-images")]
+        out: PathBuf,
+    },
+    /// Boot the demo guest: the guest kernel with a small busybox /init.
+    Demo,
+    /// Tier-3 end-to-end tests: real guest kernel, real KVM (directly, or
+    /// inside the QEMU test host when this host's KVM cannot boot Linux).
+    E2e,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// Everything CI runs: install what is missing, fmt, clippy, tiers 1-3.
+    Ci,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// VMM start to guest /init, and the VMM's peak RSS.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+fn assets_dir() -> PathBuf {
+    workspace_root().join("target/e2e-assets")
+}
+
+fn prepare() -> Result<(Mode, testhost::Binaries, PathBuf)> {
+    let mode = testhost::detect_mode()?;
+    eprintln!(
+        "xtask: tier 3 runs {}",
+        match mode {
+            Mode::Direct => "directly on this host's KVM",
+            Mode::TestHost => "inside the QEMU test host (this host's KVM cannot boot Linux)",
+        }
+    );
+    let bins = testhost::build_static_binaries()?;
+    let assets = assets_dir();
+    if assets.exists() {
+        std::fs::remove_dir_all(&assets)?;
+    }
+    testhost::stage_assets(&assets)?;
+    Ok((mode, bins, assets))
+}
+
+/// Runs the e2e runner with `args` (after the mode word) directly or in the
+/// test host; returns its output and exit status.
+fn run_runner(mode: Mode, bins: &testhost::Binaries, assets: &Path, args: &str) -> Result<(String, i32)> {
+    match mode {
+        Mode::Direct => {
+            let out = Command::new(&bins.e2e)
+                .args(args.split_whitespace())
+                .args(["--supermachine"])
+                .arg(&bins.supermachine)
+                .arg("--assets")
+                .arg(assets)
+                .output()
+                .context("running supermachine-e2e")?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            print!("{text}");
+            Ok((text, out.status.code().unwrap_or(1)))
+        }
+        Mode::TestHost => testhost::run_inside(
+            bins,
+            assets,
+            &format!("./supermachine-e2e {args} --supermachine /e2e/supermachine --assets /e2e"),
+        ),
+    }
+}
+
+fn e2e() -> Result<()> {
+    let (mode, bins, assets) = prepare()?;
+    let (out, code) = run_runner(mode, &bins, &assets, "test")?;
+    let summary = out
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(" failed") && l.contains(" passed, "))
+        .context("the e2e runner printed no summary")?
+        .to_string();
+    let failures: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL ")).collect();
+    if !failures.is_empty() {
+        eprintln!("xtask: e2e failures:\n{}", failures.join("\n"));
+    }
+    println!("{summary}");
+    if code != 0 || !failures.is_empty() {
+        bail!("tier-3 tests failed");
+    }
+    Ok(())
+}
+
+fn bench_boot(runs: usize) -> Result<()> {
+    let (mode, bins, assets) = prepare()?;
+    let (out, code) = run_runner(mode, &bins, &assets, &format!("bench-boot --runs {runs}"))?;
+    if code != 0 {
+        bail!("the boot benchmark failed");
+    }
+    println!();
+    if mode == Mode::TestHost {
+        println!("(measured inside the QEMU TCG test host: compare rows with each other, not with native numbers)");
+    }
+    for line in out.lines().skip_while(|l| !l.starts_with("boot:")) {
+        if line.starts_with("boot:") || line.starts_with('|') {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    let mode = testhost::detect_mode()?;
+    let assets = assets_dir();
+    let guest = kernel::build(kernel::Flavor::Guest, None)?;
+    match mode {
+        Mode::Direct => {
+            std::fs::create_dir_all(&assets)?;
+            images::image(images::DEMO_INIT, &assets.join("demo.cpio"))?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["run", "--release", "-q", "-p", "supermachine", "--", "boot", "--kernel"])
+                .arg(guest.vmlinux())
+                .arg("--initrd")
+                .arg(assets.join("demo.cpio"))
+                .args(["--append", "quiet"]))
+        }
+        Mode::TestHost => {
+            eprintln!("xtask: this host's KVM cannot boot Linux; the demo runs inside the QEMU test host");
+            let bins = testhost::build_static_binaries()?;
+            if assets.exists() {
+                std::fs::remove_dir_all(&assets)?;
+            }
+            testhost::stage_assets(&assets)?;
+            let (_, code) = testhost::run_inside(
+                &bins,
+                &assets,
+                "./supermachine boot --kernel vmlinux --initrd demo.cpio --append quiet",
+            )?;
+            if code != 0 {
+                bail!("the demo VM failed (exit status {code})");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ci() -> Result<()> {
+    deps::ensure_packages(deps::KERNEL_BUILD)?;
+    deps::ensure_packages(deps::TEST_HOST)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = workspace_root();
+    let step = |name: &str, args: &[&str]| -> Result<()> {
+        eprintln!("xtask: == {name} ==");
+        run(Command::new(&cargo).current_dir(&root).args(args))
+    };
+    step("format", &["fmt", "--all", "--check"])?;
+    step("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    step("tiers 1 and 2 (unit tests, KVM guest programs)", &["test", "--workspace"])?;
+    eprintln!("xtask: == tier 3 (end to end) ==");
+    e2e()
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::GuestKernel { source } => {
+            let k = kernel::build(kernel::Flavor::Guest, source.as_deref())?;
+            println!("{}", k.vmlinux().display());
+            println!("{}", k.bzimage().display());
+        }
+        Task::TesthostKernel { source } => {
+            let k = kernel::build(kernel::Flavor::TestHost, source.as_deref())?;
+            println!("{}", k.bzimage().display());
+        }
+        Task::GuestImages { out } => {
+            images::build_test_images(&out)?;
+            println!("{}", out.display());
+        }
+        Task::Demo => demo()?,
+        Task::E2e => e2e()?,
+        Task::Bench { which: Bench::Boot { runs } } => bench_boot(runs)?,
+        Task::Ci => ci()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Where tier-3 tests run: directly when this host's KVM can boot Linux,
+//! otherwise inside a QEMU TCG "test host" whose kernel has KVM for AMD
+//! SVM built in (QEMU's `-cpu max` emulates SVM).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cpio::Archive;
+use crate::kernel;
+use crate::util::{cache_root, workspace_root};
+use crate::{deps, images};
+
+/// How tier-3 tests reach a KVM that boots Linux.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    TestHost,
+}
+
+/// Real KVM (kvm_intel or kvm_amd) boots Linux; PVM (kvm_pvm) does not.
+/// `SUPERMACHINE_E2E=direct|testhost` overrides the choice.
+pub fn detect_mode() -> Result<Mode> {
+    match std::env::var("SUPERMACHINE_E2E").as_deref() {
+        Ok("direct") => return Ok(Mode::Direct),
+        Ok("testhost") => return Ok(Mode::TestHost),
+        Ok(other) if !other.is_empty() => {
+            bail!("SUPERMACHINE_E2E must be 'direct' or 'testhost', not '{other}'")
+        }
+        _ => {}
+    }
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    let real_kvm = Path::new("/dev/kvm").exists()
+        && (module("kvm_intel") || module("kvm_amd"))
+        && !module("kvm_pvm");
+    Ok(if real_kvm { Mode::Direct } else { Mode::TestHost })
+}
+
+/// Static (musl) builds of our binaries, so they run in the test host's
+/// bare initramfs as they do on the host.
+pub struct Binaries {
+    pub supermachine: PathBuf,
+    pub e2e: PathBuf,
+}
+
+pub fn build_static_binaries() -> Result<Binaries> {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    deps::ensure_rust_target(TARGET)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::util::run(
+        Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "--release", "--target", TARGET])
+            .args(["-p", "supermachine", "-p", "supermachine-e2e"]),
+    )?;
+    let dir = workspace_root().join("target").join(TARGET).join("release");
+    Ok(Binaries {
+        supermachine: dir.join("supermachine"),
+        e2e: dir.join("supermachine-e2e"),
+    })
+}
+
+/// Everything a tier-3 run needs, staged in one directory: the guest
+/// kernel (both formats) and the guest images.
+pub fn stage_assets(dir: &Path) -> Result<()> {
+    let guest = kernel::build(kernel::Flavor::Guest, None)?;
+    fs::create_dir_all(dir)?;
+    fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
+    fs::copy(guest.bzimage(), dir.join("bzImage"))?;
+    images::build_test_images(dir)
+}
+
+/// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,
+/// `supermachine-e2e` and the assets there) inside the test host. Streams
+/// the test host's console and returns it with the command's exit status.
+pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(String, i32)> {
+    deps::ensure_packages(deps::TEST_HOST)?;
+    let host_kernel = kernel::build(kernel::Flavor::TestHost, None)?;
+    let work = cache_root()?.join("testhost-run");
+    fs::create_dir_all(&work)?;
+    let initramfs = work.join(format!("host-{}.cpio", std::process::id()));
+    let _cleanup = RemoveOnDrop(initramfs.clone());
+
+    let mut a = Archive::default();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "e2e", "sbin", "usr", "usr/bin", "usr/sbin"] {
+        a.dir(d);
+    }
+    a.char_device("dev/console", 5, 1);
+    a.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
+    a.symlink("bin/sh", "busybox");
+    a.file_from("e2e/supermachine", 0o755, &bins.supermachine)?;
+    a.file_from("e2e/supermachine-e2e", 0o755, &bins.e2e)?;
+    for entry in fs::read_dir(assets)? {
+        let path = entry?.path();
+        let name = path.file_name().context("asset without a name")?.to_string_lossy().into_owned();
+        a.file_from(&format!("e2e/{name}"), 0o644, &path)?;
+    }
+    let init = format!(
+        "#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+cd /e2e
+echo TESTHOST-UP kvm=$(test -c /dev/kvm && echo yes || echo no)
+{command}
+echo TESTHOST-EXIT $?
+reboot -f
+"
+    );
+    a.file("init", 0o755, init.as_bytes());
+    a.write_to(&initramfs)?;
+
+    let timeout = Duration::from_secs(
+        std::env::var("SUPERMACHINE_TESTHOST_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(40 * 60),
+    );
+    eprintln!("xtask: starting the QEMU test host (TCG, emulated AMD SVM)");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "3072", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(host_kernel.bzimage())
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("no qemu stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let line = line.replace('\r', "");
+            println!("  | {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut console = String::new();
+    let mut exit = None;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(line) => {
+                if let Some(code) = line.strip_prefix("TESTHOST-EXIT ") {
+                    exit = code.trim().parse().ok();
+                }
+                console.push_str(&line);
+                console.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the test host did not finish within {timeout:?}");
+        }
+    }
+    let status = child.wait()?;
+    let _ = reader.join();
+    match exit {
+        Some(code) => Ok((console, code)),
+        None => bail!("the test host ended ({status}) without reporting the command's exit status"),
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -92,10 +92,16 @@ fn expect(cond: bool, what: &str, run: &Run) -> Check {
 
 fn clean_exit_with_marker(run: &Run) -> Check {
     expect(run.code == Some(0), "expected exit status 0", run)?;
-    expect(run.marker_line().is_some(), "expected the marker on stdout", run)
+    expect(
+        run.marker_line().is_some(),
+        "expected the marker on stdout",
+        run,
+    )
 }
 
-fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
+type Test<'a> = (&'static str, Box<dyn Fn() -> Check + 'a>);
+
+fn tests(env: &Env) -> Vec<Test<'_>> {
     let vmlinux = env.path("vmlinux");
     let bzimage = env.path("bzImage");
     vec![
@@ -104,7 +110,14 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             Box::new({
                 let vmlinux = vmlinux.clone();
                 move || {
-                    let r = env.boot(&["--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"), "--append", QUIET]);
+                    let r = env.boot(&[
+                        "--kernel",
+                        &vmlinux,
+                        "--initrd",
+                        &env.path("poweroff.cpio"),
+                        "--append",
+                        QUIET,
+                    ]);
                     clean_exit_with_marker(&r)
                 }
             }),
@@ -114,7 +127,14 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             Box::new({
                 let bzimage = bzimage.clone();
                 move || {
-                    let r = env.boot(&["--kernel", &bzimage, "--initrd", &env.path("reboot.cpio"), "--append", QUIET]);
+                    let r = env.boot(&[
+                        "--kernel",
+                        &bzimage,
+                        "--initrd",
+                        &env.path("reboot.cpio"),
+                        "--append",
+                        QUIET,
+                    ]);
                     clean_exit_with_marker(&r)
                 }
             }),
@@ -125,18 +145,34 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
                 let vmlinux = vmlinux.clone();
                 move || {
                     let r = env.boot(&[
-                        "--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"),
-                        "--cpus", "2", "--memory", "512M", "--append", QUIET,
+                        "--kernel",
+                        &vmlinux,
+                        "--initrd",
+                        &env.path("poweroff.cpio"),
+                        "--cpus",
+                        "2",
+                        "--memory",
+                        "512M",
+                        "--append",
+                        QUIET,
                     ]);
                     clean_exit_with_marker(&r)?;
                     let line = r.marker_line().unwrap_or_default();
-                    expect(line.contains("cpus=2"), "expected the guest to see 2 CPUs", &r)?;
+                    expect(
+                        line.contains("cpus=2"),
+                        "expected the guest to see 2 CPUs",
+                        &r,
+                    )?;
                     let mem_kib: u64 = line
                         .split_whitespace()
                         .find_map(|w| w.strip_prefix("mem_kib="))
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
-                    expect((400_000..=524_288).contains(&mem_kib), "expected about 512 MiB of guest RAM", &r)
+                    expect(
+                        (400_000..=524_288).contains(&mem_kib),
+                        "expected about 512 MiB of guest RAM",
+                        &r,
+                    )
                 }
             }),
         ),
@@ -145,8 +181,19 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             Box::new({
                 let vmlinux = vmlinux.clone();
                 move || {
-                    let r = env.boot(&["--kernel", &vmlinux, "--initrd", &env.path("panic.cpio"), "--append", QUIET]);
-                    expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                    let r = env.boot(&[
+                        "--kernel",
+                        &vmlinux,
+                        "--initrd",
+                        &env.path("panic.cpio"),
+                        "--append",
+                        QUIET,
+                    ]);
+                    expect(
+                        r.code.is_some_and(|c| c != 0),
+                        "expected a non-zero exit status",
+                        &r,
+                    )?;
                     expect(
                         r.stderr.contains("guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"),
                         "expected the panic message on stderr",
@@ -160,16 +207,27 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             Box::new({
                 let vmlinux = vmlinux.clone();
                 move || {
-                    let file = std::env::temp_dir().join(format!("sm-console-{}.log", std::process::id()));
+                    let file =
+                        std::env::temp_dir().join(format!("sm-console-{}.log", std::process::id()));
                     let r = env.boot(&[
-                        "--kernel", &vmlinux, "--initrd", &env.path("poweroff.cpio"),
-                        "--console-file", &file.display().to_string(), "--append", QUIET,
+                        "--kernel",
+                        &vmlinux,
+                        "--initrd",
+                        &env.path("poweroff.cpio"),
+                        "--console-file",
+                        &file.display().to_string(),
+                        "--append",
+                        QUIET,
                     ]);
                     let console = std::fs::read_to_string(&file).unwrap_or_default();
                     let _ = std::fs::remove_file(&file);
                     expect(r.code == Some(0), "expected exit status 0", &r)?;
                     expect(!r.stdout.contains(MARKER), "expected nothing on stdout", &r)?;
-                    expect(console.contains(MARKER), "expected the marker in the console file", &r)
+                    expect(
+                        console.contains(MARKER),
+                        "expected the marker in the console file",
+                        &r,
+                    )
                 }
             }),
         ),
@@ -177,9 +235,14 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             "missing-kernel-is-refused-before-any-vm",
             Box::new(move || {
                 let r = env.boot(&["--kernel", "/nonexistent/vmlinux"]);
-                expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
                 expect(
-                    r.stderr.trim() == "supermachine: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)",
+                    r.code.is_some_and(|c| c != 0),
+                    "expected a non-zero exit status",
+                    &r,
+                )?;
+                expect(
+                    r.stderr.trim()
+                        == "supermachine: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)",
                     "expected one clear line naming the kernel",
                     &r,
                 )
@@ -190,19 +253,29 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             Box::new({
                 let vmlinux = vmlinux.clone();
                 move || {
-                    let cut = std::env::temp_dir().join(format!("sm-truncated-{}", std::process::id()));
+                    let cut =
+                        std::env::temp_dir().join(format!("sm-truncated-{}", std::process::id()));
                     let bytes = std::fs::read(&vmlinux).unwrap_or_default();
                     let write = std::fs::write(&cut, &bytes[..bytes.len() / 2]);
                     let r = env.boot(&["--kernel", &cut.display().to_string()]);
                     let _ = std::fs::remove_file(&cut);
                     write.map_err(|e| format!("writing the truncated kernel: {e}"))?;
-                    expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
                     expect(
-                        r.stderr.contains("is not a bootable x86_64 Linux kernel") && r.stderr.contains("truncated"),
+                        r.code.is_some_and(|c| c != 0),
+                        "expected a non-zero exit status",
+                        &r,
+                    )?;
+                    expect(
+                        r.stderr.contains("is not a bootable x86_64 Linux kernel")
+                            && r.stderr.contains("truncated"),
                         "expected a clear 'truncated' error",
                         &r,
                     )?;
-                    expect(!r.stdout.contains("Linux version"), "expected no guest output", &r)
+                    expect(
+                        !r.stdout.contains("Linux version"),
+                        "expected no guest output",
+                        &r,
+                    )
                 }
             }),
         ),
@@ -210,7 +283,11 @@ fn tests(env: &Env) -> Vec<(&'static str, Box<dyn Fn() -> Check + '_>)> {
             "garbage-kernel-is-refused-before-any-vm",
             Box::new(move || {
                 let r = env.boot(&["--kernel", &env.path("poweroff.cpio")]);
-                expect(r.code.is_some_and(|c| c != 0), "expected a non-zero exit status", &r)?;
+                expect(
+                    r.code.is_some_and(|c| c != 0),
+                    "expected a non-zero exit status",
+                    &r,
+                )?;
                 expect(
                     r.stderr.contains("neither an ELF vmlinux") && r.stderr.lines().count() == 1,
                     "expected one clear line",
@@ -237,7 +314,11 @@ fn run_tests(env: &Env) -> ExitCode {
         }
     }
     println!("{passed} passed, {failed} failed");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
@@ -256,7 +337,15 @@ struct Sample {
 fn boot_once(env: &Env, kernel: &str) -> Result<Sample, String> {
     let started = Instant::now();
     let mut child = Command::new(&env.supermachine)
-        .args(["boot", "--kernel", kernel, "--initrd", &env.path("bench.cpio"), "--append", QUIET])
+        .args([
+            "boot",
+            "--kernel",
+            kernel,
+            "--initrd",
+            &env.path("bench.cpio"),
+            "--append",
+            QUIET,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -342,7 +431,9 @@ fn main() -> ExitCode {
         value("--supermachine"),
         value("--assets"),
     ) else {
-        eprintln!("usage: supermachine-e2e test|bench-boot --supermachine BIN --assets DIR [--runs N]");
+        eprintln!(
+            "usage: supermachine-e2e test|bench-boot --supermachine BIN --assets DIR [--runs N]"
+        );
         return ExitCode::from(2);
     };
     let env = Env {
@@ -350,7 +441,10 @@ fn main() -> ExitCode {
         assets: PathBuf::from(assets),
     };
     if !Path::new(&env.supermachine).exists() {
-        eprintln!("supermachine-e2e: no supermachine binary at {}", env.supermachine.display());
+        eprintln!(
+            "supermachine-e2e: no supermachine binary at {}",
+            env.supermachine.display()
+        );
         return ExitCode::from(2);
     }
     match mode.as_str() {

@@ -101,7 +101,10 @@ mod tests {
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
         assert_ne!(e[0].edx & EDX_HTT, 0);
         assert_eq!((e[1].eax, e[1].ebx, e[1].edx), (0, 1, 2));
-        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx >> 8), (2, 3, TOPOLOGY_LEVEL_CORE));
+        assert_eq!(
+            (e[2].eax, e[2].ebx, e[2].ecx >> 8),
+            (2, 3, TOPOLOGY_LEVEL_CORE)
+        );
         assert_eq!((e[3].ebx, e[3].ecx), (0, 2));
     }
 

@@ -50,13 +50,21 @@ pub(crate) fn install_signal_handler() -> hv::Result<()> {
     }
 }
 
+/// A thread's pthread id. On musl `pthread_t` is a pointer, hence the wrapper.
+#[derive(Clone, Copy, Debug)]
+struct ThreadId(libc::pthread_t);
+
+// SAFETY: a pthread id is an opaque handle naming a thread; POSIX lets any
+// thread of the process pass it to pthread_kill.
+unsafe impl Send for ThreadId {}
+
 /// Shared between a vCPU and its kickers.
 #[derive(Debug, Default)]
 pub(crate) struct KickState {
     pending: AtomicBool,
     /// The thread running the vCPU; `None` before its first run and after
     /// the vCPU is dropped, so a kick never signals a thread that is gone.
-    thread: Mutex<Option<libc::pthread_t>>,
+    thread: Mutex<Option<ThreadId>>,
 }
 
 impl KickState {
@@ -67,7 +75,7 @@ impl KickState {
             let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
             if thread.is_none() {
                 // SAFETY: pthread_self has no preconditions.
-                *thread = Some(unsafe { libc::pthread_self() });
+                *thread = Some(ThreadId(unsafe { libc::pthread_self() }));
             }
         }
         KVM_RUN_OF_THIS_THREAD.with(|c| c.set(run));
@@ -103,7 +111,7 @@ impl VcpuKicker for KickState {
         if let Some(t) = *thread {
             // SAFETY: `t` is a live thread: `detach` clears it (under this
             // lock) before the vCPU, which its thread owns, is dropped.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
+            unsafe { libc::pthread_kill(t.0, kick_signal()) };
         }
     }
 }

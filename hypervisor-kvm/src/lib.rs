@@ -257,10 +257,7 @@ fn configure_lapic_lints(fd: &VcpuFd) -> hv::Result<()> {
             *b = *r as u8;
         }
         let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
-        for (r, b) in regs[offset..offset + 4]
-            .iter_mut()
-            .zip(value.to_le_bytes())
-        {
+        for (r, b) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
             *r = b as std::os::raw::c_char;
         }
     }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, MsrEntry, Vcpu, VcpuExit, Vm, VmSpec};
+use supermachine_hypervisor::{
+    Datamatch, Hypervisor, IoAddress, MsrEntry, Vcpu, VcpuExit, Vm, VmSpec,
+};
 use supermachine_hypervisor_kvm::KvmHypervisor;
 use supermachine_memory::{Bytes, GuestAddress, GuestRam, MemoryLayout};
 
@@ -40,7 +42,9 @@ fn guest_with_ram(code: &[u8], ram_bytes: u64) -> Guest {
         unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }.unwrap();
     }
     supermachine_boot::write_long_mode_tables(ram.memory()).unwrap();
-    ram.memory().write_slice(code, GuestAddress(CODE_ADDR)).unwrap();
+    ram.memory()
+        .write_slice(code, GuestAddress(CODE_ADDR))
+        .unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     vcpu.set_cpu_state(&supermachine_boot::boot_cpu_state(CODE_ADDR))
         .unwrap();
@@ -56,7 +60,9 @@ fn run_to_done(vcpu: &mut dyn Vcpu) -> Vec<(u16, Vec<u8>)> {
     let mut outs = Vec::new();
     loop {
         match vcpu.run().unwrap() {
-            VcpuExit::IoOut { port: DONE_PORT, .. } => return outs,
+            VcpuExit::IoOut {
+                port: DONE_PORT, ..
+            } => return outs,
             VcpuExit::IoOut { port, data } => outs.push((port, data.to_vec())),
             other => panic!("unexpected exit {other:?}"),
         }
@@ -89,7 +95,10 @@ fn port_writes_exit_with_their_data() {
         .flat_map(|(_, d)| d.clone())
         .collect();
     assert_eq!(serial, b"hi\n");
-    assert_eq!(outs.last().unwrap(), &(0x510, 0xdead_beefu32.to_le_bytes().to_vec()));
+    assert_eq!(
+        outs.last().unwrap(),
+        &(0x510, 0xdead_beefu32.to_le_bytes().to_vec())
+    );
 }
 
 #[test]
@@ -186,7 +195,14 @@ fn msrs_round_trip() {
     assert_eq!(read[0].data, 0xffff_ffff_8100_0000);
     assert_eq!(read[1].data, 0x4242);
     // An MSR that does not exist is refused, not silently dropped.
-    assert!(g.vcpu.set_msrs(&[MsrEntry { index: 0x4000_1234, data: 1 }]).is_err());
+    assert!(
+        g.vcpu
+            .set_msrs(&[MsrEntry {
+                index: 0x4000_1234,
+                data: 1
+            }])
+            .is_err()
+    );
 }
 
 #[test]
@@ -208,7 +224,8 @@ fn guest_writes_reach_both_memory_slots() {
     let pdpt = supermachine_boot::layout::PDPT_ADDR;
     let pd = supermachine_boot::layout::PD_ADDR + 4 * 0x1000;
     let mem = g.ram.memory();
-    mem.write_obj(pd | 0b11, GuestAddress(pdpt + 4 * 8)).unwrap();
+    mem.write_obj(pd | 0b11, GuestAddress(pdpt + 4 * 8))
+        .unwrap();
     mem.write_obj((4u64 << 30) | 0b11 | (1 << 7), GuestAddress(pd))
         .unwrap();
     run_to_done(g.vcpu.as_mut());
@@ -228,10 +245,9 @@ fn ioeventfd_write_is_counted_without_an_exit() {
         done(a)
     });
     let mut g = guest(&code);
-    let notifier = g
-        .vm
-        .io_notifier(IoAddress::Mmio(MMIO_ADDR), Datamatch::U32(3))
-        .unwrap();
+    let notifier =
+        g.vm.io_notifier(IoAddress::Mmio(MMIO_ADDR), Datamatch::U32(3))
+            .unwrap();
     assert_eq!(notifier.consume().unwrap(), 0);
     match g.vcpu.run().unwrap() {
         VcpuExit::MmioWrite { addr, data } => {
@@ -290,5 +306,10 @@ fn interrupt_lines_and_vcpu_indices_are_validated() {
     assert!(g.vm.create_vcpu(1).is_err(), "only one vCPU was asked for");
     let hv = KvmHypervisor::new().unwrap();
     assert!(hv.create_vm(&VmSpec { vcpu_count: 0 }).is_err());
-    assert!(hv.create_vm(&VmSpec { vcpu_count: 100_000 }).is_err());
+    assert!(
+        hv.create_vm(&VmSpec {
+            vcpu_count: 100_000
+        })
+        .is_err()
+    );
 }

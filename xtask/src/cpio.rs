@@ -49,7 +49,7 @@ impl Archive {
     }
 
     fn pad(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -83,7 +83,8 @@ impl Archive {
     pub fn write_to(mut self, dest: &Path) -> Result<()> {
         self.entry("TRAILER!!!", 0, &[], (0, 0));
         let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(&self.bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, dest)?;
@@ -98,7 +99,9 @@ mod tests {
     #[test]
     fn entries_are_aligned_and_headers_well_formed() {
         let mut a = Archive::default();
-        a.dir("dev").char_device("dev/console", 5, 1).file("init", 0o755, b"abc");
+        a.dir("dev")
+            .char_device("dev/console", 5, 1)
+            .file("init", 0o755, b"abc");
         a.entry("TRAILER!!!", 0, &[], (0, 0));
         assert!(a.bytes.starts_with(b"070701"));
         assert_eq!(a.bytes.len() % 4, 0);

@@ -9,7 +9,15 @@ use crate::util::{have, run};
 
 /// Debian packages needed to build the kernels.
 pub const KERNEL_BUILD: &[&str] = &[
-    "make", "gcc", "flex", "bison", "bc", "libelf-dev", "libssl-dev", "cpio", "xz-utils",
+    "make",
+    "gcc",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "cpio",
+    "xz-utils",
     "dpkg-dev",
 ];
 /// Debian packages needed for guest images and the QEMU test host.
@@ -60,13 +68,12 @@ pub fn ensure_rust_target(target: &str) -> Result<()> {
     let list = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output();
-    if let Ok(out) = &list {
-        if String::from_utf8_lossy(&out.stdout)
+    if let Ok(out) = &list
+        && String::from_utf8_lossy(&out.stdout)
             .lines()
             .any(|l| l.trim() == target)
-        {
-            return Ok(());
-        }
+    {
+        return Ok(());
     }
     eprintln!("xtask: adding Rust target {target}");
     run(Command::new("rustup").args(["target", "add", target]))

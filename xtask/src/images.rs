@@ -45,24 +45,43 @@ fn busybox() -> Result<PathBuf> {
 /// A minimal root: busybox, /dev/console, and `init` as /init.
 pub fn image(init_body: &str, dest: &Path) -> Result<()> {
     let mut a = Archive::default();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin"] {
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin",
+    ] {
         a.dir(d);
     }
-    a.char_device("dev/console", 5, 1).char_device("dev/null", 1, 3);
+    a.char_device("dev/console", 5, 1)
+        .char_device("dev/null", 1, 3);
     a.file_from("bin/busybox", 0o755, &busybox()?)?;
     a.symlink("bin/sh", "busybox");
-    a.file("init", 0o755, format!("{INIT_PRELUDE}{init_body}").as_bytes());
+    a.file(
+        "init",
+        0o755,
+        format!("{INIT_PRELUDE}{init_body}").as_bytes(),
+    );
     a.write_to(dest)
 }
 
 /// Writes every guest image the tests and benchmark use into `dir`.
 pub fn build_test_images(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)?;
-    image(&format!("{MARKER_LINE}\npoweroff -f\n"), &dir.join("poweroff.cpio"))?;
-    image(&format!("{MARKER_LINE}\nreboot -f\n"), &dir.join("reboot.cpio"))?;
+    image(
+        &format!("{MARKER_LINE}\npoweroff -f\n"),
+        &dir.join("poweroff.cpio"),
+    )?;
+    image(
+        &format!("{MARKER_LINE}\nreboot -f\n"),
+        &dir.join("reboot.cpio"),
+    )?;
     // /init exiting makes the kernel panic ("Attempted to kill init!").
-    image("echo 'init: exiting on purpose'\nexit 3\n", &dir.join("panic.cpio"))?;
-    image("echo SUPERMACHINE-BENCH-INIT\nsleep 1\npoweroff -f\n", &dir.join("bench.cpio"))?;
+    image(
+        "echo 'init: exiting on purpose'\nexit 3\n",
+        &dir.join("panic.cpio"),
+    )?;
+    image(
+        "echo SUPERMACHINE-BENCH-INIT\nsleep 1\npoweroff -f\n",
+        &dir.join("bench.cpio"),
+    )?;
     image(DEMO_INIT, &dir.join("demo.cpio"))?;
     Ok(())
 }

@@ -157,7 +157,9 @@ fn verify_config(config: &Path, fragments: &[PathBuf]) -> Result<()> {
             }
             let present = actual.lines().any(|l| l.trim() == line);
             let unset_ok = wanted_unset && {
-                let name = line.trim_start_matches("# ").trim_end_matches(" is not set");
+                let name = line
+                    .trim_start_matches("# ")
+                    .trim_end_matches(" is not set");
                 !actual.lines().any(|l| l.starts_with(&format!("{name}=")))
             };
             if !present && !unset_ok {
@@ -199,7 +201,9 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
         parts.push(fs::read(f).with_context(|| format!("reading {}", f.display()))?);
     }
     let key = hash_parts(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    let out_dir = cache.join("kernels").join(format!("{}-{key}", flavor.name()));
+    let out_dir = cache
+        .join("kernels")
+        .join(format!("{}-{key}", flavor.name()));
     let kernel = Kernel {
         dir: out_dir.clone(),
     };
@@ -211,9 +215,11 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
     let tree = unpack(&source, &src_dir)?;
     // One build directory per flavor and source, reused across fragment
     // changes so that a changed fragment rebuilds incrementally.
-    let build_dir = cache
-        .join("kernel-build")
-        .join(format!("{}-{}", flavor.name(), hash_parts(&[source.identity()?.as_bytes()])));
+    let build_dir = cache.join("kernel-build").join(format!(
+        "{}-{}",
+        flavor.name(),
+        hash_parts(&[source.identity()?.as_bytes()])
+    ));
     fs::create_dir_all(&build_dir)?;
     let log_path = build_dir.join("build.log");
     let log = fs::File::create(&log_path)?;
@@ -226,9 +232,7 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
             .args(args)
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?);
-        run(&mut cmd).with_context(|| {
-            format!("kernel build failed; see {}", log_path.display())
-        })
+        run(&mut cmd).with_context(|| format!("kernel build failed; see {}", log_path.display()))
     };
     let started = std::time::Instant::now();
     eprintln!(

@@ -89,7 +89,12 @@ fn prepare() -> Result<(Mode, testhost::Binaries, PathBuf)> {
 
 /// Runs the e2e runner with `args` (after the mode word) directly or in the
 /// test host; returns its output and exit status.
-fn run_runner(mode: Mode, bins: &testhost::Binaries, assets: &Path, args: &str) -> Result<(String, i32)> {
+fn run_runner(
+    mode: Mode,
+    bins: &testhost::Binaries,
+    assets: &Path,
+    args: &str,
+) -> Result<(String, i32)> {
     match mode {
         Mode::Direct => {
             let out = Command::new(&bins.e2e)
@@ -140,7 +145,9 @@ fn bench_boot(runs: usize) -> Result<()> {
     }
     println!();
     if mode == Mode::TestHost {
-        println!("(measured inside the QEMU TCG test host: compare rows with each other, not with native numbers)");
+        println!(
+            "(measured inside the QEMU TCG test host: compare rows with each other, not with native numbers)"
+        );
     }
     for line in out.lines().skip_while(|l| !l.starts_with("boot:")) {
         if line.starts_with("boot:") || line.starts_with('|') {
@@ -161,14 +168,25 @@ fn demo() -> Result<()> {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo)
                 .current_dir(workspace_root())
-                .args(["run", "--release", "-q", "-p", "supermachine", "--", "boot", "--kernel"])
+                .args([
+                    "run",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "supermachine",
+                    "--",
+                    "boot",
+                    "--kernel",
+                ])
                 .arg(guest.vmlinux())
                 .arg("--initrd")
                 .arg(assets.join("demo.cpio"))
                 .args(["--append", "quiet"]))
         }
         Mode::TestHost => {
-            eprintln!("xtask: this host's KVM cannot boot Linux; the demo runs inside the QEMU test host");
+            eprintln!(
+                "xtask: this host's KVM cannot boot Linux; the demo runs inside the QEMU test host"
+            );
             let bins = testhost::build_static_binaries()?;
             if assets.exists() {
                 std::fs::remove_dir_all(&assets)?;
@@ -197,8 +215,21 @@ fn ci() -> Result<()> {
         run(Command::new(&cargo).current_dir(&root).args(args))
     };
     step("format", &["fmt", "--all", "--check"])?;
-    step("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    step("tiers 1 and 2 (unit tests, KVM guest programs)", &["test", "--workspace"])?;
+    step(
+        "clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    step(
+        "tiers 1 and 2 (unit tests, KVM guest programs)",
+        &["test", "--workspace"],
+    )?;
     eprintln!("xtask: == tier 3 (end to end) ==");
     e2e()
 }
@@ -221,7 +252,9 @@ fn main() -> Result<()> {
         }
         Task::Demo => demo()?,
         Task::E2e => e2e()?,
-        Task::Bench { which: Bench::Boot { runs } } => bench_boot(runs)?,
+        Task::Bench {
+            which: Bench::Boot { runs },
+        } => bench_boot(runs)?,
         Task::Ci => ci()?,
     }
     Ok(())

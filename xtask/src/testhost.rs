@@ -38,7 +38,11 @@ pub fn detect_mode() -> Result<Mode> {
     let real_kvm = Path::new("/dev/kvm").exists()
         && (module("kvm_intel") || module("kvm_amd"))
         && !module("kvm_pvm");
-    Ok(if real_kvm { Mode::Direct } else { Mode::TestHost })
+    Ok(if real_kvm {
+        Mode::Direct
+    } else {
+        Mode::TestHost
+    })
 }
 
 /// Static (musl) builds of our binaries, so they run in the test host's
@@ -87,7 +91,9 @@ pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(Stri
     let _cleanup = RemoveOnDrop(initramfs.clone());
 
     let mut a = Archive::default();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "e2e", "sbin", "usr", "usr/bin", "usr/sbin"] {
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "e2e", "sbin", "usr", "usr/bin", "usr/sbin",
+    ] {
         a.dir(d);
     }
     a.char_device("dev/console", 5, 1);
@@ -97,7 +103,11 @@ pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(Stri
     a.file_from("e2e/supermachine-e2e", 0o755, &bins.e2e)?;
     for entry in fs::read_dir(assets)? {
         let path = entry?.path();
-        let name = path.file_name().context("asset without a name")?.to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .context("asset without a name")?
+            .to_string_lossy()
+            .into_owned();
         a.file_from(&format!("e2e/{name}"), 0o644, &path)?;
     }
     let init = format!(

@@ -29,9 +29,7 @@ pub fn cache_root() -> Result<PathBuf> {
 
 /// Runs a command, failing with its command line if it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

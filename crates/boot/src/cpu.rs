@@ -2,7 +2,9 @@
 //! at its 64-bit entry point.
 
 use supermachine_hypervisor::x86_64::consts::{self, msr};
-use supermachine_hypervisor::{CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs};
+use supermachine_hypervisor::{
+    CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs,
+};
 use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
 
 use crate::layout::*;

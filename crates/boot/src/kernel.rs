@@ -76,7 +76,10 @@ impl KernelImage {
             check_elf(&mut file, &head, len).map_err(invalid)?;
             (KernelFormat::Elf, 0)
         } else if head.get(BZ_HEADER_MAGIC_OFFSET..BZ_HEADER_MAGIC_OFFSET + 4) == Some(b"HdrS") {
-            (KernelFormat::BzImage, check_bzimage(&head, len).map_err(invalid)?)
+            (
+                KernelFormat::BzImage,
+                check_bzimage(&head, len).map_err(invalid)?,
+            )
         } else {
             return Err(invalid(
                 "neither an ELF vmlinux (no ELF magic) nor a bzImage (no HdrS boot header)".into(),
@@ -124,7 +127,9 @@ fn check_elf(file: &mut File, head: &[u8], len: u64) -> std::result::Result<(), 
     }
     let machine = le16(head, 18).ok_or_else(truncated)?;
     if machine != EM_X86_64 {
-        return Err(format!("an ELF file for machine {machine}, not x86_64 (62)"));
+        return Err(format!(
+            "an ELF file for machine {machine}, not x86_64 (62)"
+        ));
     }
     if le16(head, 16) != Some(ET_EXEC) {
         return Err("an ELF file that is not an executable".into());
@@ -188,7 +193,11 @@ fn check_bzimage(head: &[u8], len: u64) -> std::result::Result<u64, String> {
     if xloadflags & XLF_KERNEL_64 == 0 {
         return Err("this bzImage has no 64-bit entry point (a 32-bit kernel?)".into());
     }
-    let setup_sects = match head.get(BZ_SETUP_SECTS_OFFSET).copied().ok_or_else(truncated)? {
+    let setup_sects = match head
+        .get(BZ_SETUP_SECTS_OFFSET)
+        .copied()
+        .ok_or_else(truncated)?
+    {
         0 => 4,
         n => u64::from(n),
     };
@@ -199,7 +208,9 @@ fn check_bzimage(head: &[u8], len: u64) -> std::result::Result<u64, String> {
             "the header says {needed} bytes but the file has {len}: truncated?"
         ));
     }
-    Ok(u64::from(le32(head, BZ_INIT_SIZE_OFFSET).ok_or_else(truncated)?))
+    Ok(u64::from(
+        le32(head, BZ_INIT_SIZE_OFFSET).ok_or_else(truncated)?,
+    ))
 }
 
 /// Where a kernel landed in guest memory.

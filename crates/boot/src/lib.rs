@@ -1,9 +1,9 @@
 //! Direct boot of a Linux kernel on x86_64: load the kernel and initrd,
 //! write the boot tables, and compute the 64-bit entry state.
 
-pub mod layout;
 mod cpu;
 mod kernel;
+pub mod layout;
 mod mptable;
 mod zero_page;
 
@@ -53,7 +53,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The initrd does not fit in guest RAM next to the kernel.
-    #[error("initrd {path} ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel; give the VM more memory")]
+    #[error(
+        "initrd {path} ({size} bytes) does not fit in guest RAM below {limit:#x} above the kernel; give the VM more memory"
+    )]
     InitrdTooLarge {
         /// The file.
         path: PathBuf,

@@ -5,9 +5,7 @@ use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use supermachine_memory::{
-    ByteValued, Bytes, GuestAddress, GuestMemoryMmapped, MemoryLayout,
-};
+use supermachine_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmapped, MemoryLayout};
 
 use crate::kernel::LoadedKernel;
 use crate::layout::*;
@@ -171,7 +169,14 @@ mod tests {
             addr: 0xbf00_0000,
             size: 0x1234,
         };
-        write_zero_page(mem, &layout, &elf_kernel(), "console=ttyS0 quiet", Some(initrd)).unwrap();
+        write_zero_page(
+            mem,
+            &layout,
+            &elf_kernel(),
+            "console=ttyS0 quiet",
+            Some(initrd),
+        )
+        .unwrap();
         let zp: ZeroPage = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         let p = zp.0;
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
@@ -179,7 +184,8 @@ mod tests {
         assert_eq!({ p.hdr.ramdisk_image }, 0xbf00_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
         let mut line = vec![0u8; 20];
-        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
+        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
         assert_eq!(&line, b"console=ttyS0 quiet\0");
         assert_eq!(p.e820_entries, 4);
         let table = { p.e820_table };
@@ -210,7 +216,10 @@ mod tests {
         assert_eq!(placed.addr % 4096, 0);
         assert!(placed.addr + placed.size <= 64 << 20);
         assert!(placed.addr >= elf_kernel().end);
-        let b: u8 = ram.memory().read_obj(GuestAddress(placed.addr + 9_999)).unwrap();
+        let b: u8 = ram
+            .memory()
+            .read_obj(GuestAddress(placed.addr + 9_999))
+            .unwrap();
         assert_eq!(b, 0x5a);
 
         let huge_kernel = LoadedKernel {
@@ -219,8 +228,13 @@ mod tests {
         };
         let e = load_initrd(ram.memory(), &layout, &huge_kernel, f.path()).unwrap_err();
         assert!(matches!(e, Error::InitrdTooLarge { .. }));
-        let e = load_initrd(ram.memory(), &layout, &elf_kernel(), Path::new("/nonexistent"))
-            .unwrap_err();
+        let e = load_initrd(
+            ram.memory(),
+            &layout,
+            &elf_kernel(),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::InitrdRead { .. }));
     }
 }

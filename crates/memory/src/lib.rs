@@ -31,7 +31,9 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The requested RAM size is outside what we support.
-    #[error("guest RAM size {0} bytes is invalid: it must be a multiple of 4 KiB between 16 MiB and 1 TiB")]
+    #[error(
+        "guest RAM size {0} bytes is invalid: it must be a multiple of 4 KiB between 16 MiB and 1 TiB"
+    )]
     InvalidSize(u64),
     /// The backing file is too small or could not be sized.
     #[error("backing file for guest RAM: {0}")]
@@ -70,7 +72,7 @@ impl MemoryLayout {
     /// The x86_64 layout for `size` bytes of RAM: up to 3 GiB below the MMIO
     /// gap, the remainder from 4 GiB up.
     pub fn x86_64(size: u64) -> Result<Self> {
-        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&size) || size % PAGE_SIZE != 0 {
+        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&size) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidSize(size));
         }
         let low = size.min(MMIO_GAP_START);
@@ -229,13 +231,22 @@ mod tests {
         let ram = GuestRam::anonymous(&layout).unwrap();
         let mem = ram.memory();
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         // Inside the MMIO gap: no RAM there.
         assert!(mem.read_obj::<u32>(GuestAddress(MMIO_GAP_START)).is_err());
         // Straddling the end of the low range.
-        assert!(mem.write_obj(0u64, GuestAddress(MMIO_GAP_START - 4)).is_err());
+        assert!(
+            mem.write_obj(0u64, GuestAddress(MMIO_GAP_START - 4))
+                .is_err()
+        );
         // Past the end of all RAM, and at the very top of the address space.
-        assert!(mem.read_obj::<u8>(GuestAddress(MMIO_GAP_END + (1 << 30))).is_err());
+        assert!(
+            mem.read_obj::<u8>(GuestAddress(MMIO_GAP_END + (1 << 30)))
+                .is_err()
+        );
         assert!(mem.read_obj::<u64>(GuestAddress(u64::MAX - 3)).is_err());
         // The high range is usable.
         mem.write_obj(7u8, GuestAddress(MMIO_GAP_END)).unwrap();

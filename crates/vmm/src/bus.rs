@@ -60,7 +60,10 @@ impl Bus {
 
     /// The device whose range holds all of `addr..addr + len`, and the offset.
     fn find(&self, addr: u64, len: usize) -> Option<(&SharedDevice, u64)> {
-        let i = self.ranges.partition_point(|r| r.base <= addr).checked_sub(1)?;
+        let i = self
+            .ranges
+            .partition_point(|r| r.base <= addr)
+            .checked_sub(1)?;
         let r = &self.ranges[i];
         let offset = addr - r.base;
         let end = offset.checked_add(len as u64)?;

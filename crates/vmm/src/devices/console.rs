@@ -52,25 +52,26 @@ impl ConsoleSink {
 
 /// Strips printk's "[    1.234567] " prefix.
 fn without_timestamp(line: &str) -> &str {
-    if let Some(rest) = line.strip_prefix('[') {
-        if let Some(close) = rest.find("] ") {
-            let stamp = &rest[..close];
-            if stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
-                return &rest[close + 2..];
-            }
-        }
+    if let Some(rest) = line.strip_prefix('[')
+        && let Some(close) = rest.find("] ")
+        && rest[..close]
+            .trim()
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.')
+    {
+        return &rest[close + 2..];
     }
     line
 }
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !self.out_failed {
-            if let Err(e) = self.out.write_all(buf) {
-                // The guest must not stall or die because our output did.
-                log::warn!("console output failed, dropping further output: {e}");
-                self.out_failed = true;
-            }
+        if !self.out_failed
+            && let Err(e) = self.out.write_all(buf)
+        {
+            // The guest must not stall or die because our output did.
+            log::warn!("console output failed, dropping further output: {e}");
+            self.out_failed = true;
         }
         for &b in buf {
             if b == b'\n' {
@@ -117,8 +118,12 @@ mod tests {
     #[test]
     fn output_passes_through_and_ordinary_lines_end_nothing() {
         let (mut s, lc, out) = sink();
-        s.write_all(b"[    0.000000] Linux version 6.12\r\nhello\n").unwrap();
-        assert_eq!(out.0.lock().unwrap().as_slice(), b"[    0.000000] Linux version 6.12\r\nhello\n");
+        s.write_all(b"[    0.000000] Linux version 6.12\r\nhello\n")
+            .unwrap();
+        assert_eq!(
+            out.0.lock().unwrap().as_slice(),
+            b"[    0.000000] Linux version 6.12\r\nhello\n"
+        );
         assert!(!lc.is_finished());
     }
 
@@ -132,13 +137,18 @@ mod tests {
     #[test]
     fn panic_then_reset_is_a_panic_with_its_message() {
         let (mut s, lc, _) = sink();
-        s.write_all(b"[    2.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n")
-            .unwrap();
+        s.write_all(
+            b"[    2.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
+        )
+        .unwrap();
         assert!(!lc.is_finished());
         lc.guest_reset();
         match lc.wait() {
             Err(Error::GuestPanic(m)) => {
-                assert_eq!(m, "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+                assert_eq!(
+                    m,
+                    "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -55,10 +55,10 @@ impl BusDevice for SerialPort {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let ([byte], Ok(offset)) = (data, u8::try_from(offset)) {
-            if let Err(e) = self.uart.write(offset, *byte) {
-                log::warn!("serial: {e}");
-            }
+        if let ([byte], Ok(offset)) = (data, u8::try_from(offset))
+            && let Err(e) = self.uart.write(offset, *byte)
+        {
+            log::warn!("serial: {e}");
         }
     }
 }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
 const QUIET: &str = "quiet";
+/// Far beyond a boot even under emulation; a hung guest fails its test.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
 struct Env {
     supermachine: PathBuf,
@@ -25,26 +27,71 @@ impl Env {
         self.assets.join(name)
     }
 
+    /// Runs `supermachine boot ARGS`, killing it after [`BOOT_TIMEOUT`].
     fn boot(&self, args: &[&str]) -> Run {
         let started = Instant::now();
-        let out = Command::new(&self.supermachine)
+        let child = Command::new(&self.supermachine)
             .arg("boot")
             .args(args)
             .stdin(Stdio::null())
-            .output();
-        match out {
-            Ok(o) => Run {
-                code: o.status.code(),
-                stdout: String::from_utf8_lossy(&o.stdout).replace('\r', ""),
-                stderr: String::from_utf8_lossy(&o.stderr).replace('\r', ""),
-                elapsed: started.elapsed(),
-            },
-            Err(e) => Run {
-                code: None,
-                stdout: String::new(),
-                stderr: format!("cannot start {}: {e}", self.supermachine.display()),
-                elapsed: started.elapsed(),
-            },
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                return Run {
+                    code: None,
+                    stdout: String::new(),
+                    stderr: format!("cannot start {}: {e}", self.supermachine.display()),
+                    elapsed: started.elapsed(),
+                };
+            }
+        };
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).replace('\r', "")
+            })
+        };
+        let out = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let err = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let mut timed_out = false;
+        let code = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status.code(),
+                Ok(None) if started.elapsed() > BOOT_TIMEOUT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    timed_out = true;
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break None,
+            }
+        };
+        let mut stderr = err.join().unwrap_or_default();
+        if timed_out {
+            stderr.push_str(&format!("\n(killed after {BOOT_TIMEOUT:?})"));
+        }
+        Run {
+            code,
+            stdout: out.join().unwrap_or_default(),
+            stderr,
+            elapsed: started.elapsed(),
         }
     }
 

@@ -83,3 +83,20 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// Installs cargo-nextest (the tier 1-2 runner: it kills a hung test) when
+/// cargo does not have it.
+pub fn ensure_nextest() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let present = Command::new(&cargo)
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-nextest");
+    run(Command::new(&cargo).args(["install", "--locked", "cargo-nextest"]))
+}

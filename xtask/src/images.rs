@@ -36,10 +36,23 @@ fn busybox() -> Result<PathBuf> {
     let path = PathBuf::from(BUSYBOX);
     let bytes = fs::read(&path).with_context(|| format!("reading {BUSYBOX}"))?;
     // A dynamically linked busybox would need its libraries in the image.
-    if bytes.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {
+    if has_interpreter(&bytes) {
         bail!("{BUSYBOX} is dynamically linked; install Debian's busybox-static");
     }
     Ok(path)
+}
+
+/// True when an ELF file names a program interpreter (is dynamically linked).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let word = |at: usize, n: usize| -> Option<u64> {
+        let b = elf.get(at..at + n)?;
+        Some(b.iter().rev().fold(0u64, |a, x| (a << 8) | u64::from(*x)))
+    };
+    let (Some(phoff), Some(size), Some(count)) = (word(32, 8), word(54, 2), word(56, 2)) else {
+        return false;
+    };
+    (0..count).any(|i| word((phoff + i * size) as usize, 4) == Some(u64::from(PT_INTERP)))
 }
 
 /// A minimal root: busybox, /dev/console, and `init` as /init.

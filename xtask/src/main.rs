@@ -226,10 +226,12 @@ fn ci() -> Result<()> {
             "warnings",
         ],
     )?;
+    deps::ensure_nextest()?;
     step(
         "tiers 1 and 2 (unit tests, KVM guest programs)",
-        &["test", "--workspace"],
+        &["nextest", "run", "--workspace", "--no-fail-fast"],
     )?;
+    step("doc tests", &["test", "--workspace", "--doc"])?;
     eprintln!("xtask: == tier 3 (end to end) ==");
     e2e()
 }

@@ -17,7 +17,9 @@ use crate::lifecycle::Lifecycle;
 const MAX_LINE: usize = 1024;
 const PANIC_MARK: &str = "Kernel panic - not syncing";
 const PANIC_END_MARK: &str = "---[ end Kernel panic";
-const HALT_MARKS: [&str; 2] = ["reboot: System halted", "reboot: Power down"];
+/// `kernel_halt()` and `kernel_power_off()` print these after "reboot: "
+/// (with no power-off device: "Power off not available: System halted instead").
+const HALT_MARKS: [&str; 2] = ["System halted", "Power down"];
 
 pub(crate) struct ConsoleSink {
     out: Box<dyn Write + Send>,
@@ -39,11 +41,15 @@ impl ConsoleSink {
     fn end_of_line(&mut self) {
         let raw = String::from_utf8_lossy(&self.line);
         let text = without_timestamp(raw.trim_end_matches('\r'));
-        if text.contains(PANIC_MARK) {
-            self.lifecycle.note_panic(text.trim().to_string());
-        } else if text.starts_with(PANIC_END_MARK) {
+        // The end line repeats the panic line's words, so it is tested first.
+        if text.starts_with(PANIC_END_MARK) {
             self.lifecycle.guest_panic_complete();
-        } else if HALT_MARKS.iter().any(|m| text.starts_with(m)) {
+        } else if text.contains(PANIC_MARK) {
+            self.lifecycle.note_panic(text.trim().to_string());
+        } else if text
+            .strip_prefix("reboot: ")
+            .is_some_and(|rest| HALT_MARKS.iter().any(|m| rest.contains(m)))
+        {
             self.lifecycle.finish(Ok(ExitReason::PowerOff));
         }
         self.line.clear();
@@ -130,7 +136,8 @@ mod tests {
     #[test]
     fn halt_line_is_a_power_off() {
         let (mut s, lc, _) = sink();
-        s.write_all(b"[    1.5] reboot: System halted\r\n").unwrap();
+        s.write_all(b"[    6.4] reboot: Power off not available: System halted instead\r\n")
+            .unwrap();
         assert!(matches!(lc.wait(), Ok(ExitReason::PowerOff)));
     }
 

@@ -1,0 +1,262 @@
+//! Copying to and from a chain's buffers, never past what its descriptors
+//! allow.
+
+use std::io;
+
+use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
+use vm_memory::{ByteValued, ReadVolatile, WriteVolatile};
+
+use crate::chain::Segment;
+
+/// A cursor over a list of segments.
+#[derive(Clone, Debug)]
+struct Cursor<'a> {
+    segments: &'a [Segment],
+    /// Offset into `segments[0]`.
+    offset: u32,
+    remaining: usize,
+    done: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(segments: &'a [Segment]) -> Self {
+        Self {
+            segments,
+            offset: 0,
+            remaining: segments.iter().map(|s| s.len as usize).sum(),
+            done: 0,
+        }
+    }
+
+    /// The next contiguous piece, at most `max` bytes.
+    fn piece(&self, max: usize) -> Option<(GuestAddress, usize)> {
+        let s = self.segments.first()?;
+        let len = ((s.len - self.offset) as usize)
+            .min(max)
+            .min(self.remaining);
+        if len == 0 {
+            return None;
+        }
+        // Segments were checked to lie inside RAM, so this cannot wrap.
+        Some((GuestAddress(s.addr.0 + u64::from(self.offset)), len))
+    }
+
+    /// Moves past `n` bytes; `n` is at most `remaining`.
+    fn advance(&mut self, mut n: usize) {
+        self.remaining -= n;
+        self.done += n;
+        while n > 0 {
+            let Some(s) = self.segments.first() else {
+                return;
+            };
+            let left = (s.len - self.offset) as usize;
+            if n < left {
+                self.offset += n as u32;
+                return;
+            }
+            n -= left;
+            self.segments = &self.segments[1..];
+            self.offset = 0;
+        }
+    }
+
+    fn skip(&mut self, n: usize) -> usize {
+        let n = n.min(self.remaining);
+        self.advance(n);
+        n
+    }
+}
+
+fn memory_error(e: vm_memory::GuestMemoryError) -> io::Error {
+    io::Error::other(e)
+}
+
+/// Reads a chain's device-readable buffers in order.
+#[derive(Clone, Debug)]
+pub struct Reader<'a> {
+    mem: &'a GuestMemoryMmapped,
+    cursor: Cursor<'a>,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `segments` (a chain's `readable()`).
+    pub fn new(mem: &'a GuestMemoryMmapped, segments: &'a [Segment]) -> Self {
+        Self {
+            mem,
+            cursor: Cursor::new(segments),
+        }
+    }
+
+    /// Bytes left to read.
+    pub fn remaining(&self) -> usize {
+        self.cursor.remaining
+    }
+
+    /// Bytes read so far.
+    pub fn consumed(&self) -> usize {
+        self.cursor.done
+    }
+
+    /// Skips up to `n` bytes; returns how many were skipped.
+    pub fn skip(&mut self, n: usize) -> usize {
+        self.cursor.skip(n)
+    }
+
+    /// Reads a plain value; fails if fewer than its size remain.
+    pub fn read_obj<T: ByteValued>(&mut self) -> io::Result<T> {
+        let mut value = T::zeroed();
+        io::Read::read_exact(self, value.as_mut_slice())?;
+        Ok(value)
+    }
+
+    /// Copies up to `max` bytes to `dst` (a file at its current position,
+    /// a socket, ...), stopping early when `dst` takes less than offered.
+    /// Returns the bytes copied; an error only if none were.
+    pub fn copy_to<W: WriteVolatile>(&mut self, dst: &mut W, max: usize) -> io::Result<usize> {
+        let mut total = 0;
+        while total < max {
+            let Some((addr, len)) = self.cursor.piece(max - total) else {
+                break;
+            };
+            match self.mem.write_volatile_to(addr, dst, len) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.cursor.advance(n);
+                    total += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if total > 0 => {
+                    log::trace!("copy_to stopped after {total} bytes: {e}");
+                    break;
+                }
+                Err(e) => return Err(volatile_error(e)),
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl io::Read for Reader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut total = 0;
+        while total < buf.len() {
+            let Some((addr, len)) = self.cursor.piece(buf.len() - total) else {
+                break;
+            };
+            self.mem
+                .read_slice(&mut buf[total..total + len], addr)
+                .map_err(memory_error)?;
+            self.cursor.advance(len);
+            total += len;
+        }
+        Ok(total)
+    }
+}
+
+/// Writes a chain's device-writable buffers in order.
+#[derive(Clone, Debug)]
+pub struct Writer<'a> {
+    mem: &'a GuestMemoryMmapped,
+    cursor: Cursor<'a>,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer over `segments` (a chain's `writable()`).
+    pub fn new(mem: &'a GuestMemoryMmapped, segments: &'a [Segment]) -> Self {
+        Self {
+            mem,
+            cursor: Cursor::new(segments),
+        }
+    }
+
+    /// Bytes of room left.
+    pub fn remaining(&self) -> usize {
+        self.cursor.remaining
+    }
+
+    /// Bytes written so far (what the used ring should report).
+    pub fn written(&self) -> usize {
+        self.cursor.done
+    }
+
+    /// Leaves up to `n` bytes as they are; returns how many were skipped.
+    pub fn skip(&mut self, n: usize) -> usize {
+        self.cursor.skip(n)
+    }
+
+    /// Splits off the last `n` bytes of room as a second writer (a status
+    /// byte at the end of a request, say); `None` if fewer remain. This
+    /// writer then stops short of them.
+    pub fn split_tail(&mut self, n: usize) -> Option<Writer<'a>> {
+        let keep = self.remaining().checked_sub(n)?;
+        let mut tail = self.clone();
+        tail.cursor.skip(keep);
+        tail.cursor.done = 0;
+        self.cursor.remaining = keep;
+        Some(tail)
+    }
+
+    /// Writes a plain value; fails if there is not room for all of it.
+    pub fn write_obj<T: ByteValued>(&mut self, value: T) -> io::Result<()> {
+        io::Write::write_all(self, value.as_slice())
+    }
+
+    /// Copies up to `max` bytes from `src` (a file at its current position,
+    /// a socket, ...), stopping at end of input or a short read. Returns
+    /// the bytes copied; an error only if none were.
+    pub fn copy_from<R: ReadVolatile>(&mut self, src: &mut R, max: usize) -> io::Result<usize> {
+        let mut total = 0;
+        while total < max {
+            let Some((addr, len)) = self.cursor.piece(max - total) else {
+                break;
+            };
+            match self.mem.read_volatile_from(addr, src, len) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.cursor.advance(n);
+                    total += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if total > 0 => {
+                    log::trace!("copy_from stopped after {total} bytes: {e}");
+                    break;
+                }
+                Err(e) => return Err(volatile_error(e)),
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl io::Write for Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut total = 0;
+        while total < buf.len() {
+            let Some((addr, len)) = self.cursor.piece(buf.len() - total) else {
+                break;
+            };
+            self.mem
+                .write_slice(&buf[total..total + len], addr)
+                .map_err(memory_error)?;
+            self.cursor.advance(len);
+            total += len;
+        }
+        Ok(total)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Keeps the OS error (EAGAIN, EPIPE, ...) visible through vm-memory's.
+fn volatile_error(e: vm_memory::GuestMemoryError) -> io::Error {
+    match e {
+        vm_memory::GuestMemoryError::IOError(io) => io,
+        other => io::Error::other(other),
+    }
+}

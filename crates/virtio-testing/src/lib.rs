@@ -2,7 +2,11 @@
 //! the virtio-mmio bring-up, as a Linux driver would do them.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use supermachine_hypervisor::InterruptLine;
+use supermachine_virtio_mmio::{MmioTransport, VirtioDevice};
 
 use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
 
@@ -338,4 +342,47 @@ pub fn bring_up(
     dev.write32(reg::STATUS, s | status::DRIVER_OK);
     let final_status = dev.read32(reg::STATUS);
     (queues, final_status)
+}
+
+impl MmioRegisters for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}
+
+/// An interrupt line that counts its edges, as the guest's interrupt
+/// controller would see them.
+#[derive(Debug, Default)]
+pub struct InterruptCounter(AtomicU64);
+
+impl InterruptCounter {
+    /// Edges so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl InterruptLine for InterruptCounter {
+    fn trigger(&self) -> supermachine_hypervisor::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// `device` behind a transport on `mem`, with a counting interrupt line.
+pub fn transport(
+    device: Box<dyn VirtioDevice>,
+    mem: &GuestMemoryMmapped,
+) -> (MmioTransport, Arc<InterruptCounter>) {
+    let irq = Arc::new(InterruptCounter::default());
+    let t = MmioTransport::new(device, mem.clone(), irq.clone()).expect("transport");
+    (t, irq)
+}
+
+/// Notifies queue `index` the way a guest driver does (a QueueNotify write).
+pub fn notify(dev: &mut impl MmioRegisters, index: u32) {
+    dev.write32(reg::QUEUE_NOTIFY, index);
 }

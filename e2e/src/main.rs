@@ -279,6 +279,29 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
             }),
         ),
         (
+            "virtio-blk-pattern-round-trips-and-read-only-is-enforced",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || blk_round_trip(env, &vmlinux)
+            }),
+        ),
+        (
+            "missing-disk-image-is-refused-before-any-vm",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || {
+                    let r = env.boot(&["--kernel", &vmlinux, "--disk", "/nonexistent/disk.img"]);
+                    expect(
+                        r.code.is_some_and(|c| c != 0)
+                            && r.stderr.trim()
+                                == "supermachine: disk image /nonexistent/disk.img: No such file or directory (os error 2)",
+                        "expected one clear line naming the disk",
+                        &r,
+                    )
+                }
+            }),
+        ),
+        (
             "missing-kernel-is-refused-before-any-vm",
             Box::new(move || {
                 let r = env.boot(&["--kernel", "/nonexistent/vmlinux"]);
@@ -343,6 +366,86 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
             }),
         ),
     ]
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("sm-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
+    const PATTERN_BYTES: usize = 4 << 20;
+    const RO_MARKER: &[u8; 16] = b"READ-ONLY-DISK!!";
+    let scratch = Scratch::new("blk")?;
+    let rw = scratch.0.join("rw.img");
+    let ro = scratch.0.join("ro.img");
+    let fail = |e: std::io::Error| format!("preparing disk images: {e}");
+    std::fs::write(&rw, vec![0u8; 8 << 20]).map_err(fail)?;
+    let mut ro_bytes = RO_MARKER.to_vec();
+    ro_bytes.resize(1 << 20, 0xee);
+    std::fs::write(&ro, &ro_bytes).map_err(fail)?;
+    let r = env.boot(&[
+        "--kernel",
+        vmlinux,
+        "--initrd",
+        &env.path("blk.cpio"),
+        "--disk",
+        &rw.display().to_string(),
+        "--disk",
+        &format!("{},ro", ro.display()),
+        "--append",
+        QUIET,
+    ]);
+    expect(r.code == Some(0), "expected exit status 0", &r)?;
+    for line in [
+        "BLK-WRITTEN",
+        "BLK-READBACK-OK",
+        "BLK-RO-REFUSED",
+        "BLK-RO-CONTENT READ-ONLY-DISK!!",
+        "BLK-SIZES 16384 1",
+        "RNG-BYTES 64",
+    ] {
+        expect(
+            r.stdout.lines().any(|l| l.trim() == line),
+            &format!("expected the guest to print '{line}'"),
+            &r,
+        )?;
+    }
+    // The host's view: the pattern is in the image, the rest untouched.
+    let image = std::fs::read(&rw).map_err(fail)?;
+    let pattern: Vec<u8> = b"SUPERMACHINE-BLK-PATTERN\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PATTERN_BYTES)
+        .collect();
+    expect(
+        image[..PATTERN_BYTES] == pattern[..],
+        "expected the guest's pattern in the image file",
+        &r,
+    )?;
+    expect(
+        image[PATTERN_BYTES..].iter().all(|&b| b == 0),
+        "expected the rest of the image untouched",
+        &r,
+    )?;
+    expect(
+        std::fs::read(&ro).map_err(fail)? == ro_bytes,
+        "expected the read-only image unchanged",
+        &r,
+    )
 }
 
 fn run_tests(env: &Env) -> ExitCode {

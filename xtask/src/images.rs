@@ -16,6 +16,7 @@ const INIT_PRELUDE: &str = "#!/bin/sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
 ";
 
 /// The guest's view of itself, on one line the tests parse.
@@ -28,6 +29,24 @@ echo "  cpus:   $(nproc)"
 echo "  memory: $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
 echo "  uptime: $(cut -d' ' -f1 /proc/uptime) s"
 echo
+poweroff -f
+"#;
+
+/// The virtio-blk end-to-end test's guest: writes a known pattern through
+/// /dev/vda and reads it back; checks that the read-only /dev/vdb refuses
+/// writes and reads its marker; checks the entropy device.
+const BLK_INIT: &str = r#"yes SUPERMACHINE-BLK-PATTERN | head -c 4194304 > /tmp/pattern
+dd if=/tmp/pattern of=/dev/vda bs=65536 conv=fsync 2>/dev/null && echo BLK-WRITTEN
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=65536 count=64 2>/dev/null | cmp - /tmp/pattern && echo BLK-READBACK-OK
+if dd if=/tmp/pattern of=/dev/vdb bs=4096 count=1 conv=fsync 2>/dev/null; then
+  echo BLK-RO-WRITE-ACCEPTED
+else
+  echo BLK-RO-REFUSED
+fi
+echo "BLK-RO-CONTENT $(head -c 16 /dev/vdb)"
+echo "BLK-SIZES $(cat /sys/block/vda/size) $(cat /sys/block/vdb/ro)"
+test -c /dev/hwrng && head -c 64 /dev/hwrng | wc -c | sed 's/^/RNG-BYTES /'
 poweroff -f
 "#;
 
@@ -96,5 +115,6 @@ pub fn build_test_images(dir: &Path) -> Result<()> {
         &dir.join("bench.cpio"),
     )?;
     image(DEMO_INIT, &dir.join("demo.cpio"))?;
+    image(BLK_INIT, &dir.join("blk.cpio"))?;
     Ok(())
 }

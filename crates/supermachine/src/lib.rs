@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 pub use supermachine_hypervisor::Hypervisor;
-pub use supermachine_vmm::{Console, DEFAULT_CMDLINE, ExitReason, VmConfig};
+pub use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VmConfig};
 
 /// Errors from the library API.
 #[derive(Debug, thiserror::Error)]

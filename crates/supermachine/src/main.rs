@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supermachine::{Console, DEFAULT_CMDLINE, Machine, VmConfig};
+use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, VmConfig};
 
 #[derive(Parser)]
 #[command(name = "supermachine", version, about = "Run Linux microVMs")]
@@ -38,6 +38,13 @@ enum Command {
         /// Write the guest console to this file instead of standard output.
         #[arg(long)]
         console_file: Option<PathBuf>,
+        /// A raw disk image for the guest (vda, vdb, ... in order); append
+        /// ",ro" to make it read-only. Repeatable.
+        #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+        disks: Vec<DiskConfig>,
+        /// Give the guest no virtio-rng entropy device.
+        #[arg(long)]
+        no_entropy: bool,
     },
 }
 
@@ -56,6 +63,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        _ => (s, false),
+    };
+    if path.is_empty() {
+        return Err("a disk needs a path".into());
+    }
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
@@ -70,6 +92,8 @@ fn main() -> ExitCode {
             memory,
             cpus,
             console_file,
+            disks,
+            no_entropy,
         } => {
             let mut config = VmConfig::new(kernel);
             config.initrd = initrd;
@@ -84,6 +108,8 @@ fn main() -> ExitCode {
                 None => Console::Stdout,
             };
             config.forward_stdin = true;
+            config.disks = disks;
+            config.entropy = !no_entropy;
             Machine::start(config).and_then(Machine::wait)
         }
     };

@@ -1,5 +1,6 @@
 //! The VMM's event loop (on `event-manager`): host input for the serial
-//! console, and the wake-up that ends the loop when the VM finishes.
+//! console, virtio queue notifications and device backends, and the
+//! wake-up that ends the loop when the VM finishes.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::devices::serial::SerialPort;
+use crate::devices::virtio::VirtioSubscriber;
 use crate::lifecycle::Lifecycle;
 
 /// Ends the loop once the VM has finished.
@@ -108,7 +110,11 @@ impl MutEventSubscriber for InputForwarder {
 }
 
 /// Runs the loop on the calling thread until the VM finishes.
-pub(crate) fn run(lifecycle: Arc<Lifecycle>, input: Option<InputForwarder>) {
+pub(crate) fn run(
+    lifecycle: Arc<Lifecycle>,
+    input: Option<InputForwarder>,
+    devices: Vec<VirtioSubscriber>,
+) {
     let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = match EventManager::new() {
         Ok(m) => m,
         Err(e) => {
@@ -122,6 +128,9 @@ pub(crate) fn run(lifecycle: Arc<Lifecycle>, input: Option<InputForwarder>) {
     }));
     if let Some(input) = input {
         manager.add_subscriber(Box::new(input));
+    }
+    for device in devices {
+        manager.add_subscriber(Box::new(device));
     }
     while !lifecycle.is_finished() {
         if let Err(e) = manager.run() {

@@ -20,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use supermachine_boot as boot;
-use supermachine_hypervisor::{Hypervisor, Vm, VmSpec};
+use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, Vm, VmSpec};
 use supermachine_memory::{GuestRam, MemoryLayout};
+use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use bus::{Bus, BusDevice};
@@ -29,6 +30,7 @@ pub use bus::{Bus, BusDevice};
 use devices::console::ConsoleSink;
 use devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_SPAN};
 use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_SPAN, InputRoom, IrqTrigger, SerialPort};
+use devices::virtio;
 use lifecycle::Lifecycle;
 
 /// The kernel command line used when the caller gives none: console on
@@ -76,6 +78,19 @@ pub struct VmConfig {
     pub console: Console,
     /// Forward this process's standard input to the serial console.
     pub forward_stdin: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-rng entropy device.
+    pub entropy: bool,
+}
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest may not write to it.
+    pub read_only: bool,
 }
 
 impl VmConfig {
@@ -90,6 +105,8 @@ impl VmConfig {
             vcpus: 1,
             console: Console::Stdout,
             forward_stdin: false,
+            disks: Vec::new(),
+            entropy: true,
         }
     }
 }
@@ -114,6 +131,9 @@ pub enum Error {
     /// Loading the kernel or writing the boot tables failed.
     #[error(transparent)]
     Boot(#[from] boot::Error),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] supermachine_virtio_blk::Error),
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Memory(#[from] supermachine_memory::Error),
@@ -265,6 +285,13 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     // Guest-independent checks and loading first: no hypervisor VM exists
     // until the kernel, initrd and command line have all been accepted.
     let mut kernel_image = boot::KernelImage::open(&config.kernel)?;
+    let virtio_devices = virtio_devices(&config)?;
+    let mut cmdline = config.cmdline.clone();
+    for (index, _) in virtio_devices.iter().enumerate() {
+        let (base, irq) = virtio::slot(index).ok_or_else(too_many_devices)?;
+        cmdline.push(' ');
+        cmdline.push_str(&supermachine_virtio_mmio::kernel_cmdline_arg(base, irq));
+    }
     let layout = MemoryLayout::x86_64(config.memory_bytes)?;
     let ram = Arc::new(GuestRam::anonymous(&layout)?);
     let mem = ram.memory();
@@ -274,7 +301,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         .as_deref()
         .map(|path| boot::load_initrd(mem, &layout, &kernel, path))
         .transpose()?;
-    boot::write_zero_page(mem, &layout, &kernel, &config.cmdline, initrd)?;
+    boot::write_zero_page(mem, &layout, &kernel, &cmdline, initrd)?;
     boot::write_mptable(mem, config.vcpus)?;
     boot::write_long_mode_tables(mem)?;
     let console_out = open_console(config.console)?;
@@ -316,7 +343,32 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     )
     .map_err(bus_conflict)?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::default());
+    let mut mmio = Bus::default();
+    let mut subscribers = Vec::with_capacity(virtio_devices.len());
+    for (index, (name, device)) in virtio_devices.into_iter().enumerate() {
+        let (base, irq) = virtio::slot(index).ok_or_else(too_many_devices)?;
+        let transport = MmioTransport::new(device, mem.clone(), vm.interrupt_line(irq)?)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let notifiers = (0..transport.queue_count() as u32)
+            .map(|q| {
+                vm.io_notifier(
+                    IoAddress::Mmio(base + virtio::QUEUE_NOTIFY),
+                    Datamatch::U32(q),
+                )
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let backend = transport.backend_fd();
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, MMIO_SIZE, transport.clone())
+            .map_err(bus_conflict)?;
+        subscribers.push(virtio::VirtioSubscriber {
+            name,
+            transport,
+            notifiers,
+            backend,
+        });
+    }
+    let mmio = Arc::new(mmio);
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
@@ -340,7 +392,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         let lifecycle = lifecycle.clone();
         std::thread::Builder::new()
             .name("vmm-events".into())
-            .spawn(move || event_loop::run(lifecycle, input))
+            .spawn(move || event_loop::run(lifecycle, input, subscribers))
             .map_err(host("spawning the event loop thread"))?
     };
     let mut running = RunningVm {
@@ -365,4 +417,34 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         running.vcpu_threads.push((index, thread));
     }
     Ok(running)
+}
+
+fn too_many_devices() -> Error {
+    Error::Config(format!(
+        "too many virtio devices: at most {} fit",
+        virtio::MAX_DEVICES
+    ))
+}
+
+/// Opens every virtio device's host side (disk images first, so a missing
+/// one is reported before anything else is built).
+fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
+    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &config.disks {
+        let block = supermachine_virtio_blk::Block::open(&disk.path, disk.read_only)?;
+        devices.push((
+            format!("virtio-blk {}", disk.path.display()),
+            Box::new(block),
+        ));
+    }
+    if config.entropy {
+        devices.push((
+            "virtio-rng".into(),
+            Box::new(supermachine_virtio_rng::Rng::new()),
+        ));
+    }
+    if devices.len() > virtio::MAX_DEVICES {
+        return Err(too_many_devices());
+    }
+    Ok(devices)
 }

@@ -1,0 +1,81 @@
+//! virtio-mmio devices in the VM: where they sit, how the guest learns of
+//! them, and how their notifications reach them.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use supermachine_hypervisor::IoNotifier;
+use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport};
+
+use crate::bus::BusDevice;
+
+/// First device's MMIO base: in the 32-bit gap, clear of the IOAPIC and
+/// local APIC pages at 0xfec00000/0xfee00000.
+pub(crate) const MMIO_BASE: u64 = 0xd000_0000;
+/// Interrupt lines for virtio devices: after the legacy ones we use
+/// (timer 0, keyboard 1, COM1 4), up to the IOAPIC's last pin.
+pub(crate) const FIRST_IRQ: u32 = 5;
+pub(crate) const LAST_IRQ: u32 = 23;
+/// Offset of the QueueNotify register.
+pub(crate) const QUEUE_NOTIFY: u64 = 0x50;
+
+/// Where device `index` lives: (MMIO base, interrupt line).
+pub(crate) fn slot(index: usize) -> Option<(u64, u32)> {
+    let irq = FIRST_IRQ.checked_add(u32::try_from(index).ok()?)?;
+    (irq <= LAST_IRQ).then(|| (MMIO_BASE + index as u64 * MMIO_SIZE, irq))
+}
+
+/// Most virtio devices one VM can have.
+pub(crate) const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data);
+    }
+}
+
+/// Feeds one device its queue notifications and host-side events.
+pub(crate) struct VirtioSubscriber {
+    pub(crate) name: String,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    /// One per queue, in queue order.
+    pub(crate) notifiers: Vec<Box<dyn IoNotifier>>,
+    pub(crate) backend: Option<RawFd>,
+}
+
+impl MutEventSubscriber for VirtioSubscriber {
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        let fds = self
+            .notifiers
+            .iter()
+            .map(|n| n.as_raw_fd())
+            .chain(self.backend);
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("{}: cannot watch fd {fd}: {e:?}", self.name);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        let fd = events.fd();
+        if let Some(index) = self.notifiers.iter().position(|n| n.as_raw_fd() == fd) {
+            if let Err(e) = self.notifiers[index].consume() {
+                log::warn!("{}: queue {index} notifier: {e}", self.name);
+            }
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue_notified(index as u32);
+        } else if Some(fd) == self.backend {
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .backend_ready();
+        }
+    }
+}

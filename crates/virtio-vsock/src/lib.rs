@@ -1,0 +1,813 @@
+//! virtio-vsock with a Unix-socket host side.
+//!
+//! Guest-to-host: a guest connecting to host port N (CID 2) is connected
+//! to the Unix socket `<path>_N`. Host-to-guest: a host program connects to
+//! the Unix socket `<path>`, writes `CONNECT <port>\n`, and once the guest
+//! accepts reads `OK <host-port>\n`; after that the socket carries the
+//! stream. Flow control is virtio's credit scheme in both directions.
+//!
+//! All host sockets are non-blocking and registered edge-triggered in the
+//! device's own epoll; the VMM's event loop watches that one descriptor
+//! (`backend_fd`). Each connection remembers whether its socket is
+//! readable or writable, so the device never spins on a socket it cannot
+//! serve yet (no guest buffers, no credit) and never misses one it can.
+
+mod connection;
+pub mod packet;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use supermachine_memory::GuestMemoryMmapped;
+use supermachine_virtio_mmio::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
+use supermachine_virtq::{Chain, Reader, Virtqueue, Writer};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use connection::{Connection, Key, State};
+use packet::{HEADER_SIZE, HOST_CID, Header, TYPE_STREAM, op, shutdown};
+
+/// Queue size offered for each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest payload in one packet, either way.
+pub const MAX_PAYLOAD: u32 = 64 << 10;
+/// Bytes each connection may have in flight from the guest to the host
+/// (the credit the guest is given).
+pub const CONN_BUF_ALLOC: u32 = 256 << 10;
+/// Most connections at once; further requests are refused with RST.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most RSTs for unknown connections waiting for a guest buffer; a guest
+/// that provokes more loses the oldest.
+const MAX_ORPHAN_RSTS: usize = 1024;
+/// Longest `CONNECT <port>` line accepted.
+const MAX_CONNECT_LINE: usize = 32;
+const VIRTIO_ID_VSOCK: u32 = 19;
+const RX: usize = 0;
+const TX: usize = 1;
+
+const LISTENER_TOKEN: u64 = u64::MAX;
+/// Tokens of host sockets still sending their CONNECT line.
+const PENDING_BIT: u64 = 1 << 63;
+/// First local port handed to host-initiated connections.
+const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// Errors setting up the device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest CID is reserved.
+    #[error("vsock guest CID {0} is reserved; use 3 or more")]
+    ReservedCid(u64),
+    /// The socket path is taken.
+    #[error("vsock socket {0} already exists")]
+    PathExists(PathBuf),
+    /// The listening socket could not be made.
+    #[error("vsock socket {path}: {source}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// epoll failed.
+    #[error("vsock epoll: {0}")]
+    Epoll(#[source] io::Error),
+}
+
+/// A host socket that has connected to `<path>` but not yet said which
+/// guest port it wants.
+#[derive(Debug)]
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    path: PathBuf,
+    listener: UnixListener,
+    epoll: Epoll,
+    conns: HashMap<Key, Connection>,
+    pending: HashMap<u64, PendingHost>,
+    next_pending: u64,
+    next_host_port: u32,
+    /// Connections owing the guest a control packet, in order.
+    control: VecDeque<Key>,
+    /// RSTs for connections that no longer (or never) existed.
+    orphan_rsts: VecDeque<Header>,
+    /// A guest RX buffer taken but not yet filled.
+    held_rx: Option<Chain>,
+    /// Round-robin position over connections with data for the guest.
+    data_order: VecDeque<Key>,
+    active: Option<ActiveDevice>,
+}
+
+impl Vsock {
+    /// A device giving the guest CID `cid`, listening on `path` for host
+    /// connections (and connecting to `<path>_<port>` for guest ones).
+    pub fn new(cid: u64, path: &Path) -> Result<Self, Error> {
+        if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
+            return Err(Error::ReservedCid(cid));
+        }
+        if path.symlink_metadata().is_ok() {
+            return Err(Error::PathExists(path.to_path_buf()));
+        }
+        let listen_error = |source| Error::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(listen_error)?;
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let dev = Self {
+            cid,
+            path: path.to_path_buf(),
+            listener,
+            epoll,
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            next_pending: 0,
+            next_host_port: FIRST_HOST_PORT,
+            control: VecDeque::new(),
+            orphan_rsts: VecDeque::new(),
+            held_rx: None,
+            data_order: VecDeque::new(),
+            active: None,
+        };
+        dev.listener.set_nonblocking(true).map_err(listen_error)?;
+        dev.watch(dev.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
+            .map_err(Error::Epoll)?;
+        Ok(dev)
+    }
+
+    /// The guest's CID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// Connections open now (for tests and diagnostics).
+    pub fn connection_count(&self) -> usize {
+        self.conns.len() + self.pending.len()
+    }
+
+    fn watch(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(
+                events | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
+                token,
+            ),
+        )
+    }
+
+    fn header_to_guest(&self, key: Key, op: u16) -> Header {
+        header_to_guest(self.cid, key, op)
+    }
+
+    fn owe_control(&mut self, key: Key) {
+        if let Some(c) = self.conns.get_mut(&key)
+            && !c.in_control_queue
+        {
+            c.in_control_queue = true;
+            self.control.push_back(key);
+        }
+    }
+
+    /// Drops a connection (closing its socket) and tells the guest.
+    fn reset(&mut self, key: Key) {
+        self.conns.remove(&key);
+        self.orphan_rst(self.header_to_guest(key, op::RST));
+    }
+
+    fn orphan_rst(&mut self, h: Header) {
+        if self.orphan_rsts.len() >= MAX_ORPHAN_RSTS {
+            log::warn!("vsock: too many pending resets; dropping the oldest");
+            self.orphan_rsts.pop_front();
+        }
+        self.orphan_rsts.push_back(h);
+    }
+
+    fn allocate_host_port(&mut self) -> Option<u32> {
+        for _ in 0..=MAX_CONNECTIONS {
+            let port = self.next_host_port;
+            self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            if !self.conns.keys().any(|k| k.host_port == port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    // ---- Guest to host -------------------------------------------------
+
+    fn process_tx(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let result = self.drain_tx(&active.mem, &mut active.queues[TX]);
+        let queue = &mut active.queues[TX];
+        match result {
+            Ok(true) if queue.needs_notification(&active.mem).unwrap_or(true) => {
+                active.interrupt.signal_used()
+            }
+            Ok(_) => {}
+            Err(e) => {
+                active.interrupt.device_broken(&format_args!("vsock TX queue: {e}"));
+                self.drop_everything();
+                return;
+            }
+        }
+        self.active = Some(active);
+        self.pump();
+    }
+
+    /// Handles every packet the guest has queued; true if any completed.
+    fn drain_tx(
+        &mut self,
+        mem: &GuestMemoryMmapped,
+        queue: &mut Virtqueue,
+    ) -> supermachine_virtq::Result<bool> {
+        let mut completed = false;
+        loop {
+            queue.disable_notification(mem)?;
+            while let Some(popped) = queue.pop(mem)? {
+                if let Ok(chain) = &popped.chain {
+                    self.guest_packet(mem, chain);
+                }
+                queue.add_used(mem, popped.head, 0)?;
+                completed = true;
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok(completed);
+            }
+        }
+    }
+
+    fn guest_packet(&mut self, mem: &GuestMemoryMmapped, chain: &Chain) {
+        let mut reader = Reader::new(mem, chain.readable());
+        let mut raw = [0u8; HEADER_SIZE];
+        if reader.read_exact(&mut raw).is_err() {
+            log::warn!("vsock: TX packet shorter than its header");
+            return;
+        }
+        let h = Header::decode(&raw);
+        if h.src_cid != self.cid {
+            log::warn!("vsock: TX packet from CID {} (guest is {})", h.src_cid, self.cid);
+            return;
+        }
+        let key = Key {
+            host_port: h.dst_port,
+            guest_port: h.src_port,
+        };
+        if h.dst_cid != HOST_CID || h.kind != TYPE_STREAM {
+            if h.op != op::RST {
+                self.orphan_rst(self.header_to_guest(key, op::RST));
+            }
+            return;
+        }
+        if h.len > MAX_PAYLOAD || h.len as usize > reader.remaining() {
+            log::warn!("vsock: TX packet claims {} payload bytes", h.len);
+            if self.conns.contains_key(&key) {
+                self.reset(key);
+            }
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.peer_buf_alloc = h.buf_alloc;
+            c.peer_fwd_cnt = h.fwd_cnt;
+        }
+        match (h.op, self.conns.contains_key(&key)) {
+            (op::REQUEST, false) => self.guest_connect(key),
+            (op::RST, _) => {
+                self.conns.remove(&key);
+            }
+            (_, false) => self.orphan_rst(self.header_to_guest(key, op::RST)),
+            (op::REQUEST, true) => self.reset(key),
+            (op::RESPONSE, true) => self.guest_accepted(key),
+            (op::RW, true) => {
+                let mut payload = reader;
+                self.guest_data(key, &mut payload, h.len as usize);
+            }
+            (op::SHUTDOWN, true) => self.guest_shutdown(key, h.flags),
+            (op::CREDIT_REQUEST, true) => {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.owe_credit_update = true;
+                }
+                self.owe_control(key);
+            }
+            (op::CREDIT_UPDATE, true) => {}
+            (other, true) => {
+                log::warn!("vsock: unknown op {other}");
+                self.reset(key);
+            }
+        }
+    }
+
+    fn guest_connect(&mut self, key: Key) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            log::warn!("vsock: connection limit reached; refusing port {}", key.host_port);
+            self.orphan_rst(self.header_to_guest(key, op::RST));
+            return;
+        }
+        let target = PathBuf::from(format!("{}_{}", self.path.display(), key.host_port));
+        let stream = match UnixStream::connect(&target) {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("vsock: guest connect to {}: {e}", target.display());
+                self.orphan_rst(self.header_to_guest(key, op::RST));
+                return;
+            }
+        };
+        if let Err(e) = self.add_connection(key, stream, State::Connected) {
+            log::warn!("vsock: {e}");
+            self.orphan_rst(self.header_to_guest(key, op::RST));
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.owe_response = true;
+        }
+        self.owe_control(key);
+    }
+
+    fn add_connection(&mut self, key: Key, stream: UnixStream, state: State) -> io::Result<()> {
+        stream.set_nonblocking(true)?;
+        self.watch(stream.as_raw_fd(), key.token(), EventSet::IN | EventSet::OUT)?;
+        self.conns.insert(key, Connection::new(stream, state));
+        self.data_order.push_back(key);
+        Ok(())
+    }
+
+    fn guest_accepted(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if c.state != State::AwaitingResponse {
+            self.reset(key);
+            return;
+        }
+        c.state = State::Connected;
+        let line = format!("OK {}\n", key.host_port);
+        if let Err(e) = c.queue_to_host(line.as_bytes()) {
+            log::debug!("vsock: telling the host connection: {e}");
+            self.reset(key);
+        }
+    }
+
+    fn guest_data(&mut self, key: Key, payload: &mut Reader<'_>, len: usize) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if c.state != State::Connected || c.guest_shut_send {
+            self.reset(key);
+            return;
+        }
+        if c.buffered() + len > CONN_BUF_ALLOC as usize {
+            log::warn!("vsock: guest ignored its credit on port {}", key.host_port);
+            self.reset(key);
+            return;
+        }
+        match c.forward(payload, len) {
+            Ok(()) => {
+                if c.credit_update_due(CONN_BUF_ALLOC) {
+                    c.owe_credit_update = true;
+                    self.owe_control(key);
+                }
+            }
+            Err(e) => {
+                log::debug!("vsock: host side of port {} failed: {e}", key.host_port);
+                self.reset(key);
+            }
+        }
+    }
+
+    fn guest_shutdown(&mut self, key: Key, flags: u32) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if flags & shutdown::SEND != 0 {
+            c.guest_shut_send = true;
+        }
+        if flags & shutdown::RECEIVE != 0 {
+            c.guest_shut_receive = true;
+        }
+        if c.guest_shut_send && c.guest_shut_receive {
+            // A full close: answer with RST once what it sent is delivered.
+            c.closing = true;
+        }
+        self.finish_if_done(key);
+    }
+
+    /// Applies half-closes and completes closes whose data is delivered.
+    fn finish_if_done(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if c.buffered() > 0 {
+            return;
+        }
+        if c.closing || (c.guest_shut_send && c.host_eof_sent) {
+            self.reset(key);
+        } else if c.guest_shut_send {
+            c.shutdown_host_write();
+        }
+    }
+
+    // ---- Host to guest -------------------------------------------------
+
+    fn host_events(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("vsock: epoll_wait: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let (token, set) = (ev.data(), ev.event_set());
+                if token == LISTENER_TOKEN {
+                    self.accept_host_connections();
+                } else if token & PENDING_BIT != 0 {
+                    self.read_connect_line(token);
+                } else if let Some(c) = self.conns.get_mut(&Key::from_token(token)) {
+                    if set.intersects(
+                        EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+                    ) {
+                        c.host_readable = true;
+                    }
+                    if set.intersects(EventSet::OUT | EventSet::ERROR) {
+                        c.host_writable = true;
+                    }
+                }
+            }
+            if n < events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_host_connections(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.connection_count() >= MAX_CONNECTIONS {
+                        log::warn!("vsock: connection limit reached; closing a host connection");
+                        continue;
+                    }
+                    let token = PENDING_BIT | self.next_pending;
+                    self.next_pending = (self.next_pending + 1) & !PENDING_BIT;
+                    let ok = stream.set_nonblocking(true).is_ok()
+                        && self.watch(stream.as_raw_fd(), token, EventSet::IN).is_ok();
+                    if ok {
+                        self.pending.insert(
+                            token,
+                            PendingHost {
+                                stream,
+                                line: Vec::new(),
+                            },
+                        );
+                        self.read_connect_line(token);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("vsock: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the CONNECT line a byte at a time, so that no byte of the
+    /// stream after it is taken from the socket.
+    fn read_connect_line(&mut self, token: u64) {
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match p.stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break parse_connect(&p.line),
+                Ok(1) if p.line.len() < MAX_CONNECT_LINE => p.line.push(byte[0]),
+                Ok(_) => break None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
+        let Some(guest_port) = port else {
+            log::warn!("vsock: host connection sent a bad CONNECT line; closed");
+            return;
+        };
+        let Some(host_port) = self.allocate_host_port() else {
+            return;
+        };
+        let key = Key {
+            host_port,
+            guest_port,
+        };
+        if let Err(e) = self.add_connection(key, p.stream, State::AwaitingResponse) {
+            log::warn!("vsock: {e}");
+            return;
+        }
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.owe_request = true;
+            // Data may already wait behind the line; the edge has passed.
+            c.host_readable = true;
+        }
+        self.owe_control(key);
+    }
+
+    /// Moves everything that can move: host sockets' events, buffered data
+    /// to the host, control packets and data to the guest.
+    fn pump(&mut self) {
+        if self.active.is_none() {
+            return;
+        }
+        self.host_events();
+        self.flush_to_host();
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let result = self.fill_rx(&active.mem, &mut active.queues[RX]);
+        match result {
+            Ok(true) if active.queues[RX].needs_notification(&active.mem).unwrap_or(true) => {
+                active.interrupt.signal_used()
+            }
+            Ok(_) => {}
+            Err(e) => {
+                active.interrupt.device_broken(&format_args!("vsock RX queue: {e}"));
+                self.drop_everything();
+                return;
+            }
+        }
+        self.active = Some(active);
+    }
+
+    fn flush_to_host(&mut self) {
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.host_writable && c.buffered() > 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            match c.flush() {
+                Ok(()) => {
+                    if c.credit_update_due(CONN_BUF_ALLOC) {
+                        c.owe_credit_update = true;
+                        self.owe_control(key);
+                    }
+                    self.finish_if_done(key);
+                }
+                Err(e) => {
+                    log::debug!("vsock: host side of port {} failed: {e}", key.host_port);
+                    self.reset(key);
+                }
+            }
+        }
+    }
+
+    /// Fills guest RX buffers; true if any were returned to the guest.
+    fn fill_rx(
+        &mut self,
+        mem: &GuestMemoryMmapped,
+        queue: &mut Virtqueue,
+    ) -> supermachine_virtq::Result<bool> {
+        let mut completed = false;
+        loop {
+            let chain = match self.held_rx.take() {
+                Some(chain) => chain,
+                None => {
+                    queue.disable_notification(mem)?;
+                    match queue.pop(mem)? {
+                        Some(popped) => match popped.chain {
+                            Ok(chain) => chain,
+                            Err(_) => {
+                                queue.add_used(mem, popped.head, 0)?;
+                                completed = true;
+                                continue;
+                            }
+                        },
+                        None => {
+                            if queue.enable_notification(mem)? {
+                                continue;
+                            }
+                            return Ok(completed);
+                        }
+                    }
+                }
+            };
+            if (chain.writable_len() as usize) < HEADER_SIZE {
+                log::warn!("vsock: RX buffer too small for a header");
+                queue.add_used(mem, chain.head(), 0)?;
+                completed = true;
+                continue;
+            }
+            match self.next_packet(mem, &chain) {
+                Some(written) => {
+                    queue.add_used(mem, chain.head(), written)?;
+                    completed = true;
+                }
+                None => {
+                    self.held_rx = Some(chain);
+                    return Ok(completed);
+                }
+            }
+        }
+    }
+
+    /// Writes the next packet for the guest into `chain`; `None` if there
+    /// is nothing to send.
+    fn next_packet(&mut self, mem: &GuestMemoryMmapped, chain: &Chain) -> Option<u32> {
+        let mut writer = Writer::new(mem, chain.writable());
+        if let Some(h) = self.orphan_rsts.pop_front() {
+            return write_header(&mut writer, &h);
+        }
+        while let Some(key) = self.control.pop_front() {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.in_control_queue = false;
+            let Some((op, flags)) = c.next_control() else {
+                continue;
+            };
+            let mut h = self.header_to_guest(key, op);
+            h.flags = flags;
+            let c = self.conns.get_mut(&key)?;
+            c.stamp(&mut h);
+            if c.has_control() {
+                self.owe_control(key);
+            }
+            return write_header(&mut writer, &h);
+        }
+        self.next_data_packet(&mut writer)
+    }
+
+    fn next_data_packet(&mut self, writer: &mut Writer<'_>) -> Option<u32> {
+        let cid = self.cid;
+        for _ in 0..self.data_order.len() {
+            let key = self.data_order.pop_front()?;
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            self.data_order.push_back(key);
+            let credit = c.peer_credit();
+            if !c.host_readable
+                || c.state != State::Connected
+                || c.host_eof_sent
+                || c.guest_shut_receive
+                || credit == 0
+            {
+                continue;
+            }
+            let mut payload = writer.clone();
+            payload.skip(HEADER_SIZE);
+            let room = payload.remaining().min(credit as usize).min(MAX_PAYLOAD as usize);
+            match payload.copy_from(&mut c.stream, room) {
+                Ok(0) => {
+                    // The host closed its side: no more data will come.
+                    c.host_eof_sent = true;
+                    c.host_readable = false;
+                    let mut h = header_to_guest(cid, key, op::SHUTDOWN);
+                    h.flags = shutdown::SEND;
+                    let c = self.conns.get_mut(&key)?;
+                    c.stamp(&mut h);
+                    let written = write_header(writer, &h);
+                    self.finish_if_done(key);
+                    return written;
+                }
+                Ok(n) => {
+                    let mut h = header_to_guest(cid, key, op::RW);
+                    h.len = n as u32;
+                    c.stamp(&mut h);
+                    c.rx_cnt = c.rx_cnt.wrapping_add(n as u32);
+                    write_header(writer, &h)?;
+                    return Some((HEADER_SIZE + n) as u32);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.host_readable = false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("vsock: reading host side of port {}: {e}", key.host_port);
+                    self.conns.remove(&key);
+                    let h = header_to_guest(cid, key, op::RST);
+                    return write_header(writer, &h);
+                }
+            }
+        }
+        None
+    }
+
+    fn drop_everything(&mut self) {
+        self.conns.clear();
+        self.pending.clear();
+        self.control.clear();
+        self.orphan_rsts.clear();
+        self.data_order.clear();
+        self.held_rx = None;
+    }
+}
+
+fn header_to_guest(cid: u64, key: Key, op: u16) -> Header {
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: key.host_port,
+        dst_port: key.guest_port,
+        len: 0,
+        kind: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: CONN_BUF_ALLOC,
+        fwd_cnt: 0,
+    }
+}
+
+fn write_header(writer: &mut Writer<'_>, h: &Header) -> Option<u32> {
+    std::io::Write::write_all(writer, &h.encode()).ok()?;
+    Some(HEADER_SIZE as u32)
+}
+
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let port = text.trim_end_matches('\r').strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        // The listening socket's path is ours; nothing is left behind.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, device: ActiveDevice) -> Result<(), ActivateError> {
+        if device.queues.len() != 3 {
+            return Err(ActivateError("virtio-vsock has three queues".into()));
+        }
+        self.active = Some(device);
+        self.pump();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.drop_everything();
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        match index {
+            TX => self.process_tx(),
+            // New RX buffers; the event queue is only used on migration.
+            _ => self.pump(),
+        }
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn backend_ready(&mut self) {
+        if self.active.is_some() {
+            self.pump();
+        } else {
+            // Not started: keep host sockets from piling up unanswered.
+            self.host_events();
+        }
+    }
+}

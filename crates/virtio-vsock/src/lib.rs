@@ -194,7 +194,10 @@ impl Vsock {
     fn allocate_host_port(&mut self) -> Option<u32> {
         for _ in 0..=MAX_CONNECTIONS {
             let port = self.next_host_port;
-            self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_HOST_PORT);
             if !self.conns.keys().any(|k| k.host_port == port) {
                 return Some(port);
             }
@@ -216,7 +219,9 @@ impl Vsock {
             }
             Ok(_) => {}
             Err(e) => {
-                active.interrupt.device_broken(&format_args!("vsock TX queue: {e}"));
+                active
+                    .interrupt
+                    .device_broken(&format_args!("vsock TX queue: {e}"));
                 self.drop_everything();
                 return;
             }
@@ -256,7 +261,11 @@ impl Vsock {
         }
         let h = Header::decode(&raw);
         if h.src_cid != self.cid {
-            log::warn!("vsock: TX packet from CID {} (guest is {})", h.src_cid, self.cid);
+            log::warn!(
+                "vsock: TX packet from CID {} (guest is {})",
+                h.src_cid,
+                self.cid
+            );
             return;
         }
         let key = Key {
@@ -309,7 +318,10 @@ impl Vsock {
 
     fn guest_connect(&mut self, key: Key) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: connection limit reached; refusing port {}", key.host_port);
+            log::warn!(
+                "vsock: connection limit reached; refusing port {}",
+                key.host_port
+            );
             self.orphan_rst(self.header_to_guest(key, op::RST));
             return;
         }
@@ -335,7 +347,11 @@ impl Vsock {
 
     fn add_connection(&mut self, key: Key, stream: UnixStream, state: State) -> io::Result<()> {
         stream.set_nonblocking(true)?;
-        self.watch(stream.as_raw_fd(), key.token(), EventSet::IN | EventSet::OUT)?;
+        self.watch(
+            stream.as_raw_fd(),
+            key.token(),
+            EventSet::IN | EventSet::OUT,
+        )?;
         self.conns.insert(key, Connection::new(stream, state));
         self.data_order.push_back(key);
         Ok(())
@@ -505,9 +521,11 @@ impl Vsock {
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
-        let _ = self
-            .epoll
-            .ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            p.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
         let Some(guest_port) = port else {
             log::warn!("vsock: host connection sent a bad CONNECT line; closed");
             return;
@@ -544,12 +562,18 @@ impl Vsock {
         };
         let result = self.fill_rx(&active.mem, &mut active.queues[RX]);
         match result {
-            Ok(true) if active.queues[RX].needs_notification(&active.mem).unwrap_or(true) => {
+            Ok(true)
+                if active.queues[RX]
+                    .needs_notification(&active.mem)
+                    .unwrap_or(true) =>
+            {
                 active.interrupt.signal_used()
             }
             Ok(_) => {}
             Err(e) => {
-                active.interrupt.device_broken(&format_args!("vsock RX queue: {e}"));
+                active
+                    .interrupt
+                    .device_broken(&format_args!("vsock RX queue: {e}"));
                 self.drop_everything();
                 return;
             }
@@ -679,7 +703,10 @@ impl Vsock {
             }
             let mut payload = writer.clone();
             payload.skip(HEADER_SIZE);
-            let room = payload.remaining().min(credit as usize).min(MAX_PAYLOAD as usize);
+            let room = payload
+                .remaining()
+                .min(credit as usize)
+                .min(MAX_PAYLOAD as usize);
             match payload.copy_from(&mut c.stream, room) {
                 Ok(0) => {
                     // The host closed its side: no more data will come.

@@ -3,7 +3,9 @@
 
 use std::io;
 
-use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
+use supermachine_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmapped, VolatileSlice,
+};
 use vm_memory::{ByteValued, ReadVolatile, WriteVolatile};
 
 use crate::chain::Segment;
@@ -118,7 +120,7 @@ impl<'a> Reader<'a> {
             let Some((addr, len)) = self.cursor.piece(max - total) else {
                 break;
             };
-            match self.mem.write_volatile_to(addr, dst, len) {
+            match write_piece(self.mem, addr, len, dst) {
                 Ok(0) => break,
                 Ok(n) => {
                     self.cursor.advance(n);
@@ -131,7 +133,7 @@ impl<'a> Reader<'a> {
                     log::trace!("copy_to stopped after {total} bytes: {e}");
                     break;
                 }
-                Err(e) => return Err(volatile_error(e)),
+                Err(e) => return Err(e),
             }
         }
         Ok(total)
@@ -212,7 +214,7 @@ impl<'a> Writer<'a> {
             let Some((addr, len)) = self.cursor.piece(max - total) else {
                 break;
             };
-            match self.mem.read_volatile_from(addr, src, len) {
+            match read_piece(self.mem, addr, len, src) {
                 Ok(0) => break,
                 Ok(n) => {
                     self.cursor.advance(n);
@@ -225,7 +227,7 @@ impl<'a> Writer<'a> {
                     log::trace!("copy_from stopped after {total} bytes: {e}");
                     break;
                 }
-                Err(e) => return Err(volatile_error(e)),
+                Err(e) => return Err(e),
             }
         }
         Ok(total)
@@ -253,10 +255,51 @@ impl io::Write for Writer<'_> {
     }
 }
 
+/// One `write(2)`-like call from guest memory: returns what `dst` took.
+/// (vm-memory's `write_volatile_to` writes all-or-error, which loses the
+/// count of a partial write to a non-blocking socket.)
+fn write_piece<W: WriteVolatile>(
+    mem: &GuestMemoryMmapped,
+    addr: GuestAddress,
+    len: usize,
+    dst: &mut W,
+) -> io::Result<usize> {
+    match GuestMemoryBackend::get_slice(mem, addr, len) {
+        Ok(slice) => dst.write_volatile(&slice).map_err(volatile_error),
+        // The piece spans two memory regions: go through a buffer.
+        Err(_) => {
+            let mut buf = vec![0u8; len];
+            mem.read_slice(&mut buf, addr).map_err(memory_error)?;
+            dst.write_volatile(&VolatileSlice::from(&mut buf[..]))
+                .map_err(volatile_error)
+        }
+    }
+}
+
+/// One `read(2)`-like call into guest memory: returns what `src` gave.
+fn read_piece<R: ReadVolatile>(
+    mem: &GuestMemoryMmapped,
+    addr: GuestAddress,
+    len: usize,
+    src: &mut R,
+) -> io::Result<usize> {
+    match GuestMemoryBackend::get_slice(mem, addr, len) {
+        Ok(mut slice) => src.read_volatile(&mut slice).map_err(volatile_error),
+        Err(_) => {
+            let mut buf = vec![0u8; len];
+            let n = src
+                .read_volatile(&mut VolatileSlice::from(&mut buf[..]))
+                .map_err(volatile_error)?;
+            mem.write_slice(&buf[..n], addr).map_err(memory_error)?;
+            Ok(n)
+        }
+    }
+}
+
 /// Keeps the OS error (EAGAIN, EPIPE, ...) visible through vm-memory's.
-fn volatile_error(e: vm_memory::GuestMemoryError) -> io::Error {
+fn volatile_error(e: vm_memory::VolatileMemoryError) -> io::Error {
     match e {
-        vm_memory::GuestMemoryError::IOError(io) => io,
+        vm_memory::VolatileMemoryError::IOError(io) => io,
         other => io::Error::other(other),
     }
 }

@@ -6,10 +6,15 @@
 //! `supermachine-e2e test --supermachine BIN --assets DIR`
 //! `supermachine-e2e bench-boot --supermachine BIN --assets DIR [--runs N]`
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod exchange;
 
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
@@ -286,6 +291,13 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
             }),
         ),
         (
+            "vsock-64-connections-each-way-at-once",
+            Box::new({
+                let vmlinux = vmlinux.clone();
+                move || vsock_exchange(env, &vmlinux)
+            }),
+        ),
+        (
             "missing-disk-image-is-refused-before-any-vm",
             Box::new({
                 let vmlinux = vmlinux.clone();
@@ -444,6 +456,124 @@ fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
     expect(
         std::fs::read(&ro).map_err(fail)? == ro_bytes,
         "expected the read-only image unchanged",
+        &r,
+    )
+}
+
+/// Connects to the VM's vsock socket and asks for guest port `port`,
+/// retrying while the socket does not exist yet or the guest is not yet
+/// listening (the device then closes the connection without "OK").
+fn connect_to_guest(socket: &Path, port: u32, stop: &AtomicBool) -> Result<UnixStream, String> {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+            return Err(format!("could not reach guest port {port}"));
+        }
+        if let Ok(mut s) = UnixStream::connect(socket)
+            && s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok()
+        {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while let Ok(1) = s.read(&mut byte) {
+                if byte[0] == b'\n' {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            if line.starts_with(b"OK ") {
+                return Ok(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
+    use exchange::{CONNECTIONS, GUEST_PORT, HOST_PORT};
+    let scratch = Scratch::new("vsock")?;
+    let socket = scratch.0.join("vm.sock");
+    let listener = UnixListener::bind(format!("{}_{HOST_PORT}", socket.display()))
+        .map_err(|e| format!("binding the host listener: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Host side, serving: accept until every guest connection is served.
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<usize, String> {
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut workers = Vec::new();
+            while workers.len() < CONNECTIONS && !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        workers.push(std::thread::spawn(move || exchange::serve(s)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            // Each worker ends when its guest connection does (at the
+            // latest when the VM exits and the device closes it).
+            Ok(workers
+                .into_iter()
+                .map(|w| w.join())
+                .filter(|r| matches!(r, Ok(Ok(()))))
+                .count())
+        })
+    };
+    // Host side, opening: CONNECTIONS streams to the guest at once.
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let s = connect_to_guest(&socket, GUEST_PORT, &stop)?;
+                exchange::exchange(s, 1000 + i as u64, |s| {
+                    s.shutdown(std::net::Shutdown::Write)
+                })
+            })
+        })
+        .collect();
+    let r = env.boot(&[
+        "--kernel",
+        vmlinux,
+        "--initrd",
+        &env.path("vsock.cpio"),
+        "--vsock",
+        &socket.display().to_string(),
+        "--memory",
+        "512M",
+        "--append",
+        QUIET,
+    ]);
+    stop.store(true, Ordering::SeqCst);
+    let client_errors: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| {
+            c.join()
+                .unwrap_or_else(|_| Err("client panicked".into()))
+                .err()
+        })
+        .collect();
+    let served = server
+        .join()
+        .unwrap_or_else(|_| Err("server panicked".into()))?;
+    expect(r.code == Some(0), "expected exit status 0", &r)?;
+    expect(
+        r.stdout.lines().any(|l| l.trim() == "VSOCK-GUEST-OK"),
+        "expected the guest program to check every exchange",
+        &r,
+    )?;
+    expect(
+        served == CONNECTIONS,
+        &format!("expected {CONNECTIONS} guest connections, the host served {served}"),
+        &r,
+    )?;
+    expect(
+        client_errors.is_empty(),
+        &format!("host-side exchanges failed: {client_errors:?}"),
+        &r,
+    )?;
+    expect(
+        !socket.exists(),
+        "expected the VMM to remove its socket",
         &r,
     )
 }

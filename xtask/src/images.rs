@@ -76,6 +76,11 @@ fn has_interpreter(elf: &[u8]) -> bool {
 
 /// A minimal root: busybox, /dev/console, and `init` as /init.
 pub fn image(init_body: &str, dest: &Path) -> Result<()> {
+    image_with(init_body, &[], dest)
+}
+
+/// [`image`] plus `extra` files (path in the image, host file).
+pub fn image_with(init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Result<()> {
     let mut a = Archive::default();
     for d in [
         "bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin",
@@ -86,6 +91,9 @@ pub fn image(init_body: &str, dest: &Path) -> Result<()> {
         .char_device("dev/null", 1, 3);
     a.file_from("bin/busybox", 0o755, &busybox()?)?;
     a.symlink("bin/sh", "busybox");
+    for (name, path) in extra {
+        a.file_from(name, 0o755, path)?;
+    }
     a.file(
         "init",
         0o755,
@@ -95,7 +103,7 @@ pub fn image(init_body: &str, dest: &Path) -> Result<()> {
 }
 
 /// Writes every guest image the tests and benchmark use into `dir`.
-pub fn build_test_images(dir: &Path) -> Result<()> {
+pub fn build_test_images(dir: &Path, vsock_peer: &Path) -> Result<()> {
     fs::create_dir_all(dir)?;
     image(
         &format!("{MARKER_LINE}\npoweroff -f\n"),
@@ -116,5 +124,10 @@ pub fn build_test_images(dir: &Path) -> Result<()> {
     )?;
     image(DEMO_INIT, &dir.join("demo.cpio"))?;
     image(BLK_INIT, &dir.join("blk.cpio"))?;
+    image_with(
+        "/bin/vsock-peer\npoweroff -f\n",
+        &[("bin/vsock-peer", vsock_peer)],
+        &dir.join("vsock.cpio"),
+    )?;
     Ok(())
 }

@@ -83,7 +83,7 @@ fn prepare() -> Result<(Mode, testhost::Binaries, PathBuf)> {
     if assets.exists() {
         std::fs::remove_dir_all(&assets)?;
     }
-    testhost::stage_assets(&assets)?;
+    testhost::stage_assets(&assets, &bins)?;
     Ok((mode, bins, assets))
 }
 
@@ -191,7 +191,7 @@ fn demo() -> Result<()> {
             if assets.exists() {
                 std::fs::remove_dir_all(&assets)?;
             }
-            testhost::stage_assets(&assets)?;
+            testhost::stage_assets(&assets, &bins)?;
             let (_, code) = testhost::run_inside(
                 &bins,
                 &assets,
@@ -249,7 +249,8 @@ fn main() -> Result<()> {
             println!("{}", k.bzimage().display());
         }
         Task::GuestImages { out } => {
-            images::build_test_images(&out)?;
+            let bins = testhost::build_static_binaries()?;
+            images::build_test_images(&out, &bins.vsock_peer)?;
             println!("{}", out.display());
         }
         Task::Demo => demo()?,

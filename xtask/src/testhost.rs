@@ -50,6 +50,8 @@ pub fn detect_mode() -> Result<Mode> {
 pub struct Binaries {
     pub supermachine: PathBuf,
     pub e2e: PathBuf,
+    /// The guest half of the vsock test (goes into a guest image).
+    pub vsock_peer: PathBuf,
 }
 
 pub fn build_static_binaries() -> Result<Binaries> {
@@ -66,17 +68,18 @@ pub fn build_static_binaries() -> Result<Binaries> {
     Ok(Binaries {
         supermachine: dir.join("supermachine"),
         e2e: dir.join("supermachine-e2e"),
+        vsock_peer: dir.join("vsock-peer"),
     })
 }
 
 /// Everything a tier-3 run needs, staged in one directory: the guest
 /// kernel (both formats) and the guest images.
-pub fn stage_assets(dir: &Path) -> Result<()> {
+pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     let guest = kernel::build(kernel::Flavor::Guest, None)?;
     fs::create_dir_all(dir)?;
     fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
     fs::copy(guest.bzimage(), dir.join("bzImage"))?;
-    images::build_test_images(dir)
+    images::build_test_images(dir, &bins.vsock_peer)
 }
 
 /// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,

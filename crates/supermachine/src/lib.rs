@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 pub use supermachine_hypervisor::Hypervisor;
-pub use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VmConfig};
+pub use supermachine_vmm::{
+    Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VmConfig, VsockConfig,
+};
 
 /// Errors from the library API.
 #[derive(Debug, thiserror::Error)]

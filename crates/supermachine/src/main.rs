@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, VmConfig};
+use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(name = "supermachine", version, about = "Run Linux microVMs")]
@@ -45,6 +45,14 @@ enum Command {
         /// Give the guest no virtio-rng entropy device.
         #[arg(long)]
         no_entropy: bool,
+        /// Give the guest a vsock device whose host side is this Unix
+        /// socket (host programs connect here and send "CONNECT <port>";
+        /// guest connections to host port N go to PATH_N).
+        #[arg(long, value_name = "PATH")]
+        vsock: Option<PathBuf>,
+        /// The guest's vsock context ID.
+        #[arg(long, default_value_t = 3, requires = "vsock")]
+        vsock_cid: u64,
     },
 }
 
@@ -94,6 +102,8 @@ fn main() -> ExitCode {
             console_file,
             disks,
             no_entropy,
+            vsock,
+            vsock_cid,
         } => {
             let mut config = VmConfig::new(kernel);
             config.initrd = initrd;
@@ -110,6 +120,10 @@ fn main() -> ExitCode {
             config.forward_stdin = true;
             config.disks = disks;
             config.entropy = !no_entropy;
+            config.vsock = vsock.map(|socket| VsockConfig {
+                cid: vsock_cid,
+                socket,
+            });
             Machine::start(config).and_then(Machine::wait)
         }
     };

@@ -82,6 +82,19 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Give the guest a virtio-rng entropy device.
     pub entropy: bool,
+    /// A virtio-vsock device and its host-side Unix socket.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device: the guest's CID and the host Unix socket that
+/// host programs connect to (`CONNECT <port>`); guest connections to host
+/// port N go to `<socket>_N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// The listening socket's path; must not exist yet.
+    pub socket: PathBuf,
 }
 
 /// A virtio-blk disk backed by a raw image file.
@@ -107,6 +120,7 @@ impl VmConfig {
             forward_stdin: false,
             disks: Vec::new(),
             entropy: true,
+            vsock: None,
         }
     }
 }
@@ -134,6 +148,9 @@ pub enum Error {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] supermachine_virtio_blk::Error),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] supermachine_virtio_vsock::Error),
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Memory(#[from] supermachine_memory::Error),
@@ -435,6 +452,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice
         devices.push((
             format!("virtio-blk {}", disk.path.display()),
             Box::new(block),
+        ));
+    }
+    if let Some(v) = &config.vsock {
+        let vsock = supermachine_virtio_vsock::Vsock::new(v.cid, &v.socket)?;
+        devices.push((
+            format!("virtio-vsock {}", v.socket.display()),
+            Box::new(vsock),
         ));
     }
     if config.entropy {

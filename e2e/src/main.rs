@@ -6,8 +6,8 @@
 //! `supermachine-e2e test --supermachine BIN --assets DIR`
 //! `supermachine-e2e bench-boot --supermachine BIN --assets DIR [--runs N]`
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -20,7 +20,14 @@ const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
 const QUIET: &str = "quiet";
 /// Far beyond a boot even under emulation; a hung guest fails its test.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// (`SUPERMACHINE_E2E_BOOT_TIMEOUT` seconds overrides it, for debugging.)
+fn boot_timeout() -> Duration {
+    let secs = std::env::var("SUPERMACHINE_E2E_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(240);
+    Duration::from_secs(secs)
+}
 
 struct Env {
     supermachine: PathBuf,
@@ -32,7 +39,7 @@ impl Env {
         self.assets.join(name)
     }
 
-    /// Runs `supermachine boot ARGS`, killing it after [`BOOT_TIMEOUT`].
+    /// Runs `supermachine boot ARGS`, killing it after [`boot_timeout`].
     fn boot(&self, args: &[&str]) -> Run {
         let started = Instant::now();
         let child = Command::new(&self.supermachine)
@@ -78,7 +85,7 @@ impl Env {
         let code = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status.code(),
-                Ok(None) if started.elapsed() > BOOT_TIMEOUT => {
+                Ok(None) if started.elapsed() > boot_timeout() => {
                     let _ = child.kill();
                     let _ = child.wait();
                     timed_out = true;
@@ -90,7 +97,7 @@ impl Env {
         };
         let mut stderr = err.join().unwrap_or_default();
         if timed_out {
-            stderr.push_str(&format!("\n(killed after {BOOT_TIMEOUT:?})"));
+            stderr.push_str(&format!("\n(killed after {:?})", boot_timeout()));
         }
         Run {
             code,
@@ -116,7 +123,11 @@ impl Run {
     fn describe(&self) -> String {
         let tail = |s: &str| {
             let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(15)..].join("\n    ")
+            let keep = std::env::var("SUPERMACHINE_E2E_TAIL")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(15);
+            lines[lines.len().saturating_sub(keep)..].join("\n    ")
         };
         format!(
             "exit {:?} after {:.1?}\n  stdout (tail):\n    {}\n  stderr:\n    {}",
@@ -291,7 +302,7 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
             }),
         ),
         (
-            "vsock-64-connections-each-way-at-once",
+            "vsock-64-guest-to-host-connections-at-once",
             Box::new({
                 let vmlinux = vmlinux.clone();
                 move || vsock_exchange(env, &vmlinux)
@@ -460,36 +471,8 @@ fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
     )
 }
 
-/// Connects to the VM's vsock socket and asks for guest port `port`,
-/// retrying while the socket does not exist yet or the guest is not yet
-/// listening (the device then closes the connection without "OK").
-fn connect_to_guest(socket: &Path, port: u32, stop: &AtomicBool) -> Result<UnixStream, String> {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
-            return Err(format!("could not reach guest port {port}"));
-        }
-        if let Ok(mut s) = UnixStream::connect(socket)
-            && s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok()
-        {
-            let mut line = Vec::new();
-            let mut byte = [0u8; 1];
-            while let Ok(1) = s.read(&mut byte) {
-                if byte[0] == b'\n' {
-                    break;
-                }
-                line.push(byte[0]);
-            }
-            if line.starts_with(b"OK ") {
-                return Ok(s);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
-    use exchange::{CONNECTIONS, GUEST_PORT, HOST_PORT};
+    use exchange::{CONNECTIONS, HOST_PORT};
     let scratch = Scratch::new("vsock")?;
     let socket = scratch.0.join("vm.sock");
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", socket.display()))
@@ -519,18 +502,6 @@ fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
                 .count())
         })
     };
-    // Host side, opening: CONNECTIONS streams to the guest at once.
-    let clients: Vec<_> = (0..CONNECTIONS)
-        .map(|i| {
-            let (socket, stop) = (socket.clone(), stop.clone());
-            std::thread::spawn(move || -> Result<(), String> {
-                let s = connect_to_guest(&socket, GUEST_PORT, &stop)?;
-                exchange::exchange(s, 1000 + i as u64, |s| {
-                    s.shutdown(std::net::Shutdown::Write)
-                })
-            })
-        })
-        .collect();
     let r = env.boot(&[
         "--kernel",
         vmlinux,
@@ -544,14 +515,6 @@ fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
         QUIET,
     ]);
     stop.store(true, Ordering::SeqCst);
-    let client_errors: Vec<String> = clients
-        .into_iter()
-        .filter_map(|c| {
-            c.join()
-                .unwrap_or_else(|_| Err("client panicked".into()))
-                .err()
-        })
-        .collect();
     let served = server
         .join()
         .unwrap_or_else(|_| Err("server panicked".into()))?;
@@ -567,20 +530,18 @@ fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
         &r,
     )?;
     expect(
-        client_errors.is_empty(),
-        &format!("host-side exchanges failed: {client_errors:?}"),
-        &r,
-    )?;
-    expect(
         !socket.exists(),
         "expected the VMM to remove its socket",
         &r,
     )
 }
 
-fn run_tests(env: &Env) -> ExitCode {
+fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     let (mut passed, mut failed) = (0, 0);
     for (name, test) in tests(env) {
+        if only.is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let started = Instant::now();
         match test() {
             Ok(()) => {
@@ -728,7 +689,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match mode.as_str() {
-        "test" => run_tests(&env),
+        "test" => run_tests(&env, value("--only").as_deref()),
         "bench-boot" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
             bench_boot(&env, runs)

@@ -2,6 +2,7 @@
 
 mod cpio;
 mod deps;
+mod fuzz;
 mod images;
 mod kernel;
 mod testhost;
@@ -52,7 +53,19 @@ enum Task {
         #[command(subcommand)]
         which: Bench,
     },
-    /// Everything CI runs: install what is missing, fmt, clippy, tiers 1-3.
+    /// Run the cargo-fuzz targets (nightly; installs cargo-fuzz if missing).
+    Fuzz {
+        /// A short fixed run of every target, as CI does.
+        #[arg(long)]
+        smoke: bool,
+        /// Seconds per target (without --smoke).
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
+    /// Everything CI runs: install what is missing, fmt, clippy, tiers 1-3,
+    /// a fuzz smoke run.
     Ci,
 }
 
@@ -232,9 +245,14 @@ fn ci() -> Result<()> {
         &["nextest", "run", "--workspace", "--no-fail-fast"],
     )?;
     step("doc tests", &["test", "--workspace", "--doc"])?;
+    eprintln!("xtask: == fuzz smoke ==");
+    fuzz::run_targets(&[], SMOKE_SECONDS)?;
     eprintln!("xtask: == tier 3 (end to end) ==");
     e2e()
 }
+
+/// Seconds each fuzz target runs in a smoke run.
+const SMOKE_SECONDS: u64 = 30;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -258,6 +276,11 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Boot { runs },
         } => bench_boot(runs)?,
+        Task::Fuzz {
+            smoke,
+            seconds,
+            targets,
+        } => fuzz::run_targets(&targets, if smoke { SMOKE_SECONDS } else { seconds })?,
         Task::Ci => ci()?,
     }
     Ok(())

@@ -51,7 +51,7 @@ const LISTENER_TOKEN: u64 = u64::MAX;
 /// Tokens of host sockets still sending their CONNECT line.
 const PENDING_BIT: u64 = 1 << 63;
 /// First local port handed to host-initiated connections.
-const FIRST_HOST_PORT: u32 = 1 << 30;
+const FIRST_HOST_PORT: u32 = 49152;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +179,7 @@ impl Vsock {
 
     /// Drops a connection (closing its socket) and tells the guest.
     fn reset(&mut self, key: Key) {
+        log::debug!("vsock: reset {key:?}");
         self.conns.remove(&key);
         self.orphan_rst(self.header_to_guest(key, op::RST));
     }
@@ -292,6 +293,7 @@ impl Vsock {
         match (h.op, self.conns.contains_key(&key)) {
             (op::REQUEST, false) => self.guest_connect(key),
             (op::RST, _) => {
+                log::debug!("vsock: guest reset {key:?}: {h:?}");
                 self.conns.remove(&key);
             }
             (_, false) => self.orphan_rst(self.header_to_guest(key, op::RST)),
@@ -358,6 +360,7 @@ impl Vsock {
     }
 
     fn guest_accepted(&mut self, key: Key) {
+        log::debug!("vsock: guest accepted {key:?}");
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
@@ -401,6 +404,7 @@ impl Vsock {
     }
 
     fn guest_shutdown(&mut self, key: Key, flags: u32) {
+        log::debug!("vsock: guest shutdown {key:?} flags {flags}");
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
@@ -537,6 +541,7 @@ impl Vsock {
             host_port,
             guest_port,
         };
+        log::debug!("vsock: host asks for guest port {guest_port} as {key:?}");
         if let Err(e) = self.add_connection(key, p.stream, State::AwaitingResponse) {
             log::warn!("vsock: {e}");
             return;
@@ -672,6 +677,7 @@ impl Vsock {
             let Some((op, flags)) = c.next_control() else {
                 continue;
             };
+            log::debug!("vsock: control op {op} to guest for {key:?}");
             let mut h = self.header_to_guest(key, op);
             h.flags = flags;
             let c = self.conns.get_mut(&key)?;
@@ -709,6 +715,7 @@ impl Vsock {
                 .min(MAX_PAYLOAD as usize);
             match payload.copy_from(&mut c.stream, room) {
                 Ok(0) => {
+                    log::debug!("vsock: host EOF on {key:?}");
                     // The host closed its side: no more data will come.
                     c.host_eof_sent = true;
                     c.host_readable = false;

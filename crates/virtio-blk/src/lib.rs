@@ -166,36 +166,14 @@ impl Block {
         let Some(queue) = queues.first_mut() else {
             return;
         };
-        let mut completed = false;
-        let result: supermachine_virtq::Result<()> = (|| {
-            loop {
-                queue.disable_notification(mem)?;
-                while let Some(popped) = queue.pop(mem)? {
-                    let written = match &popped.chain {
-                        Ok(chain) => handle_request(
-                            &mut self.file,
-                            self.read_only,
-                            self.capacity,
-                            &self.id,
-                            mem,
-                            chain,
-                        ),
-                        Err(_) => 0,
-                    };
-                    queue.add_used(mem, popped.head, written)?;
-                    completed = true;
-                }
-                if !queue.enable_notification(mem)? {
-                    return Ok(());
-                }
-            }
-        })();
+        let (file, read_only, capacity, id) =
+            (&mut self.file, self.read_only, self.capacity, &self.id);
+        let result = queue.drain(mem, |chain| {
+            handle_request(file, read_only, capacity, id, mem, chain)
+        });
         match result {
-            Ok(()) => {
-                if completed && queue.needs_notification(mem).unwrap_or(true) {
-                    interrupt.signal_used();
-                }
-            }
+            Ok(true) => interrupt.signal_used(),
+            Ok(false) => {}
             Err(e) => {
                 interrupt.device_broken(&format_args!("virtio-blk {}: {e}", self.path.display()));
                 self.active = None;

@@ -8,7 +8,7 @@ mod device;
 mod transport;
 
 pub use device::{ActivateError, ActiveDevice, Interrupt, VirtioDevice};
-pub use transport::{MmioTransport, kernel_cmdline_arg};
+pub use transport::{MmioTransport, kernel_cmdline_arg, reg, status};
 
 /// Bytes of MMIO space each device occupies.
 pub const MMIO_SIZE: u64 = 0x1000;

@@ -14,7 +14,8 @@ const VERSION: u32 = 2;
 /// Vendor ID reported to the guest ("SMVM").
 const VENDOR_ID: u32 = 0x4d56_4d53;
 
-mod reg {
+/// Register offsets (virtio-mmio version 2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -45,7 +46,9 @@ mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
-mod status {
+/// Device status bits.
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
     pub const DRIVER: u32 = 2;
     pub const DRIVER_OK: u32 = 4;
     pub const FEATURES_OK: u32 = 8;

@@ -37,37 +37,21 @@ impl Rng {
             return;
         };
         let mut random = vec![0u8; MAX_REQUEST];
-        let mut completed = false;
-        let result: supermachine_virtq::Result<()> = (|| {
-            loop {
-                queue.disable_notification(mem)?;
-                while let Some(popped) = queue.pop(mem)? {
-                    let mut written = 0;
-                    if let Ok(chain) = &popped.chain {
-                        let mut w = Writer::new(mem, chain.writable());
-                        let n = w.remaining().min(MAX_REQUEST);
-                        match getrandom::fill(&mut random[..n]) {
-                            Ok(()) => {
-                                if w.write_all(&random[..n]).is_ok() {
-                                    written = n as u32;
-                                }
-                            }
-                            Err(e) => log::error!("virtio-rng: getrandom: {e}"),
-                        }
-                    }
-                    queue.add_used(mem, popped.head, written)?;
-                    completed = true;
-                }
-                if !queue.enable_notification(mem)? {
-                    return Ok(());
+        let result = queue.drain(mem, |chain| {
+            let mut w = Writer::new(mem, chain.writable());
+            let n = w.remaining().min(MAX_REQUEST);
+            match getrandom::fill(&mut random[..n]) {
+                Ok(()) if w.write_all(&random[..n]).is_ok() => n as u32,
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("virtio-rng: getrandom: {e}");
+                    0
                 }
             }
-        })();
+        });
         match result {
-            Ok(()) if completed && queue.needs_notification(mem).unwrap_or(true) => {
-                interrupt.signal_used()
-            }
-            Ok(()) => {}
+            Ok(true) => interrupt.signal_used(),
+            Ok(false) => {}
             Err(e) => {
                 interrupt.device_broken(&format_args!("virtio-rng: {e}"));
                 self.active = None;

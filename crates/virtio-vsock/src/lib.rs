@@ -212,13 +212,14 @@ impl Vsock {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        let result = self.drain_tx(&active.mem, &mut active.queues[TX]);
-        let queue = &mut active.queues[TX];
+        let mem = active.mem.clone();
+        let result = active.queues[TX].drain(&mem, |chain| {
+            self.guest_packet(&mem, chain);
+            0
+        });
         match result {
-            Ok(true) if queue.needs_notification(&active.mem).unwrap_or(true) => {
-                active.interrupt.signal_used()
-            }
-            Ok(_) => {}
+            Ok(true) => active.interrupt.signal_used(),
+            Ok(false) => {}
             Err(e) => {
                 active
                     .interrupt
@@ -229,28 +230,6 @@ impl Vsock {
         }
         self.active = Some(active);
         self.pump();
-    }
-
-    /// Handles every packet the guest has queued; true if any completed.
-    fn drain_tx(
-        &mut self,
-        mem: &GuestMemoryMmapped,
-        queue: &mut Virtqueue,
-    ) -> supermachine_virtq::Result<bool> {
-        let mut completed = false;
-        loop {
-            queue.disable_notification(mem)?;
-            while let Some(popped) = queue.pop(mem)? {
-                if let Ok(chain) = &popped.chain {
-                    self.guest_packet(mem, chain);
-                }
-                queue.add_used(mem, popped.head, 0)?;
-                completed = true;
-            }
-            if !queue.enable_notification(mem)? {
-                return Ok(completed);
-            }
-        }
     }
 
     fn guest_packet(&mut self, mem: &GuestMemoryMmapped, chain: &Chain) {

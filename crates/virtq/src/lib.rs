@@ -252,6 +252,29 @@ impl Virtqueue {
         Ok(Some(Popped { head, chain }))
     }
 
+    /// Serves every available chain with `serve` (which returns the bytes
+    /// it wrote; refused chains are returned with 0 without calling it),
+    /// until the ring stays empty with notifications re-enabled. Returns
+    /// whether the driver wants an interrupt for what was returned.
+    pub fn drain(
+        &mut self,
+        mem: &GuestMemoryMmapped,
+        mut serve: impl FnMut(&Chain) -> u32,
+    ) -> Result<bool> {
+        let mut completed = false;
+        loop {
+            self.disable_notification(mem)?;
+            while let Some(popped) = self.pop(mem)? {
+                let written = popped.chain.as_ref().map_or(0, &mut serve);
+                self.add_used(mem, popped.head, written)?;
+                completed = true;
+            }
+            if !self.enable_notification(mem)? {
+                return Ok(completed && self.needs_notification(mem)?);
+            }
+        }
+    }
+
     /// Returns chain `head` to the driver with `len` bytes written.
     pub fn add_used(&mut self, mem: &GuestMemoryMmapped, head: u16, len: u32) -> Result<()> {
         self.queue.add_used(mem, head, len).map_err(Error::Ring)

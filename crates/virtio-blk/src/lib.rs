@@ -171,13 +171,9 @@ impl Block {
         let result = queue.drain(mem, |chain| {
             handle_request(file, read_only, capacity, id, mem, chain)
         });
-        match result {
-            Ok(true) => interrupt.signal_used(),
-            Ok(false) => {}
-            Err(e) => {
-                interrupt.device_broken(&format_args!("virtio-blk {}: {e}", self.path.display()));
-                self.active = None;
-            }
+        let path = self.path.display();
+        if !interrupt.after_queue_work(result, &format_args!("virtio-blk {path}")) {
+            self.active = None;
         }
     }
 }

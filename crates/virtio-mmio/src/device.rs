@@ -57,6 +57,27 @@ impl Interrupt {
         self.raise(INT_CONFIG);
     }
 
+    /// Ends a round of queue work (`Virtqueue::drain`'s result, say):
+    /// interrupts the driver if it wants one, or marks the device broken.
+    /// Returns false when the device must stop using its queues.
+    pub fn after_queue_work(
+        &self,
+        result: supermachine_virtq::Result<bool>,
+        what: &dyn std::fmt::Display,
+    ) -> bool {
+        match result {
+            Ok(true) => {
+                self.signal_used();
+                true
+            }
+            Ok(false) => true,
+            Err(e) => {
+                self.device_broken(&format_args!("{what}: {e}"));
+                false
+            }
+        }
+    }
+
     pub(crate) fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }

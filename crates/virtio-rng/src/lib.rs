@@ -49,13 +49,8 @@ impl Rng {
                 }
             }
         });
-        match result {
-            Ok(true) => interrupt.signal_used(),
-            Ok(false) => {}
-            Err(e) => {
-                interrupt.device_broken(&format_args!("virtio-rng: {e}"));
-                self.active = None;
-            }
+        if !interrupt.after_queue_work(result, &"virtio-rng") {
+            self.active = None;
         }
     }
 }

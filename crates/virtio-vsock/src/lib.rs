@@ -217,16 +217,9 @@ impl Vsock {
             self.guest_packet(&mem, chain);
             0
         });
-        match result {
-            Ok(true) => active.interrupt.signal_used(),
-            Ok(false) => {}
-            Err(e) => {
-                active
-                    .interrupt
-                    .device_broken(&format_args!("vsock TX queue: {e}"));
-                self.drop_everything();
-                return;
-            }
+        if !active.interrupt.after_queue_work(result, &"vsock TX queue") {
+            self.drop_everything();
+            return;
         }
         self.active = Some(active);
         self.pump();
@@ -545,22 +538,9 @@ impl Vsock {
             return;
         };
         let result = self.fill_rx(&active.mem, &mut active.queues[RX]);
-        match result {
-            Ok(true)
-                if active.queues[RX]
-                    .needs_notification(&active.mem)
-                    .unwrap_or(true) =>
-            {
-                active.interrupt.signal_used()
-            }
-            Ok(_) => {}
-            Err(e) => {
-                active
-                    .interrupt
-                    .device_broken(&format_args!("vsock RX queue: {e}"));
-                self.drop_everything();
-                return;
-            }
+        if !active.interrupt.after_queue_work(result, &"vsock RX queue") {
+            self.drop_everything();
+            return;
         }
         self.active = Some(active);
     }
@@ -592,7 +572,8 @@ impl Vsock {
         }
     }
 
-    /// Fills guest RX buffers; true if any were returned to the guest.
+    /// Fills guest RX buffers; true if some were returned and the driver
+    /// wants an interrupt for them.
     fn fill_rx(
         &mut self,
         mem: &GuestMemoryMmapped,
@@ -617,7 +598,7 @@ impl Vsock {
                             if queue.enable_notification(mem)? {
                                 continue;
                             }
-                            return Ok(completed);
+                            return Ok(wants_interrupt(queue, mem, completed));
                         }
                     }
                 }
@@ -635,7 +616,7 @@ impl Vsock {
                 }
                 None => {
                     self.held_rx = Some(chain);
-                    return Ok(completed);
+                    return Ok(wants_interrupt(queue, mem, completed));
                 }
             }
         }
@@ -737,6 +718,12 @@ impl Vsock {
         self.data_order.clear();
         self.held_rx = None;
     }
+}
+
+/// Whether returning buffers (`completed`) should interrupt the driver;
+/// an unreadable `used_event` errs on the side of interrupting.
+fn wants_interrupt(queue: &mut Virtqueue, mem: &GuestMemoryMmapped, completed: bool) -> bool {
+    completed && queue.needs_notification(mem).unwrap_or(true)
 }
 
 fn header_to_guest(cid: u64, key: Key, op: u16) -> Header {

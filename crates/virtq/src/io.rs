@@ -67,6 +67,38 @@ impl<'a> Cursor<'a> {
         self.advance(n);
         n
     }
+
+    /// Moves up to `max` bytes piece by piece: `step(addr, len, done)`
+    /// moves at most `len` bytes at `addr` (`done` bytes having moved
+    /// before it) and says how many it moved. Stops at the end, at a short
+    /// step, or at an error; the error is returned only if nothing moved.
+    fn transfer(
+        &mut self,
+        max: usize,
+        mut step: impl FnMut(GuestAddress, usize, usize) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut total = 0;
+        while total < max {
+            let Some((addr, len)) = self.piece(max - total) else {
+                break;
+            };
+            match step(addr, len, total) {
+                Ok(n) => {
+                    self.advance(n);
+                    total += n;
+                    if n < len {
+                        break;
+                    }
+                }
+                Err(e) if total > 0 => {
+                    log::trace!("transfer stopped after {total} bytes: {e}");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(total)
+    }
 }
 
 fn memory_error(e: vm_memory::GuestMemoryError) -> io::Error {
@@ -115,45 +147,20 @@ impl<'a> Reader<'a> {
     /// a socket, ...), stopping early when `dst` takes less than offered.
     /// Returns the bytes copied; an error only if none were.
     pub fn copy_to<W: WriteVolatile>(&mut self, dst: &mut W, max: usize) -> io::Result<usize> {
-        let mut total = 0;
-        while total < max {
-            let Some((addr, len)) = self.cursor.piece(max - total) else {
-                break;
-            };
-            match write_piece(self.mem, addr, len, dst) {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.cursor.advance(n);
-                    total += n;
-                    if n < len {
-                        break;
-                    }
-                }
-                Err(e) if total > 0 => {
-                    log::trace!("copy_to stopped after {total} bytes: {e}");
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(total)
+        let mem = self.mem;
+        self.cursor
+            .transfer(max, |addr, len, _| write_piece(mem, addr, len, dst))
     }
 }
 
 impl io::Read for Reader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut total = 0;
-        while total < buf.len() {
-            let Some((addr, len)) = self.cursor.piece(buf.len() - total) else {
-                break;
-            };
-            self.mem
-                .read_slice(&mut buf[total..total + len], addr)
+        let mem = self.mem;
+        self.cursor.transfer(buf.len(), |addr, len, done| {
+            mem.read_slice(&mut buf[done..done + len], addr)
                 .map_err(memory_error)?;
-            self.cursor.advance(len);
-            total += len;
-        }
-        Ok(total)
+            Ok(len)
+        })
     }
 }
 
@@ -209,45 +216,20 @@ impl<'a> Writer<'a> {
     /// a socket, ...), stopping at end of input or a short read. Returns
     /// the bytes copied; an error only if none were.
     pub fn copy_from<R: ReadVolatile>(&mut self, src: &mut R, max: usize) -> io::Result<usize> {
-        let mut total = 0;
-        while total < max {
-            let Some((addr, len)) = self.cursor.piece(max - total) else {
-                break;
-            };
-            match read_piece(self.mem, addr, len, src) {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.cursor.advance(n);
-                    total += n;
-                    if n < len {
-                        break;
-                    }
-                }
-                Err(e) if total > 0 => {
-                    log::trace!("copy_from stopped after {total} bytes: {e}");
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(total)
+        let mem = self.mem;
+        self.cursor
+            .transfer(max, |addr, len, _| read_piece(mem, addr, len, src))
     }
 }
 
 impl io::Write for Writer<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut total = 0;
-        while total < buf.len() {
-            let Some((addr, len)) = self.cursor.piece(buf.len() - total) else {
-                break;
-            };
-            self.mem
-                .write_slice(&buf[total..total + len], addr)
+        let mem = self.mem;
+        self.cursor.transfer(buf.len(), |addr, len, done| {
+            mem.write_slice(&buf[done..done + len], addr)
                 .map_err(memory_error)?;
-            self.cursor.advance(len);
-            total += len;
-        }
-        Ok(total)
+            Ok(len)
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -304,10 +304,9 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     let mut kernel_image = boot::KernelImage::open(&config.kernel)?;
     let virtio_devices = virtio_devices(&config)?;
     let mut cmdline = config.cmdline.clone();
-    for (index, _) in virtio_devices.iter().enumerate() {
-        let (base, irq) = virtio::slot(index).ok_or_else(too_many_devices)?;
+    for d in &virtio_devices {
         cmdline.push(' ');
-        cmdline.push_str(&supermachine_virtio_mmio::kernel_cmdline_arg(base, irq));
+        cmdline.push_str(&supermachine_virtio_mmio::kernel_cmdline_arg(d.base, d.irq));
     }
     let layout = MemoryLayout::x86_64(config.memory_bytes)?;
     let ram = Arc::new(GuestRam::anonymous(&layout)?);
@@ -362,8 +361,13 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     let pio = Arc::new(pio);
     let mut mmio = Bus::default();
     let mut subscribers = Vec::with_capacity(virtio_devices.len());
-    for (index, (name, device)) in virtio_devices.into_iter().enumerate() {
-        let (base, irq) = virtio::slot(index).ok_or_else(too_many_devices)?;
+    for PlacedDevice {
+        name,
+        device,
+        base,
+        irq,
+    } in virtio_devices
+    {
         let transport = MmioTransport::new(device, mem.clone(), vm.interrupt_line(irq)?)
             .map_err(|e| Error::Config(e.to_string()))?;
         let notifiers = (0..transport.queue_count() as u32)
@@ -436,39 +440,53 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     Ok(running)
 }
 
-fn too_many_devices() -> Error {
-    Error::Config(format!(
-        "too many virtio devices: at most {} fit",
-        virtio::MAX_DEVICES
-    ))
+/// A virtio device's host side and where the guest finds it.
+struct PlacedDevice {
+    name: String,
+    device: Box<dyn VirtioDevice>,
+    base: u64,
+    irq: u32,
 }
 
 /// Opens every virtio device's host side (disk images first, so a missing
-/// one is reported before anything else is built).
-fn virtio_devices(config: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>> {
-    let mut devices: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+/// one is reported before anything else is built) and gives each its MMIO
+/// base and interrupt line.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
+    let mut devices = Vec::new();
+    let mut place = |name: String, device: Box<dyn VirtioDevice>| -> Result<()> {
+        let (base, irq) = virtio::slot(devices.len()).ok_or_else(|| {
+            Error::Config(format!(
+                "too many virtio devices: at most {} fit",
+                virtio::MAX_DEVICES
+            ))
+        })?;
+        devices.push(PlacedDevice {
+            name,
+            device,
+            base,
+            irq,
+        });
+        Ok(())
+    };
     for disk in &config.disks {
         let block = supermachine_virtio_blk::Block::open(&disk.path, disk.read_only)?;
-        devices.push((
+        place(
             format!("virtio-blk {}", disk.path.display()),
             Box::new(block),
-        ));
+        )?;
     }
     if let Some(v) = &config.vsock {
         let vsock = supermachine_virtio_vsock::Vsock::new(v.cid, &v.socket)?;
-        devices.push((
+        place(
             format!("virtio-vsock {}", v.socket.display()),
             Box::new(vsock),
-        ));
+        )?;
     }
     if config.entropy {
-        devices.push((
+        place(
             "virtio-rng".into(),
             Box::new(supermachine_virtio_rng::Rng::new()),
-        ));
-    }
-    if devices.len() > virtio::MAX_DEVICES {
-        return Err(too_many_devices());
+        )?;
     }
     Ok(devices)
 }

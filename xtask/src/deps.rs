@@ -84,12 +84,12 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// Installs cargo-nextest (the tier 1-2 runner: it kills a hung test) when
-/// cargo does not have it.
-pub fn ensure_nextest() -> Result<()> {
+/// Installs the crate `package` with `cargo install` when cargo has no
+/// `subcommand` (cargo-nextest, cargo-fuzz).
+pub fn ensure_cargo_subcommand(subcommand: &str, package: &str) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let present = Command::new(&cargo)
-        .args(["nextest", "--version"])
+        .args([subcommand, "--version"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -97,6 +97,6 @@ pub fn ensure_nextest() -> Result<()> {
     if present {
         return Ok(());
     }
-    eprintln!("xtask: installing cargo-nextest");
-    run(Command::new(&cargo).args(["install", "--locked", "cargo-nextest"]))
+    eprintln!("xtask: installing {package}");
+    run(Command::new(&cargo).args(["install", "--locked", package]))
 }

@@ -25,15 +25,7 @@ fn ensure_tooling() -> Result<()> {
         ]))
         .context("cargo-fuzz needs a nightly toolchain")?;
     }
-    let have_fuzz = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_fuzz {
-        eprintln!("xtask: installing cargo-fuzz");
-        run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
-    }
-    Ok(())
+    crate::deps::ensure_cargo_subcommand("fuzz", "cargo-fuzz")
 }
 
 /// Runs `targets` (all when empty) for `seconds` each.

@@ -239,7 +239,8 @@ fn ci() -> Result<()> {
             "warnings",
         ],
     )?;
-    deps::ensure_nextest()?;
+    // The tier 1-2 runner: it kills a hung test.
+    deps::ensure_cargo_subcommand("nextest", "cargo-nextest")?;
     step(
         "tiers 1 and 2 (unit tests, KVM guest programs)",
         &["nextest", "run", "--workspace", "--no-fail-fast"],

@@ -107,6 +107,16 @@ impl Env {
         }
     }
 
+    /// Boots asset `kernel` with asset `image` as its initrd, the `extra`
+    /// options and a quiet kernel.
+    fn boot_image(&self, kernel: &str, image: &str, extra: &[&str]) -> Run {
+        let (kernel, image) = (self.path(kernel), self.path(image));
+        let mut args = vec!["--kernel", &kernel, "--initrd", &image];
+        args.extend_from_slice(extra);
+        args.extend(["--append", QUIET]);
+        self.boot(&args)
+    }
+
     fn path(&self, name: &str) -> String {
         self.asset(name).display().to_string()
     }
@@ -153,6 +163,14 @@ fn expect(cond: bool, what: &str, run: &Run) -> Check {
     }
 }
 
+fn failed(run: &Run) -> Check {
+    expect(
+        run.code.is_some_and(|c| c != 0),
+        "expected a non-zero exit status",
+        run,
+    )
+}
+
 fn clean_exit_with_marker(run: &Run) -> Check {
     expect(run.code == Some(0), "expected exit status 0", run)?;
     expect(
@@ -165,174 +183,110 @@ fn clean_exit_with_marker(run: &Run) -> Check {
 type Test<'a> = (&'static str, Box<dyn Fn() -> Check + 'a>);
 
 fn tests(env: &Env) -> Vec<Test<'_>> {
-    let vmlinux = env.path("vmlinux");
-    let bzimage = env.path("bzImage");
     vec![
         (
             "elf-vmlinux-boots-to-init-and-powers-off",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let r = env.boot(&[
-                        "--kernel",
-                        &vmlinux,
-                        "--initrd",
-                        &env.path("poweroff.cpio"),
-                        "--append",
-                        QUIET,
-                    ]);
-                    clean_exit_with_marker(&r)
-                }
+            Box::new(move || {
+                clean_exit_with_marker(&env.boot_image("vmlinux", "poweroff.cpio", &[]))
             }),
         ),
         (
             "bzimage-boots-to-init-and-reboots",
-            Box::new({
-                let bzimage = bzimage.clone();
-                move || {
-                    let r = env.boot(&[
-                        "--kernel",
-                        &bzimage,
-                        "--initrd",
-                        &env.path("reboot.cpio"),
-                        "--append",
-                        QUIET,
-                    ]);
-                    clean_exit_with_marker(&r)
-                }
+            Box::new(move || {
+                clean_exit_with_marker(&env.boot_image("bzImage", "reboot.cpio", &[]))
             }),
         ),
         (
             "two-vcpus-and-512m-are-seen-by-the-guest",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let r = env.boot(&[
-                        "--kernel",
-                        &vmlinux,
-                        "--initrd",
-                        &env.path("poweroff.cpio"),
-                        "--cpus",
-                        "2",
-                        "--memory",
-                        "512M",
-                        "--append",
-                        QUIET,
-                    ]);
-                    clean_exit_with_marker(&r)?;
-                    let line = r.marker_line().unwrap_or_default();
-                    expect(
-                        line.contains("cpus=2"),
-                        "expected the guest to see 2 CPUs",
-                        &r,
-                    )?;
-                    let mem_kib: u64 = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("mem_kib="))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    expect(
-                        (400_000..=524_288).contains(&mem_kib),
-                        "expected about 512 MiB of guest RAM",
-                        &r,
-                    )
-                }
+            Box::new(move || {
+                let r = env.boot_image(
+                    "vmlinux",
+                    "poweroff.cpio",
+                    &["--cpus", "2", "--memory", "512M"],
+                );
+                clean_exit_with_marker(&r)?;
+                let line = r.marker_line().unwrap_or_default();
+                expect(
+                    line.contains("cpus=2"),
+                    "expected the guest to see 2 CPUs",
+                    &r,
+                )?;
+                let mem_kib: u64 = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("mem_kib="))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                expect(
+                    (400_000..=524_288).contains(&mem_kib),
+                    "expected about 512 MiB of guest RAM",
+                    &r,
+                )
             }),
         ),
         (
             "guest-panic-is-a-failure-with-the-panic-message",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let r = env.boot(&[
-                        "--kernel",
-                        &vmlinux,
-                        "--initrd",
-                        &env.path("panic.cpio"),
-                        "--append",
-                        QUIET,
-                    ]);
-                    expect(
-                        r.code.is_some_and(|c| c != 0),
-                        "expected a non-zero exit status",
-                        &r,
-                    )?;
-                    expect(
+            Box::new(move || {
+                let r = env.boot_image("vmlinux", "panic.cpio", &[]);
+                failed(&r)?;
+                expect(
                         r.stderr.contains("guest kernel panicked: Kernel panic - not syncing: Attempted to kill init!"),
                         "expected the panic message on stderr",
                         &r,
                     )
-                }
             }),
         ),
         (
             "console-file-receives-the-guest-console",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let file =
-                        std::env::temp_dir().join(format!("sm-console-{}.log", std::process::id()));
-                    let r = env.boot(&[
-                        "--kernel",
-                        &vmlinux,
-                        "--initrd",
-                        &env.path("poweroff.cpio"),
-                        "--console-file",
-                        &file.display().to_string(),
-                        "--append",
-                        QUIET,
-                    ]);
-                    let console = std::fs::read_to_string(&file).unwrap_or_default();
-                    let _ = std::fs::remove_file(&file);
-                    expect(r.code == Some(0), "expected exit status 0", &r)?;
-                    expect(!r.stdout.contains(MARKER), "expected nothing on stdout", &r)?;
-                    expect(
-                        console.contains(MARKER),
-                        "expected the marker in the console file",
-                        &r,
-                    )
-                }
+            Box::new(move || {
+                let file =
+                    std::env::temp_dir().join(format!("sm-console-{}.log", std::process::id()));
+                let r = env.boot_image(
+                    "vmlinux",
+                    "poweroff.cpio",
+                    &["--console-file", &file.display().to_string()],
+                );
+                let console = std::fs::read_to_string(&file).unwrap_or_default();
+                let _ = std::fs::remove_file(&file);
+                expect(r.code == Some(0), "expected exit status 0", &r)?;
+                expect(!r.stdout.contains(MARKER), "expected nothing on stdout", &r)?;
+                expect(
+                    console.contains(MARKER),
+                    "expected the marker in the console file",
+                    &r,
+                )
             }),
         ),
         (
             "virtio-blk-pattern-round-trips-and-read-only-is-enforced",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || blk_round_trip(env, &vmlinux)
-            }),
+            Box::new(move || blk_round_trip(env)),
         ),
         (
             "vsock-64-guest-to-host-connections-at-once",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || vsock_exchange(env, &vmlinux)
-            }),
+            Box::new(move || vsock_exchange(env)),
         ),
         (
             "missing-disk-image-is-refused-before-any-vm",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let r = env.boot(&["--kernel", &vmlinux, "--disk", "/nonexistent/disk.img"]);
-                    expect(
-                        r.code.is_some_and(|c| c != 0)
-                            && r.stderr.trim()
-                                == "supermachine: disk image /nonexistent/disk.img: No such file or directory (os error 2)",
-                        "expected one clear line naming the disk",
-                        &r,
-                    )
-                }
+            Box::new(move || {
+                let r = env.boot(&[
+                    "--kernel",
+                    &env.path("vmlinux"),
+                    "--disk",
+                    "/nonexistent/disk.img",
+                ]);
+                expect(
+                    r.code.is_some_and(|c| c != 0)
+                        && r.stderr.trim()
+                            == "supermachine: disk image /nonexistent/disk.img: No such file or directory (os error 2)",
+                    "expected one clear line naming the disk",
+                    &r,
+                )
             }),
         ),
         (
             "missing-kernel-is-refused-before-any-vm",
             Box::new(move || {
                 let r = env.boot(&["--kernel", "/nonexistent/vmlinux"]);
-                expect(
-                    r.code.is_some_and(|c| c != 0),
-                    "expected a non-zero exit status",
-                    &r,
-                )?;
+                failed(&r)?;
                 expect(
                     r.stderr.trim()
                         == "supermachine: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)",
@@ -343,44 +297,32 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
         ),
         (
             "truncated-kernel-is-refused-before-any-vm",
-            Box::new({
-                let vmlinux = vmlinux.clone();
-                move || {
-                    let cut =
-                        std::env::temp_dir().join(format!("sm-truncated-{}", std::process::id()));
-                    let bytes = std::fs::read(&vmlinux).unwrap_or_default();
-                    let write = std::fs::write(&cut, &bytes[..bytes.len() / 2]);
-                    let r = env.boot(&["--kernel", &cut.display().to_string()]);
-                    let _ = std::fs::remove_file(&cut);
-                    write.map_err(|e| format!("writing the truncated kernel: {e}"))?;
-                    expect(
-                        r.code.is_some_and(|c| c != 0),
-                        "expected a non-zero exit status",
-                        &r,
-                    )?;
-                    expect(
-                        r.stderr.contains("is not a bootable x86_64 Linux kernel")
-                            && r.stderr.contains("truncated"),
-                        "expected a clear 'truncated' error",
-                        &r,
-                    )?;
-                    expect(
-                        !r.stdout.contains("Linux version"),
-                        "expected no guest output",
-                        &r,
-                    )
-                }
+            Box::new(move || {
+                let cut = std::env::temp_dir().join(format!("sm-truncated-{}", std::process::id()));
+                let bytes = std::fs::read(env.path("vmlinux")).unwrap_or_default();
+                let write = std::fs::write(&cut, &bytes[..bytes.len() / 2]);
+                let r = env.boot(&["--kernel", &cut.display().to_string()]);
+                let _ = std::fs::remove_file(&cut);
+                write.map_err(|e| format!("writing the truncated kernel: {e}"))?;
+                failed(&r)?;
+                expect(
+                    r.stderr.contains("is not a bootable x86_64 Linux kernel")
+                        && r.stderr.contains("truncated"),
+                    "expected a clear 'truncated' error",
+                    &r,
+                )?;
+                expect(
+                    !r.stdout.contains("Linux version"),
+                    "expected no guest output",
+                    &r,
+                )
             }),
         ),
         (
             "garbage-kernel-is-refused-before-any-vm",
             Box::new(move || {
                 let r = env.boot(&["--kernel", &env.path("poweroff.cpio")]);
-                expect(
-                    r.code.is_some_and(|c| c != 0),
-                    "expected a non-zero exit status",
-                    &r,
-                )?;
+                failed(&r)?;
                 expect(
                     r.stderr.contains("neither an ELF vmlinux") && r.stderr.lines().count() == 1,
                     "expected one clear line",
@@ -408,7 +350,7 @@ impl Drop for Scratch {
     }
 }
 
-fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
+fn blk_round_trip(env: &Env) -> Check {
     const PATTERN_BYTES: usize = 4 << 20;
     const RO_MARKER: &[u8; 16] = b"READ-ONLY-DISK!!";
     let scratch = Scratch::new("blk")?;
@@ -419,18 +361,16 @@ fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
     let mut ro_bytes = RO_MARKER.to_vec();
     ro_bytes.resize(1 << 20, 0xee);
     std::fs::write(&ro, &ro_bytes).map_err(fail)?;
-    let r = env.boot(&[
-        "--kernel",
-        vmlinux,
-        "--initrd",
-        &env.path("blk.cpio"),
-        "--disk",
-        &rw.display().to_string(),
-        "--disk",
-        &format!("{},ro", ro.display()),
-        "--append",
-        QUIET,
-    ]);
+    let r = env.boot_image(
+        "vmlinux",
+        "blk.cpio",
+        &[
+            "--disk",
+            &rw.display().to_string(),
+            "--disk",
+            &format!("{},ro", ro.display()),
+        ],
+    );
     expect(r.code == Some(0), "expected exit status 0", &r)?;
     for line in [
         "BLK-WRITTEN",
@@ -471,7 +411,7 @@ fn blk_round_trip(env: &Env, vmlinux: &str) -> Check {
     )
 }
 
-fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
+fn vsock_exchange(env: &Env) -> Check {
     use exchange::{CONNECTIONS, HOST_PORT};
     let scratch = Scratch::new("vsock")?;
     let socket = scratch.0.join("vm.sock");
@@ -502,18 +442,11 @@ fn vsock_exchange(env: &Env, vmlinux: &str) -> Check {
                 .count())
         })
     };
-    let r = env.boot(&[
-        "--kernel",
-        vmlinux,
-        "--initrd",
-        &env.path("vsock.cpio"),
-        "--vsock",
-        &socket.display().to_string(),
-        "--memory",
-        "512M",
-        "--append",
-        QUIET,
-    ]);
+    let r = env.boot_image(
+        "vmlinux",
+        "vsock.cpio",
+        &["--vsock", &socket.display().to_string(), "--memory", "512M"],
+    );
     stop.store(true, Ordering::SeqCst);
     let served = server
         .join()

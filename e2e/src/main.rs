@@ -6,8 +6,8 @@
 //! `supermachine-e2e test --supermachine BIN --assets DIR`
 //! `supermachine-e2e bench-boot --supermachine BIN --assets DIR [--runs N]`
 
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::net::UnixListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -261,7 +261,7 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
             Box::new(move || blk_round_trip(env)),
         ),
         (
-            "vsock-64-guest-to-host-connections-at-once",
+            "vsock-64-connections-each-way-at-once",
             Box::new(move || vsock_exchange(env)),
         ),
         (
@@ -411,8 +411,35 @@ fn blk_round_trip(env: &Env) -> Check {
     )
 }
 
+/// Connects to guest port `port` through the device's socket, retrying
+/// while the guest is still booting (the device refuses with EOF until
+/// the guest listens).
+fn connect_to_guest(socket: &Path, port: u32, stop: &AtomicBool) -> Result<UnixStream, String> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(format!("the VM ended before guest port {port} answered"));
+        }
+        if let Ok(mut s) = UnixStream::connect(socket)
+            && s.write_all(format!("CONNECT {port}\n").as_bytes()).is_ok()
+        {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while let Ok(1) = s.read(&mut byte) {
+                if byte[0] == b'\n' {
+                    break;
+                }
+                line.push(byte[0]);
+            }
+            if line.starts_with(b"OK ") {
+                return Ok(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn vsock_exchange(env: &Env) -> Check {
-    use exchange::{CONNECTIONS, HOST_PORT};
+    use exchange::{CONNECTIONS, GUEST_PORT, HOST_PORT};
     let scratch = Scratch::new("vsock")?;
     let socket = scratch.0.join("vm.sock");
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", socket.display()))
@@ -442,12 +469,32 @@ fn vsock_exchange(env: &Env) -> Check {
                 .count())
         })
     };
+    // Host side, connecting: as many connections to the guest's port.
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            let (socket, stop) = (socket.clone(), stop.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let s = connect_to_guest(&socket, GUEST_PORT, &stop)?;
+                exchange::exchange(s, 1000 + i as u64, |s| {
+                    s.shutdown(std::net::Shutdown::Write)
+                })
+            })
+        })
+        .collect();
     let r = env.boot_image(
         "vmlinux",
         "vsock.cpio",
         &["--vsock", &socket.display().to_string(), "--memory", "512M"],
     );
     stop.store(true, Ordering::SeqCst);
+    let client_errors: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| {
+            c.join()
+                .unwrap_or_else(|_| Err("client panicked".into()))
+                .err()
+        })
+        .collect();
     let served = server
         .join()
         .unwrap_or_else(|_| Err("server panicked".into()))?;
@@ -460,6 +507,15 @@ fn vsock_exchange(env: &Env) -> Check {
     expect(
         served == CONNECTIONS,
         &format!("expected {CONNECTIONS} guest connections, the host served {served}"),
+        &r,
+    )?;
+    expect(
+        client_errors.is_empty(),
+        &format!(
+            "expected every host-started exchange to check out; {} failed, first: {}",
+            client_errors.len(),
+            client_errors.first().map_or("", String::as_str)
+        ),
         &r,
     )?;
     expect(

@@ -125,7 +125,7 @@ pub fn build_test_images(dir: &Path, vsock_peer: &Path) -> Result<()> {
     image(DEMO_INIT, &dir.join("demo.cpio"))?;
     image(BLK_INIT, &dir.join("blk.cpio"))?;
     image_with(
-        "/bin/vsock-peer connect\npoweroff -f\n",
+        "/bin/vsock-peer\npoweroff -f\n",
         &[("bin/vsock-peer", vsock_peer)],
         &dir.join("vsock.cpio"),
     )?;

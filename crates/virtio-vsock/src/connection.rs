@@ -46,8 +46,14 @@ pub(crate) struct Connection {
     pub(crate) owe_request: bool,
     pub(crate) owe_response: bool,
     pub(crate) owe_credit_update: bool,
-    /// Guest-to-host bytes the host socket has not taken yet.
+    /// Bytes the host socket has not taken yet: first `device_bytes` of
+    /// the device's own (the `OK` line), then guest data.
     to_host: VecDeque<u8>,
+    /// Leading bytes of `to_host` that are not guest data, so they are
+    /// not counted as forwarded: counting them would tell the guest it
+    /// has more in flight than it ever sent, and a Linux driver then sees
+    /// no credit at all.
+    device_bytes: usize,
     /// Bytes delivered to the host socket (the guest's credit counter).
     fwd_cnt: u32,
     /// `fwd_cnt` as last told to the guest.
@@ -75,6 +81,7 @@ impl Connection {
             owe_response: false,
             owe_credit_update: false,
             to_host: VecDeque::new(),
+            device_bytes: 0,
             fwd_cnt: 0,
             reported_fwd_cnt: 0,
             guest_shut_send: false,
@@ -93,6 +100,12 @@ impl Connection {
     /// Bytes waiting for the host socket.
     pub(crate) fn buffered(&self) -> usize {
         self.to_host.len()
+    }
+
+    /// Guest bytes waiting for the host socket (what counts against the
+    /// guest's credit).
+    pub(crate) fn guest_buffered(&self) -> usize {
+        self.to_host.len() - self.device_bytes
     }
 
     /// How much more the guest can take from us now.
@@ -132,10 +145,12 @@ impl Connection {
         None
     }
 
-    /// Queues bytes for the host (used for the `OK <port>` line) and tries
-    /// to send them.
+    /// Sends the device's own bytes to the host (the `OK <port>` line),
+    /// ahead of any guest data and outside the guest's credit.
     pub(crate) fn queue_to_host(&mut self, bytes: &[u8]) -> io::Result<()> {
+        debug_assert!(self.to_host.is_empty(), "device bytes go first");
         self.to_host.extend(bytes);
+        self.device_bytes += bytes.len();
         self.flush()
     }
 
@@ -170,7 +185,9 @@ impl Connection {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    let ours = n.min(self.device_bytes);
+                    self.device_bytes -= ours;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - ours) as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.host_writable = false;

@@ -356,7 +356,7 @@ impl Vsock {
             self.reset(key);
             return;
         }
-        if c.buffered() + len > CONN_BUF_ALLOC as usize {
+        if c.guest_buffered() + len > CONN_BUF_ALLOC as usize {
             log::warn!("vsock: guest ignored its credit on port {}", key.host_port);
             self.reset(key);
             return;

@@ -16,10 +16,7 @@ use exchange::{CONNECTIONS, GUEST_PORT, HOST_PORT};
 use vsock::{VMADDR_CID_ANY, VMADDR_CID_HOST, VsockListener, VsockStream};
 
 fn main() -> ExitCode {
-    // `connect`: only the guest-to-host half (the host-to-guest half at
-    // tier 3 is not reliable yet; see docs/devices.md).
-    let serve = std::env::args().nth(1).as_deref() != Some("connect");
-    let expected = if serve { 2 * CONNECTIONS } else { CONNECTIONS };
+    let expected = 2 * CONNECTIONS;
     let listener = match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, GUEST_PORT) {
         Ok(l) => l,
         Err(e) => {
@@ -30,7 +27,7 @@ fn main() -> ExitCode {
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
     let server_tx = tx.clone();
     thread::spawn(move || {
-        for _ in 0..if serve { CONNECTIONS } else { 0 } {
+        for _ in 0..CONNECTIONS {
             let tx = server_tx.clone();
             match listener.accept() {
                 Ok((s, _)) => {

@@ -288,11 +288,9 @@ fn host_to_guest_stream_of_100_mib_arrives_intact() {
     let mut total = 0usize;
     let mut fwd = 0u32;
     let mut reported = 0u32;
-    // The device's credit for the guest, as a Linux driver tracks it.
-    let (mut peer_buf, mut peer_fwd) = (req.buf_alloc, req.fwd_cnt);
-    loop {
+    // The last packet carries the device's credit for the guest.
+    let last = loop {
         let (h, p) = g.expect_packet();
-        (peer_buf, peer_fwd) = (h.buf_alloc, h.fwd_cnt);
         match h.op {
             op::RW => {
                 assert!(
@@ -311,17 +309,18 @@ fn host_to_guest_stream_of_100_mib_arrives_intact() {
             }
             op::SHUTDOWN => {
                 assert_eq!(h.flags & shutdown::SEND, shutdown::SEND);
-                break;
+                break h;
             }
             op::CREDIT_UPDATE => {}
             other => panic!("unexpected op {other}"),
         }
-    }
+    };
     assert_eq!(total, BIG);
     assert_eq!(hash.finalize().to_vec(), want);
     // The guest answers within its credit (nothing sent yet, so the
     // device must not claim to have forwarded anything: the `OK` line it
     // wrote to the host is not guest data), then closes its side.
+    let (peer_buf, peer_fwd) = (last.buf_alloc, last.fwd_cnt);
     let in_flight = 0u32.wrapping_sub(peer_fwd);
     assert!(
         in_flight <= peer_buf && peer_buf - in_flight >= 5,

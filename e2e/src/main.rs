@@ -4,7 +4,7 @@
 //! kernel, and ends with the line `N passed, N failed`.
 //!
 //! `supermachine-e2e test --supermachine BIN --assets DIR`
-//! `supermachine-e2e bench-boot --supermachine BIN --assets DIR [--runs N]`
+//! `supermachine-e2e bench-boot|bench-virtio --supermachine BIN --assets DIR [--runs N]`
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod bench_proto;
+mod bench_virtio;
 mod exchange;
 
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
@@ -662,7 +664,7 @@ fn main() -> ExitCode {
         value("--assets"),
     ) else {
         eprintln!(
-            "usage: supermachine-e2e test|bench-boot --supermachine BIN --assets DIR [--runs N]"
+            "usage: supermachine-e2e test|bench-boot|bench-virtio --supermachine BIN --assets DIR [--runs N]"
         );
         return ExitCode::from(2);
     };
@@ -682,6 +684,10 @@ fn main() -> ExitCode {
         "bench-boot" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
             bench_boot(&env, runs)
+        }
+        "bench-virtio" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
+            bench_virtio::run(&env, runs)
         }
         other => {
             eprintln!("supermachine-e2e: unknown mode {other}");

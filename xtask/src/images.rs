@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cpio::Archive;
 use crate::deps;
+use crate::testhost::Binaries;
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -103,7 +104,7 @@ pub fn image_with(init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Resu
 }
 
 /// Writes every guest image the tests and benchmark use into `dir`.
-pub fn build_test_images(dir: &Path, vsock_peer: &Path) -> Result<()> {
+pub fn build_test_images(dir: &Path, bins: &Binaries) -> Result<()> {
     fs::create_dir_all(dir)?;
     image(
         &format!("{MARKER_LINE}\npoweroff -f\n"),
@@ -126,8 +127,14 @@ pub fn build_test_images(dir: &Path, vsock_peer: &Path) -> Result<()> {
     image(BLK_INIT, &dir.join("blk.cpio"))?;
     image_with(
         "/bin/vsock-peer\npoweroff -f\n",
-        &[("bin/vsock-peer", vsock_peer)],
+        &[("bin/vsock-peer", &bins.vsock_peer)],
         &dir.join("vsock.cpio"),
+    )?;
+    // `bench_runs=N` on the kernel command line reaches /init's environment.
+    image_with(
+        "/bin/bench-peer --blk-runs \"${bench_runs:-3}\"\npoweroff -f\n",
+        &[("bin/bench-peer", &bins.bench_peer)],
+        &dir.join("bench-virtio.cpio"),
     )?;
     Ok(())
 }

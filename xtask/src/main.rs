@@ -76,6 +76,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// vsock round trips and throughput against a Unix socket pair, and
+    /// virtio-blk sequential I/O against the image file, in one run.
+    Virtio {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 fn assets_dir() -> PathBuf {
@@ -150,11 +156,13 @@ fn e2e() -> Result<()> {
     Ok(())
 }
 
-fn bench_boot(runs: usize) -> Result<()> {
+/// Runs the e2e runner's `bench-<name>` mode and prints its table (the
+/// lines from the one starting with `<name>:`).
+fn bench(name: &str, runs: usize) -> Result<()> {
     let (mode, bins, assets) = prepare()?;
-    let (out, code) = run_runner(mode, &bins, &assets, &format!("bench-boot --runs {runs}"))?;
+    let (out, code) = run_runner(mode, &bins, &assets, &format!("bench-{name} --runs {runs}"))?;
     if code != 0 {
-        bail!("the boot benchmark failed");
+        bail!("the {name} benchmark failed");
     }
     println!();
     if mode == Mode::TestHost {
@@ -162,8 +170,9 @@ fn bench_boot(runs: usize) -> Result<()> {
             "(measured inside the QEMU TCG test host: compare rows with each other, not with native numbers)"
         );
     }
-    for line in out.lines().skip_while(|l| !l.starts_with("boot:")) {
-        if line.starts_with("boot:") || line.starts_with('|') {
+    let heading = format!("{name}:");
+    for line in out.lines().skip_while(|l| !l.starts_with(&heading)) {
+        if line.starts_with(&heading) || line.starts_with('|') {
             println!("{line}");
         }
     }
@@ -269,14 +278,17 @@ fn main() -> Result<()> {
         }
         Task::GuestImages { out } => {
             let bins = testhost::build_static_binaries()?;
-            images::build_test_images(&out, &bins.vsock_peer)?;
+            images::build_test_images(&out, &bins)?;
             println!("{}", out.display());
         }
         Task::Demo => demo()?,
         Task::E2e => e2e()?,
         Task::Bench {
             which: Bench::Boot { runs },
-        } => bench_boot(runs)?,
+        } => bench("boot", runs)?,
+        Task::Bench {
+            which: Bench::Virtio { runs },
+        } => bench("virtio", runs)?,
         Task::Fuzz {
             smoke,
             seconds,

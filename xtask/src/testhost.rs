@@ -52,6 +52,8 @@ pub struct Binaries {
     pub e2e: PathBuf,
     /// The guest half of the vsock test (goes into a guest image).
     pub vsock_peer: PathBuf,
+    /// The guest half of the virtio benchmark (goes into a guest image).
+    pub bench_peer: PathBuf,
 }
 
 pub fn build_static_binaries() -> Result<Binaries> {
@@ -69,6 +71,7 @@ pub fn build_static_binaries() -> Result<Binaries> {
         supermachine: dir.join("supermachine"),
         e2e: dir.join("supermachine-e2e"),
         vsock_peer: dir.join("vsock-peer"),
+        bench_peer: dir.join("bench-peer"),
     })
 }
 
@@ -79,7 +82,7 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     fs::create_dir_all(dir)?;
     fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
     fs::copy(guest.bzimage(), dir.join("bzImage"))?;
-    images::build_test_images(dir, &bins.vsock_peer)
+    images::build_test_images(dir, bins)
 }
 
 /// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::FallocateFlags;
 use supermachine_memory::GuestMemoryMmapped;
-use supermachine_virtio_mmio::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
+use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Writer};
 use virtio_bindings::virtio_blk as vb;
 use vm_memory::{ByteValued, Le32, Le64};
@@ -396,9 +396,9 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config(), offset, data);
     }
 
-    fn activate(&mut self, device: ActiveDevice) -> Result<(), ActivateError> {
+    fn activate(&mut self, device: ActiveDevice) -> Result<(), supermachine_virtio_mmio::Error> {
         if device.queues.len() != 1 {
-            return Err(ActivateError(format!(
+            return Err(supermachine_virtio_mmio::Error::Activate(format!(
                 "virtio-blk has one queue, got {}",
                 device.queues.len()
             )));
@@ -409,6 +409,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Option<Vec<supermachine_virtio_mmio::QueueState>> {
+        // Requests are served whole as they arrive: nothing is held.
+        self.active.as_ref().map(ActiveDevice::queue_states)
     }
 
     fn queue_notified(&mut self, _index: usize) {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
 use supermachine_virtio_blk::{Block, ID_BYTES};
-use supermachine_virtio_mmio::{F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, MmioTransport};
+use supermachine_virtio_mmio::{
+    Error, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, MmioTransport, TransportState,
+};
 use supermachine_virtio_testing::{
     Allocator, Buf, DriverQueue, F_NEXT, InterruptCounter, MmioRegisters, bring_up,
     device_features, guest_memory, notify, reg, status, transport,
@@ -420,4 +422,85 @@ fn missing_images_are_a_clear_error() {
             .starts_with("disk image /nonexistent/disk.img: "),
         "{err}"
     );
+}
+
+fn restore_from(d: &Disk, state: &TransportState) -> Result<MmioTransport, Error> {
+    let block = Block::open(d.image.path(), false).unwrap();
+    let irq = Arc::new(InterruptCounter::default());
+    MmioTransport::restore(Box::new(block), d.mem.clone(), irq, state)
+}
+
+#[test]
+fn a_restored_disk_continues_where_the_saved_one_stopped() {
+    let mut d = disk();
+    let payload = pattern(1024, 9);
+    let w = d.request(vb::VIRTIO_BLK_T_OUT, 2, &payload, 0);
+    assert_eq!(w.status, OK);
+    let state = d.dev.save();
+    assert!(state.active && !state.needs_reset);
+    assert_eq!(state.queues[0].next_used, 1);
+
+    // A new device on the same image and memory, as a new VMM would build.
+    d.dev = restore_from(&d, &state).unwrap();
+    let r = d.request(vb::VIRTIO_BLK_T_IN, 2, &[], 1024);
+    assert_eq!(r.status, OK);
+    assert_eq!(r.data, payload);
+    assert_eq!(d.dev.save().queues[0].next_used, 2, "the used ring went on");
+}
+
+#[test]
+fn a_device_saved_before_the_driver_started_it_is_restored_idle() {
+    let d = disk_with(false, F_VERSION_1);
+    let mut idle = {
+        let block = Block::open(d.image.path(), false).unwrap();
+        transport(Box::new(block), &d.mem).0
+    };
+    idle.write32(reg::STATUS, status::ACKNOWLEDGE);
+    let state = idle.save();
+    assert!(!state.active);
+    let mut restored = restore_from(&d, &state).unwrap();
+    assert!(!restored.is_active());
+    assert_eq!(restored.read32(reg::STATUS), status::ACKNOWLEDGE);
+}
+
+#[test]
+fn restoring_refuses_a_state_that_does_not_fit() {
+    let d = disk();
+    let good = d.dev.save();
+    type Tamper = Box<dyn Fn(&mut TransportState)>;
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("a newer layout", Box::new(|s| s.version += 1)),
+        ("another device type", Box::new(|s| s.device_type = 4)),
+        ("a missing queue", Box::new(|s| s.queues.clear())),
+        (
+            "a queue size not a power of two",
+            Box::new(|s| s.queues[0].size = 3),
+        ),
+        (
+            "another maximum size",
+            Box::new(|s| s.queues[0].max_size = 8),
+        ),
+        (
+            "a descriptor table outside RAM",
+            Box::new(|s| s.queues[0].desc_table = MEM as u64),
+        ),
+        (
+            "device bytes blk never writes",
+            Box::new(|s| s.device = vec![1]),
+        ),
+        (
+            "running without DRIVER_OK",
+            Box::new(|s| s.status &= !status::DRIVER_OK),
+        ),
+    ];
+    for (what, tamper) in cases {
+        let mut state = good.clone();
+        tamper(&mut state);
+        match restore_from(&d, &state) {
+            Err(Error::Restore(why)) => assert!(!why.is_empty(), "{what}"),
+            Err(other) => panic!("{what}: unexpected error {other}"),
+            Ok(_) => panic!("{what}: restored"),
+        }
+    }
+    assert!(restore_from(&d, &good).is_ok());
 }

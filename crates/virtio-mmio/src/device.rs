@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use supermachine_hypervisor::InterruptLine;
 use supermachine_memory::GuestMemoryMmapped;
-use supermachine_virtq::Virtqueue;
+use supermachine_virtq::{QueueState, Virtqueue};
+
+use crate::Error;
 
 /// Interrupt status bit: a used buffer was added.
 pub(crate) const INT_USED_RING: u32 = 1;
@@ -91,6 +93,17 @@ impl Interrupt {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }
+    pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            // The driver may not have seen the edge before the snapshot;
+            // an extra one only makes it read the status again.
+            if let Err(e) = self.line.trigger() {
+                log::error!("virtio: raising the interrupt failed: {e}");
+            }
+        }
+    }
 }
 
 /// What an activated device works with.
@@ -106,10 +119,13 @@ pub struct ActiveDevice {
     pub features: u64,
 }
 
-/// Why a device could not start.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ActivateError(pub String);
+impl ActiveDevice {
+    /// Every queue's state as it stands: what a device with nothing taken
+    /// and not yet returned reports from [`VirtioDevice::queue_states`].
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.queues.iter().map(Virtqueue::state).collect()
+    }
+}
 
 /// One kind of virtio device, behind any transport.
 pub trait VirtioDevice: Send {
@@ -129,8 +145,9 @@ pub trait VirtioDevice: Send {
             data.len()
         );
     }
-    /// Starts the device with the driver's queues.
-    fn activate(&mut self, device: ActiveDevice) -> Result<(), ActivateError>;
+    /// Starts the device with the driver's queues (`Error::Activate` if it
+    /// cannot).
+    fn activate(&mut self, device: ActiveDevice) -> Result<(), Error>;
     /// Stops the device and forgets everything the driver set up.
     fn reset(&mut self);
     /// The driver notified queue `index` (only after activation).
@@ -141,4 +158,30 @@ pub trait VirtioDevice: Send {
     }
     /// `backend_fd` became readable.
     fn backend_ready(&mut self) {}
+
+    // ---- Snapshots: called on the event-loop thread with vCPUs paused.
+
+    /// The queues' state while the device is active (`None` otherwise), as
+    /// the driver would find them if the device stopped now: a buffer
+    /// taken from a ring but not yet returned must be wound back onto it,
+    /// so that the restored device takes it again and none is lost.
+    fn queue_states(&self) -> Option<Vec<QueueState>>;
+    /// State beyond the queues and registers, as bytes only this device
+    /// type reads back. Devices that keep none return nothing.
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Takes back what [`VirtioDevice::save_state`] returned, before the
+    /// restored device is activated. The bytes are untrusted.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), Error> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Restore(format!(
+                "device type {} keeps no state, but the snapshot has {} bytes",
+                self.device_type(),
+                state.len()
+            )))
+        }
+    }
 }

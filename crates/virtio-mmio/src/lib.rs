@@ -7,8 +7,32 @@
 mod device;
 mod transport;
 
-pub use device::{ActivateError, ActiveDevice, Interrupt, VirtioDevice};
-pub use transport::{MmioTransport, kernel_cmdline_arg, reg, status};
+pub use device::{ActiveDevice, Interrupt, VirtioDevice};
+pub use supermachine_virtq::QueueState;
+pub use transport::{
+    MmioTransport, STATE_VERSION, TransportState, kernel_cmdline_arg, reg, status,
+};
+
+/// Errors from the transport and its devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A device offers a queue size the split ring cannot have.
+    #[error("virtio device type {device_type}: queue {index} has invalid maximum size {size}")]
+    QueueSize {
+        /// The device.
+        device_type: u32,
+        /// The queue.
+        index: usize,
+        /// Its offered size.
+        size: u16,
+    },
+    /// The device could not start with what the driver set up.
+    #[error("{0}")]
+    Activate(String),
+    /// A saved state cannot be restored.
+    #[error("restoring a virtio device: {0}")]
+    Restore(String),
+}
 
 /// Bytes of MMIO space each device occupies.
 pub const MMIO_SIZE: u64 = 0x1000;

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use supermachine_hypervisor::InterruptLine;
 use supermachine_memory::GuestMemoryMmapped;
-use supermachine_virtq::Virtqueue;
+use supermachine_virtq::{QueueState, Virtqueue};
 
 use crate::device::{ActiveDevice, Interrupt, VirtioDevice};
-use crate::{F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, MMIO_SIZE};
+use crate::{Error, F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, MMIO_SIZE};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -87,13 +87,38 @@ impl std::fmt::Debug for MmioTransport {
     }
 }
 
-/// Why a transport could not be created.
-#[derive(Debug, thiserror::Error)]
-#[error("virtio device type {device_type}: queue {index} has invalid maximum size {size}")]
-pub struct BadQueueSize {
-    device_type: u32,
-    index: usize,
-    size: u16,
+/// The layout of [`TransportState`]; bumped whenever a field changes.
+pub const STATE_VERSION: u32 = 1;
+
+/// Everything needed to recreate a transport and its device in a new VMM:
+/// the registers the driver wrote, the interrupt status, each queue, and
+/// the device's own bytes. Plain data; restoring checks all of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportState {
+    /// [`STATE_VERSION`] when saved.
+    pub version: u32,
+    /// The device ID it was saved from.
+    pub device_type: u32,
+    /// The status register.
+    pub status: u32,
+    /// Feature-window selectors and the accepted features.
+    pub device_features_sel: u32,
+    /// See `device_features_sel`.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The selected queue.
+    pub queue_sel: u32,
+    /// Interrupt bits not yet acknowledged.
+    pub interrupt_status: u32,
+    /// `DEVICE_NEEDS_RESET` was set.
+    pub needs_reset: bool,
+    /// The device was running (its queues are live rings in guest memory).
+    pub active: bool,
+    /// Every queue, in the device's order.
+    pub queues: Vec<QueueState>,
+    /// [`VirtioDevice::save_state`].
+    pub device: Vec<u8>,
 }
 
 impl MmioTransport {
@@ -102,7 +127,7 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmapped,
         line: Arc<dyn InterruptLine>,
-    ) -> Result<Self, BadQueueSize> {
+    ) -> Result<Self, Error> {
         let queues = Self::fresh_queues(device.as_ref())?;
         Ok(Self {
             device,
@@ -118,19 +143,142 @@ impl MmioTransport {
         })
     }
 
-    fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Virtqueue>, BadQueueSize> {
+    fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Virtqueue>, Error> {
         device
             .queue_max_sizes()
             .iter()
             .enumerate()
             .map(|(index, &size)| {
-                Virtqueue::new(size).map_err(|_| BadQueueSize {
+                Virtqueue::new(size).map_err(|_| Error::QueueSize {
                     device_type: device.device_type(),
                     index,
                     size,
                 })
             })
             .collect()
+    }
+
+    /// The transport's and device's state, for a snapshot. Call it from the
+    /// thread that runs the device, with the vCPUs paused.
+    pub fn save(&self) -> TransportState {
+        let running = if self.active {
+            self.device.queue_states()
+        } else {
+            None
+        };
+        // Active but without queues: the device gave up on a broken ring
+        // and waits for the driver's reset; it is saved as such.
+        let needs_reset = self.interrupt.needs_reset() || (self.active && running.is_none());
+        let queues = match running {
+            Some(states) => states,
+            None if self.active => self
+                .device
+                .queue_max_sizes()
+                .iter()
+                .map(|&max_size| QueueState {
+                    max_size,
+                    size: max_size,
+                    ..QueueState::default()
+                })
+                .collect(),
+            None => self.queues.iter().map(Virtqueue::state).collect(),
+        };
+        TransportState {
+            version: STATE_VERSION,
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            needs_reset,
+            active: self.active && !needs_reset,
+            queues,
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Recreates a transport from [`MmioTransport::save`] around a new
+    /// `device` of the same type, on the restored guest memory. A running
+    /// device is activated again on its saved rings. The state is checked
+    /// as untrusted input: a mismatch is an error, never a panic.
+    pub fn restore(
+        mut device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmapped,
+        line: Arc<dyn InterruptLine>,
+        state: &TransportState,
+    ) -> Result<Self, Error> {
+        let bad = |why: String| Error::Restore(why);
+        if state.version != STATE_VERSION {
+            return Err(bad(format!(
+                "state version {} (this build reads {STATE_VERSION})",
+                state.version
+            )));
+        }
+        if state.device_type != device.device_type() {
+            return Err(bad(format!(
+                "saved from device type {}, restoring into type {}",
+                state.device_type,
+                device.device_type()
+            )));
+        }
+        let max_sizes = device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(bad(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let indirect = state.driver_features & F_INDIRECT_DESC != 0;
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (saved, &max)) in state.queues.iter().zip(max_sizes).enumerate() {
+            if saved.max_size != max {
+                return Err(bad(format!(
+                    "queue {i} was saved with maximum size {}, the device offers {max}",
+                    saved.max_size
+                )));
+            }
+            let q = Virtqueue::from_state(*saved, state.active && indirect)
+                .map_err(|e| bad(format!("queue {i}: {e}")))?;
+            if state.active {
+                q.validate(&mem)
+                    .map_err(|e| bad(format!("queue {i}: {e}")))?;
+            }
+            queues.push(q);
+        }
+        if state.active && state.status & status::DRIVER_OK == 0 {
+            return Err(bad("saved as running without DRIVER_OK".into()));
+        }
+        device.restore_state(&state.device)?;
+        let mut t = Self {
+            device,
+            mem,
+            interrupt: Arc::new(Interrupt::new(line)),
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queues: Vec::new(),
+            active: false,
+        };
+        if state.active {
+            let active = ActiveDevice {
+                mem: t.mem.clone(),
+                queues,
+                interrupt: t.interrupt.clone(),
+                features: t.driver_features,
+            };
+            t.device.activate(active)?;
+            t.active = true;
+        } else {
+            t.queues = queues;
+        }
+        t.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        Ok(t)
     }
 
     /// The virtio device ID.

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use supermachine_virtio_mmio::{ActivateError, ActiveDevice, VirtioDevice};
+use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice};
 use supermachine_virtq::Writer;
 
 /// Queue size offered.
@@ -68,9 +68,11 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, device: ActiveDevice) -> Result<(), ActivateError> {
+    fn activate(&mut self, device: ActiveDevice) -> Result<(), supermachine_virtio_mmio::Error> {
         if device.queues.len() != 1 {
-            return Err(ActivateError("virtio-rng has one queue".into()));
+            return Err(supermachine_virtio_mmio::Error::Activate(
+                "virtio-rng has one queue".into(),
+            ));
         }
         self.active = Some(device);
         Ok(())
@@ -78,6 +80,11 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
     }
+    fn queue_states(&self) -> Option<Vec<supermachine_virtio_mmio::QueueState>> {
+        // Requests are served whole as they arrive: nothing is held.
+        self.active.as_ref().map(ActiveDevice::queue_states)
+    }
+
     fn queue_notified(&mut self, _index: usize) {
         self.process_queue();
     }

@@ -22,7 +22,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use supermachine_memory::GuestMemoryMmapped;
-use supermachine_virtio_mmio::{ActivateError, ActiveDevice, VirtioDevice, read_config_bytes};
+use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Virtqueue, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -46,6 +46,10 @@ const MAX_CONNECT_LINE: usize = 32;
 const VIRTIO_ID_VSOCK: u32 = 19;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the guest must drop every
+/// connection (and re-read its CID).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const LISTENER_TOKEN: u64 = u64::MAX;
 /// Tokens of host sockets still sending their CONNECT line.
@@ -103,6 +107,9 @@ pub struct Vsock {
     held_rx: Option<Chain>,
     /// Round-robin position over connections with data for the guest.
     data_order: VecDeque<Key>,
+    /// Restored from a snapshot: the guest's connections died with the old
+    /// VMM's sockets, and it must hear so on the event queue.
+    transport_reset_owed: bool,
     active: Option<ActiveDevice>,
 }
 
@@ -135,6 +142,7 @@ impl Vsock {
             orphan_rsts: VecDeque::new(),
             held_rx: None,
             data_order: VecDeque::new(),
+            transport_reset_owed: false,
             active: None,
         };
         dev.listener.set_nonblocking(true).map_err(listen_error)?;
@@ -710,6 +718,46 @@ impl Vsock {
         None
     }
 
+    /// Sends the owed transport-reset event once the driver has given the
+    /// event queue a buffer.
+    fn announce_transport_reset(&mut self) {
+        if !self.transport_reset_owed {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let (mem, queue) = (&active.mem, &mut active.queues[EVENT]);
+        let result = (|| {
+            let Some(popped) = queue.pop(mem)? else {
+                return Ok(false);
+            };
+            let written = match popped.chain {
+                Ok(chain) => {
+                    let mut writer = Writer::new(mem, chain.writable());
+                    match writer.write_obj(EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                        Ok(()) => 4,
+                        Err(_) => {
+                            log::warn!("vsock: event buffer too small");
+                            0
+                        }
+                    }
+                }
+                Err(_) => 0,
+            };
+            queue.add_used(mem, popped.head, written)?;
+            self.transport_reset_owed = written == 0;
+            Ok(queue.needs_notification(mem).unwrap_or(true))
+        })();
+        if !active
+            .interrupt
+            .after_queue_work(result, &"vsock event queue")
+        {
+            self.active = None;
+            self.drop_everything();
+        }
+    }
+
     fn drop_everything(&mut self) {
         self.conns.clear();
         self.pending.clear();
@@ -776,11 +824,14 @@ impl VirtioDevice for Vsock {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, device: ActiveDevice) -> Result<(), ActivateError> {
+    fn activate(&mut self, device: ActiveDevice) -> Result<(), supermachine_virtio_mmio::Error> {
         if device.queues.len() != 3 {
-            return Err(ActivateError("virtio-vsock has three queues".into()));
+            return Err(supermachine_virtio_mmio::Error::Activate(
+                "virtio-vsock has three queues".into(),
+            ));
         }
         self.active = Some(device);
+        self.announce_transport_reset();
         self.pump();
         Ok(())
     }
@@ -793,9 +844,34 @@ impl VirtioDevice for Vsock {
     fn queue_notified(&mut self, index: usize) {
         match index {
             TX => self.process_tx(),
-            // New RX buffers; the event queue is only used on migration.
+            EVENT => self.announce_transport_reset(),
             _ => self.pump(),
         }
+    }
+
+    fn queue_states(&self) -> Option<Vec<supermachine_virtio_mmio::QueueState>> {
+        let mut states = self.active.as_ref()?.queue_states();
+        // The RX buffer held for the next packet goes back to the driver:
+        // it is always the last one taken.
+        if self.held_rx.is_some()
+            && let Some(rx) = states.get_mut(RX)
+        {
+            rx.next_avail = rx.next_avail.wrapping_sub(1);
+        }
+        Some(states)
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), supermachine_virtio_mmio::Error> {
+        if !state.is_empty() {
+            return Err(supermachine_virtio_mmio::Error::Restore(format!(
+                "virtio-vsock keeps no state, but the snapshot has {} bytes",
+                state.len()
+            )));
+        }
+        // Host sockets do not survive the old VMM: the guest's connections
+        // are over, and the event tells it so.
+        self.transport_reset_owed = true;
+        Ok(())
     }
 
     fn backend_fd(&self) -> Option<RawFd> {

@@ -11,10 +11,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use supermachine_memory::{Bytes, GuestAddress, GuestMemoryMmapped};
+
 use supermachine_virtio_mmio::{F_EVENT_IDX, F_VERSION_1, MmioTransport};
 use supermachine_virtio_testing::{
-    Allocator, Buf, DriverQueue, bring_up, guest_memory, notify, transport,
+    Allocator, Buf, DriverQueue, InterruptCounter, bring_up, guest_memory, notify, transport,
 };
 use supermachine_virtio_vsock::packet::{HEADER_SIZE, Header, TYPE_STREAM, op, shutdown};
 use supermachine_virtio_vsock::{CONN_BUF_ALLOC, MAX_PAYLOAD, Vsock};
@@ -32,6 +34,7 @@ struct Guest {
     backend: RawFd,
     rx: DriverQueue,
     tx: DriverQueue,
+    event: DriverQueue,
     rx_bufs: HashMap<u32, u64>,
     tx_scratch: u64,
     received: VecDeque<(Header, Vec<u8>)>,
@@ -57,7 +60,7 @@ impl Guest {
             &[64, 64, 8],
         );
         let mut q = q.drain(..);
-        let (rx, tx) = (q.next().unwrap(), q.next().unwrap());
+        let (rx, tx, event) = (q.next().unwrap(), q.next().unwrap(), q.next().unwrap());
         let tx_scratch = alloc.alloc(u64::from(RX_BUF) * 64);
         let mut g = Self {
             mem,
@@ -66,6 +69,7 @@ impl Guest {
             backend,
             rx,
             tx,
+            event,
             rx_bufs: HashMap::new(),
             tx_scratch,
             received: VecDeque::new(),
@@ -554,4 +558,59 @@ fn bad_connect_lines_are_closed_and_the_path_is_removed_on_drop() {
         err.to_string(),
         "vsock guest CID 2 is reserved; use 3 or more"
     );
+}
+
+#[test]
+fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
+    let mut g = Guest::new();
+    let listener = listen(&g.path, 5000);
+    g.send(g.header(5000, 1234, op::REQUEST), &[]);
+    g.expect_op(op::RESPONSE);
+    let (mut old_host_side, _) = listener.accept().unwrap();
+    // The driver's event buffer, as Linux posts it at probe; nothing is
+    // written to it before a restore.
+    let event_buf = g.alloc.alloc(4);
+    g.mem.write_obj(u32::MAX, GuestAddress(event_buf)).unwrap();
+    g.event.add(&g.mem, &[Buf::writable(event_buf, 4)]).unwrap();
+    notify(&mut g.dev, 2);
+    assert!(g.event.pop_used(&g.mem).is_none());
+
+    let state = g.dev.save();
+    assert!(state.active);
+    // The device holds an RX buffer for its next packet; the snapshot hands
+    // it back, so the restored device takes exactly where the guest expects.
+    assert_eq!(state.queues[0].next_avail, g.rx.used_idx(&g.mem));
+
+    let new_path = g.path.with_file_name("restored.sock");
+    let irq = Arc::new(InterruptCounter::default());
+    let restored = MmioTransport::restore(
+        Box::new(Vsock::new(CID, &new_path).unwrap()),
+        g.mem.clone(),
+        irq.clone(),
+        &state,
+    )
+    .unwrap();
+    drop(std::mem::replace(&mut g.dev, restored));
+    g.backend = g.dev.backend_fd().unwrap();
+    g.path = new_path;
+
+    let (_, len) = g.event.pop_used(&g.mem).expect("a transport-reset event");
+    assert_eq!(len, 4);
+    let id: u32 = g.mem.read_obj(GuestAddress(event_buf)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert!(irq.count() >= 1, "the event raised the interrupt");
+    // The old VMM's sockets are gone with it.
+    let mut rest = Vec::new();
+    assert_eq!(old_host_side.read_to_end(&mut rest).unwrap(), 0);
+
+    // The restored device works: a host connection reaches the guest.
+    let path = g.path.clone();
+    let host = thread::spawn(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"CONNECT 6000\n").unwrap();
+        s
+    });
+    let req = g.expect_op(op::REQUEST);
+    assert_eq!(req.dst_port, 6000);
+    drop(host.join().unwrap());
 }

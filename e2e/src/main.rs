@@ -83,14 +83,14 @@ impl Env {
                 .take()
                 .map(|p| Box::new(p) as Box<dyn Read + Send>),
         );
-        let mut timed_out = false;
+        let mut timed_out = None;
         let code = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status.code(),
                 Ok(None) if started.elapsed() > boot_timeout() => {
+                    timed_out = Some(where_threads_wait(child.id()));
                     let _ = child.kill();
                     let _ = child.wait();
-                    timed_out = true;
                     break None;
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
@@ -98,8 +98,11 @@ impl Env {
             }
         };
         let mut stderr = err.join().unwrap_or_default();
-        if timed_out {
-            stderr.push_str(&format!("\n(killed after {:?})", boot_timeout()));
+        if let Some(threads) = timed_out {
+            stderr.push_str(&format!(
+                "\n(killed after {:?}; its threads were in: {threads})",
+                boot_timeout()
+            ));
         }
         Run {
             code,
@@ -122,6 +125,34 @@ impl Env {
     fn path(&self, name: &str) -> String {
         self.asset(name).display().to_string()
     }
+}
+
+/// Each thread of `pid` as `name: kernel wait channel (syscall number)`,
+/// to say where a hung VMM was stuck.
+fn where_threads_wait(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "unknown".into();
+    };
+    let read = |task: &Path, file: &str| {
+        std::fs::read_to_string(task.join(file))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let task = t.path();
+            let syscall = read(&task, "syscall");
+            format!(
+                "{}: {} (syscall {})",
+                read(&task, "comm"),
+                read(&task, "wchan"),
+                syscall.split_whitespace().next().unwrap_or("?")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct Run {

@@ -83,7 +83,7 @@ fn header(name: &[u8], kind: u8, link: &[u8], size: u64, mode: u32, uid: u64) ->
 }
 
 fn pad(out: &mut Vec<u8>) {
-    while out.len() % 512 != 0 {
+    while !out.len().is_multiple_of(512) {
         out.push(0);
     }
 }
@@ -269,7 +269,7 @@ fn modes_links_xattrs_times_and_owners_are_kept() {
     } else {
         assert_eq!(fixups[Path::new("bin/tool")].owner, Some((1234, 1234)));
     }
-    match rustix::fs::getxattr(&r.join("bin/tool"), "user.supermachine", &mut [0u8; 16]) {
+    match rustix::fs::getxattr(r.join("bin/tool"), "user.supermachine", &mut [0u8; 16]) {
         Ok(n) => assert_eq!(n, 3),
         // Some file systems (tmpfs without user xattrs) refuse them; then
         // the xattr must be kept for the disk image.

@@ -7,12 +7,18 @@
 //! - [`unpack`]: layers applied in order (whiteouts, opaque directories,
 //!   hardlinks, symlinks, modes, ownership, xattrs) without ever writing
 //!   outside the target directory.
+//! - [`rootfs`]: a stored image as an EROFS disk, cached by digest.
+//! - [`spec`]: the image config merged with the user's arguments into the
+//!   process to run, as `docker run` does.
 
 pub mod digest;
+pub mod rootfs;
+pub mod spec;
 pub mod store;
 pub mod unpack;
 
 pub use digest::Digest;
+pub use spec::{ImageConfig, Overrides, ProcessSpec};
 pub use store::{ImageRecord, LayerRecord, Store};
 pub use unpack::{Compression, Fixup, Limits, Unpacker};
 

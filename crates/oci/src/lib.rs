@@ -12,12 +12,15 @@
 //!   process to run, as `docker run` does.
 
 pub mod digest;
+pub mod manifest;
+pub mod pull;
 pub mod rootfs;
 pub mod spec;
 pub mod store;
 pub mod unpack;
 
 pub use digest::Digest;
+pub use pull::{PullOptions, normalize, pull, pull_async};
 pub use spec::{ImageConfig, Overrides, ProcessSpec};
 pub use store::{ImageRecord, LayerRecord, Store};
 pub use unpack::{Compression, Fixup, Limits, Unpacker};
@@ -67,6 +70,9 @@ pub enum Error {
     /// A manifest, config or archive is malformed or unsupported.
     #[error("{0}")]
     Invalid(String),
+    /// The registry refused or failed a request.
+    #[error("{0}")]
+    Registry(String),
     /// A layer entry was refused or could not be written.
     #[error("layer {layer}: entry {entry:?}: {reason}")]
     Unpack {

@@ -59,25 +59,7 @@ pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<Root
     let work = store.temp_dir()?;
     let tree = work.path().join("tree");
     fs::create_dir(&tree).map_err(|e| io_error(format!("creating {}", tree.display()), e))?;
-    let mut unpacker = Unpacker::new(&tree, limits)?;
-    for layer in &record.layers {
-        let digest = Digest::parse(&layer.digest)?;
-        let compression = match Compression::from_media_type(&layer.media_type) {
-            Some(c) => c,
-            None => {
-                let mut magic = [0u8; 4];
-                let n = store
-                    .open_blob(&digest)?
-                    .read(&mut magic)
-                    .map_err(|e| io_error(format!("reading blob {digest}"), e))?;
-                Compression::sniff(&magic[..n])
-            }
-        };
-        let blob = std::io::BufReader::new(store.open_blob(&digest)?);
-        let diff_id = (!layer.diff_id.is_empty()).then_some(layer.diff_id.as_str());
-        unpacker.apply(&layer.digest, blob, compression, diff_id)?;
-    }
-    let fixups = unpacker.finish()?;
+    let fixups = unpack_image(store, record, &tree, limits)?;
     if !fixups.is_empty() {
         log::warn!(
             "{} entries keep an owner or xattr this unprivileged process could not set; \
@@ -105,6 +87,36 @@ pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<Root
         group,
         cached: false,
     })
+}
+
+/// Unpacks every layer of a stored image, in order, into the empty
+/// directory `tree`, checking each layer's uncompressed digest. Returns
+/// what an unprivileged process could not apply.
+pub fn unpack_image(
+    store: &Store,
+    record: &ImageRecord,
+    tree: &Path,
+    limits: Limits,
+) -> Result<std::collections::BTreeMap<PathBuf, crate::unpack::Fixup>, Error> {
+    let mut unpacker = Unpacker::new(tree, limits)?;
+    for layer in &record.layers {
+        let digest = Digest::parse(&layer.digest)?;
+        let compression = match Compression::from_media_type(&layer.media_type) {
+            Some(c) => c,
+            None => {
+                let mut magic = [0u8; 4];
+                let n = store
+                    .open_blob(&digest)?
+                    .read(&mut magic)
+                    .map_err(|e| io_error(format!("reading blob {digest}"), e))?;
+                Compression::sniff(&magic[..n])
+            }
+        };
+        let blob = std::io::BufReader::new(store.open_blob(&digest)?);
+        let diff_id = (!layer.diff_id.is_empty()).then_some(layer.diff_id.as_str());
+        unpacker.apply(&layer.digest, blob, compression, diff_id)?;
+    }
+    unpacker.finish()
 }
 
 /// Runs `mkfs.erofs` (uncompressed: building fast matters more than size

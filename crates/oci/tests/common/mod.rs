@@ -1,0 +1,322 @@
+//! Test fixtures: a real registry (Debian's `docker-registry`) on
+//! 127.0.0.1, OCI image layouts built from Debian's static busybox, and
+//! `skopeo` (a real OCI client) to push them.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+fn need(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: install Debian's {package} (`cargo xtask ci` installs it)"
+    );
+}
+
+/// A registry process with its own storage, stopped on drop.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry; with `user`, it requires that htpasswd login.
+    pub fn start(user: Option<(&str, &str)>) -> Self {
+        need("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((name, pass)) = user {
+            need("htpasswd", "apache2-utils");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", name, pass])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, config).unwrap();
+        let mut r = Self {
+            dir,
+            addr,
+            child: None,
+            config: config_path,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts the process again (same storage and port).
+    pub fn restart(&mut self) {
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&self.addr).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the process (the storage stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The stored blob file for `digest` (to corrupt it).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Pushes an OCI layout with skopeo (`all`: every manifest of the index).
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) {
+        need("skopeo", "skopeo");
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--all",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}:{tag}", self.addr));
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        supermachine_oci::Digest::sha256_of(bytes).hex()
+    )
+}
+
+/// How a test layer is compressed.
+#[derive(Clone, Copy)]
+pub enum Packing {
+    Gzip,
+    Zstd,
+}
+
+/// A layer: tar entries (path, content or symlink target, is_dir).
+pub enum Item {
+    File(&'static str, Vec<u8>, u32),
+    Dir(&'static str),
+    Symlink(&'static str, &'static str),
+}
+
+pub fn layer_tar(items: &[Item]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for item in items {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        match item {
+            Item::File(path, data, mode) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                h.set_mode(*mode);
+                b.append_data(&mut h, path, &data[..]).unwrap();
+            }
+            Item::Dir(path) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(0o755);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+            Item::Symlink(path, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// An OCI image layout directory being built.
+pub struct Layout {
+    pub dir: PathBuf,
+    manifests: Vec<serde_json::Value>,
+}
+
+/// What was written for one image.
+pub struct Built {
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<String>,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Self {
+        fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            manifests: Vec::new(),
+        }
+    }
+
+    fn blob(&self, bytes: &[u8]) -> (String, u64) {
+        let digest = sha256(bytes);
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        fs::write(self.dir.join("blobs/sha256").join(hex), bytes).unwrap();
+        (digest, bytes.len() as u64)
+    }
+
+    /// Adds an image for `arch` with these layers and `Cmd`.
+    pub fn image(&mut self, arch: &str, layers: &[(Packing, Vec<u8>)], cmd: &[&str]) -> Built {
+        let mut descriptors = Vec::new();
+        let mut diff_ids = Vec::new();
+        let mut digests = Vec::new();
+        for (packing, tar) in layers {
+            diff_ids.push(sha256(tar));
+            let (bytes, media_type) = match packing {
+                Packing::Gzip => {
+                    let mut e =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    e.write_all(tar).unwrap();
+                    (
+                        e.finish().unwrap(),
+                        "application/vnd.oci.image.layer.v1.tar+gzip",
+                    )
+                }
+                Packing::Zstd => (
+                    zstd::encode_all(&tar[..], 3).unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+zstd",
+                ),
+            };
+            let (digest, size) = self.blob(&bytes);
+            digests.push(digest.clone());
+            descriptors
+                .push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+        }
+        let config = serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": cmd, "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let (config_digest, config_size) = self.blob(config.to_string().as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": descriptors,
+        });
+        let bytes = manifest.to_string();
+        let (manifest_digest, manifest_size) = self.blob(bytes.as_bytes());
+        self.manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+        Built {
+            manifest: manifest_digest,
+            config: config_digest,
+            layers: digests,
+        }
+    }
+
+    /// Writes index.json naming everything added under `tag`: one image
+    /// directly, several through a nested multi-platform index.
+    pub fn finish(&self, tag: &str) {
+        let top = if self.manifests.len() == 1 {
+            let mut m = self.manifests[0].clone();
+            m["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+            m
+        } else {
+            let index = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": self.manifests,
+            });
+            let (digest, size) = self.blob(index.to_string().as_bytes());
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": digest, "size": size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            })
+        };
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+        fs::write(self.dir.join("index.json"), index.to_string()).unwrap();
+    }
+}
+
+/// The busybox base layer: /bin/busybox, /bin/sh, /etc/passwd.
+pub fn busybox_layer() -> Vec<u8> {
+    let busybox = fs::read(BUSYBOX).unwrap_or_else(|e| {
+        panic!("{BUSYBOX}: {e} (install Debian's busybox-static; `cargo xtask ci` does)")
+    });
+    layer_tar(&[
+        Item::Dir("bin"),
+        Item::File("bin/busybox", busybox, 0o755),
+        Item::Symlink("bin/sh", "busybox"),
+        Item::Dir("etc"),
+        Item::File(
+            "etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nweb:x:80:80::/srv:/bin/sh\n".to_vec(),
+            0o644,
+        ),
+        Item::File("etc/group", b"root:x:0:\nweb:x:80:\n".to_vec(), 0o644),
+    ])
+}
+
+/// A digest of the unpacked file at `path` in a pulled image's tree.
+pub fn file_digest(path: &Path) -> String {
+    format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
+}

@@ -22,6 +22,17 @@ pub const KERNEL_BUILD: &[&str] = &[
 ];
 /// Debian packages needed for guest images and the QEMU test host.
 pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static"];
+/// Debian packages the OCI image tests and benchmark drive: a real
+/// registry, a real OCI client to push with, htpasswd for its auth, the
+/// EROFS tools that build root disks, and umoci as the benchmark baseline.
+pub const OCI_TOOLS: &[&str] = &[
+    "erofs-utils",
+    "skopeo",
+    "umoci",
+    "docker-registry",
+    "apache2-utils",
+    "busybox-static",
+];
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")

@@ -230,6 +230,7 @@ fn demo() -> Result<()> {
 fn ci() -> Result<()> {
     deps::ensure_packages(deps::KERNEL_BUILD)?;
     deps::ensure_packages(deps::TEST_HOST)?;
+    deps::ensure_packages(deps::OCI_TOOLS)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = workspace_root();
     let step = |name: &str, args: &[&str]| -> Result<()> {

@@ -7,11 +7,14 @@
 //! - [`unpack`]: layers applied in order (whiteouts, opaque directories,
 //!   hardlinks, symlinks, modes, ownership, xattrs) without ever writing
 //!   outside the target directory.
+//! - [`pull`]: from OCI distribution registries; [`import`]: from
+//!   `docker save` archives, OCI layouts and `oci-archive` tarballs.
 //! - [`rootfs`]: a stored image as an EROFS disk, cached by digest.
 //! - [`spec`]: the image config merged with the user's arguments into the
 //!   process to run, as `docker run` does.
 
 pub mod digest;
+pub mod import;
 pub mod manifest;
 pub mod pull;
 pub mod rootfs;
@@ -20,6 +23,7 @@ pub mod store;
 pub mod unpack;
 
 pub use digest::Digest;
+pub use import::{LoadOptions, load};
 pub use pull::{PullOptions, normalize, pull, pull_async};
 pub use spec::{ImageConfig, Overrides, ProcessSpec};
 pub use store::{ImageRecord, LayerRecord, Store};

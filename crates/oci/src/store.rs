@@ -170,6 +170,15 @@ impl Store {
         w.commit()
     }
 
+    /// Moves `path`, a file in the store's temporary space whose content
+    /// the caller has verified to be `digest`, into place as that blob.
+    pub(crate) fn adopt(&self, path: &Path, digest: &Digest) -> Result<(), Error> {
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(path, self.blob_path(digest)))
+            .map_err(|e| io_error(format!("storing blob {digest}"), e))
+    }
+
     /// Opens a stored blob.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, Error> {
         File::open(self.blob_path(digest)).map_err(|e| match e.kind() {

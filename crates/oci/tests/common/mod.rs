@@ -133,6 +133,20 @@ impl Registry {
     }
 }
 
+/// `skopeo copy SRC DEST` (transports spelled out, as skopeo takes them).
+pub fn skopeo_copy(src: &str, dest: &str) {
+    need("skopeo", "skopeo");
+    let out = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--quiet", src, dest])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo copy {src} {dest} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();

@@ -159,9 +159,10 @@ pub async fn pull_async(
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| {
                     Error::Registry(format!(
-                        "{}: fetching blob {}: {e}",
+                        "{}: fetching blob {}: {}",
                         image.resolve_registry(),
-                        desc.digest
+                        desc.digest,
+                        with_causes(&e)
                     ))
                 })?;
                 writer.write_all(&chunk).map_err(|e| {
@@ -278,18 +279,24 @@ fn registry_error(
         E::ImageManifestNotFoundError(_) => format!("{image} was not found"),
         E::ServerError { code, message, .. } => format!("the registry answered {code}: {message}"),
         E::RegistryError { envelope, .. } => format!("the registry refused: {envelope}"),
-        E::RequestError(r) => {
-            let mut text = r.to_string();
-            let mut source = std::error::Error::source(r);
-            while let Some(s) = source {
-                text = format!("{text}: {s}");
-                source = s.source();
-            }
-            text
-        }
+        E::RequestError(r) => with_causes(r),
         other => other.to_string(),
     };
     Error::Registry(format!("{registry}: {what} for {image}: {why}"))
+}
+
+/// An error and each error that caused it, on one line.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.ends_with(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Credentials for `registry` from the Docker config, if any.

@@ -226,3 +226,85 @@ fn a_blob_corrupted_in_the_registry_is_refused_and_nothing_is_stored() {
     );
     assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
 }
+
+#[test]
+fn a_pull_interrupted_mid_layer_keeps_no_partial_blob_and_a_retry_completes() {
+    use std::io::Read;
+    let mut registry = Registry::start(None);
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    // Incompressible, so the layer is as big on the wire as on disk.
+    let mut noise = vec![0u8; 6 << 20];
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut noise)
+        .unwrap();
+    let big = layer_tar(&[
+        Item::Dir("data"),
+        Item::File("data/noise", noise.clone(), 0o644),
+    ]);
+    let built = layout.image(
+        "amd64",
+        &[(Packing::Gzip, busybox_layer()), (Packing::Gzip, big)],
+        &["/bin/sh"],
+    );
+    layout.finish("v1");
+    registry.push(&layout.dir, "v1", "test/big", None);
+
+    // Let 2 MiB through, then hold the connection while the registry is
+    // stopped: the layer download is in flight when it dies.
+    let relay = common::Relay::start(&registry.addr, 2 << 20);
+    let store = Store::open(&work.path().join("store")).unwrap();
+    let reference = format!("{}/test/big:v1", relay.addr);
+    let pulling = {
+        let (store, reference) = (store.clone(), reference.clone());
+        std::thread::spawn(move || pull(&store, &reference, &options()))
+    };
+    relay.wait_until_cut();
+    let noise_layer = supermachine_oci::Digest::parse(&built.layers[1]).unwrap();
+    assert!(
+        !store.blob_path(&noise_layer).exists(),
+        "a blob being downloaded is not in the store"
+    );
+    registry.stop();
+    relay.cut_and_open();
+    match pulling.join().unwrap() {
+        Err(Error::Registry(why)) => {
+            assert!(why.contains(&relay.addr), "{why}");
+            assert!(!why.contains('\n'), "one line: {why}");
+        }
+        other => panic!("expected the pull to fail, got {other:?}"),
+    }
+    assert!(
+        store.images().unwrap().is_empty(),
+        "no record for a failed pull"
+    );
+    assert!(!store.blob_path(&noise_layer).exists());
+    assert_eq!(
+        fs::read_dir(store.root().join("tmp")).unwrap().count(),
+        0,
+        "the partial download is gone"
+    );
+    // Every blob that did arrive is whole: its name is its digest.
+    for entry in fs::read_dir(store.root().join("blobs/sha256")).unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(
+            common::file_digest(&entry.path()),
+            entry.file_name().to_string_lossy()
+        );
+    }
+
+    // A process killed mid-pull leaves its temporary behind; the next
+    // store open removes it.
+    fs::write(store.root().join("tmp/4000000000-partial"), b"half a blob").unwrap();
+    let store = Store::open(store.root()).unwrap();
+    assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+
+    registry.restart();
+    let record = pull(&store, &reference, &options()).unwrap();
+    assert_eq!(record.manifest_digest, built.manifest);
+    let tree = work.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
+    assert!(fs::read(tree.join("data/noise")).unwrap() == noise);
+}

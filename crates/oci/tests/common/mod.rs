@@ -334,3 +334,123 @@ pub fn busybox_layer() -> Vec<u8> {
 pub fn file_digest(path: &Path) -> String {
     format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
 }
+
+/// A TCP relay in front of a registry that, when armed, stops passing the
+/// registry's bytes once `cut_after` of them have gone through, so a test
+/// can stop the registry in the middle of a blob.
+pub struct Relay {
+    pub addr: String,
+    shared: std::sync::Arc<RelayState>,
+}
+
+struct RelayState {
+    cut_after: std::sync::atomic::AtomicU64,
+    passed: std::sync::atomic::AtomicU64,
+    tripped: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+    tripped_signal: std::sync::Condvar,
+    clients: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl Relay {
+    /// Relays to `upstream`; `cut_after` bytes from it pass (`u64::MAX`:
+    /// all of them).
+    pub fn start(upstream: &str, cut_after: u64) -> Self {
+        use std::sync::atomic::AtomicU64;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shared = std::sync::Arc::new(RelayState {
+            cut_after: AtomicU64::new(cut_after),
+            passed: AtomicU64::new(0),
+            tripped: std::sync::Mutex::new(false),
+            released: std::sync::Condvar::new(),
+            tripped_signal: std::sync::Condvar::new(),
+            clients: std::sync::Mutex::new(Vec::new()),
+        });
+        let upstream = upstream.to_string();
+        let state = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                state
+                    .clients
+                    .lock()
+                    .unwrap()
+                    .push(client.try_clone().unwrap());
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let state = state.clone();
+                std::thread::spawn(move || state.pass(server, client));
+            }
+        });
+        Self { addr, shared }
+    }
+
+    /// Waits until the cut point is reached.
+    pub fn wait_until_cut(&self) {
+        let mut tripped = self.shared.tripped.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !*tripped {
+            assert!(
+                Instant::now() < deadline,
+                "the transfer never reached the cut"
+            );
+            tripped = self
+                .shared
+                .tripped_signal
+                .wait_timeout(tripped, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Closes every client connection held at the cut, and lets all
+    /// later traffic through.
+    pub fn cut_and_open(&self) {
+        self.shared
+            .cut_after
+            .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+        for c in self.shared.clients.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.shared.released.notify_all();
+    }
+}
+
+impl RelayState {
+    fn pass(&self, mut server: TcpStream, mut client: TcpStream) {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match server.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let before = self.passed.fetch_add(n as u64, Ordering::SeqCst);
+            let limit = self.cut_after.load(Ordering::SeqCst);
+            if before + n as u64 > limit {
+                let allowed = limit.saturating_sub(before) as usize;
+                let _ = client.write_all(&buf[..allowed.min(n)]);
+                let mut tripped = self.tripped.lock().unwrap();
+                *tripped = true;
+                self.tripped_signal.notify_all();
+                while self.cut_after.load(Ordering::SeqCst) != u64::MAX {
+                    tripped = self.released.wait(tripped).unwrap();
+                }
+                return;
+            }
+            if client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = client.shutdown(std::net::Shutdown::Write);
+    }
+}

@@ -81,6 +81,9 @@ pub async fn pull_async(
     if is_loopback(&registry) {
         insecure.push(registry.clone());
     }
+    // The process-wide TLS provider, unless the embedding program chose
+    // one already (then this fails harmlessly).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure),
         ..ClientConfig::default()

@@ -42,6 +42,12 @@ fn paths(store: &Store, record: &ImageRecord) -> Result<(PathBuf, PathBuf), Erro
     ))
 }
 
+/// The image's disk, if it has been built.
+pub fn built_disk(store: &Store, record: &ImageRecord) -> Result<Option<PathBuf>, Error> {
+    let (disk, accounts) = paths(store, record)?;
+    Ok((disk.is_file() && accounts.is_file()).then_some(disk))
+}
+
 /// The image's disk, built now unless cached.
 pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<RootFs, Error> {
     let (disk, accounts) = paths(store, record)?;

@@ -12,6 +12,8 @@
 use std::sync::Arc;
 
 pub use supermachine_hypervisor::Hypervisor;
+/// OCI images: pull, load, the content store, root file system disks.
+pub use supermachine_oci as images;
 pub use supermachine_vmm::{
     Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VmConfig, VsockConfig,
 };
@@ -25,6 +27,9 @@ pub enum Error {
     /// Building or running the VM failed.
     #[error(transparent)]
     Vm(#[from] supermachine_vmm::Error),
+    /// Pulling, loading or preparing an image failed.
+    #[error(transparent)]
+    Image(#[from] supermachine_oci::Error),
 }
 
 /// Result alias for this crate.

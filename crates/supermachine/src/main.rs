@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use supermachine::images::{self as oci, ImageRecord, LoadOptions, PullOptions, Store};
 use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, VmConfig, VsockConfig};
 
 #[derive(Parser)]
@@ -54,6 +55,59 @@ enum Command {
         #[arg(long, default_value_t = 3, requires = "vsock")]
         vsock_cid: u64,
     },
+    /// Pull an image from a registry and prepare its root disk
+    /// (`alpine` means docker.io/library/alpine:latest).
+    Pull {
+        /// The image reference.
+        image: String,
+        /// The platform to pick from a multi-platform image, as os/arch.
+        #[arg(long, value_parser = parse_platform)]
+        platform: Option<oci::manifest::Platform>,
+        /// Talk plain HTTP to this registry (loopback ones always are).
+        /// Repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
+    },
+    /// Load images from a `docker save` archive, an oci-archive tarball or
+    /// an OCI image layout directory, and prepare their root disks.
+    Load {
+        /// The archive or directory.
+        archive: PathBuf,
+        /// Name the image this instead of the name the archive gives.
+        #[arg(long)]
+        tag: Option<String>,
+        /// The platform to pick from a multi-platform image, as os/arch.
+        #[arg(long, value_parser = parse_platform)]
+        platform: Option<oci::manifest::Platform>,
+    },
+    /// List stored images.
+    Images {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images, and every blob and disk no other image uses.
+    Rmi {
+        /// The image references.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+}
+
+fn parse_platform(s: &str) -> Result<oci::manifest::Platform, String> {
+    let mut parts = s.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
+            Ok(oci::manifest::Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: variant.filter(|v| !v.is_empty()).map(Into::into),
+            })
+        }
+        _ => Err(format!(
+            "'{s}' is not a platform like linux/amd64 or linux/arm64/v8"
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -90,7 +144,30 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error; --help has the usage.
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let message = message.join(" ");
+            eprintln!(
+                "supermachine: {} (see --help)",
+                message.strip_prefix("error: ").unwrap_or(&message)
+            );
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Boot {
             kernel,
@@ -124,17 +201,173 @@ fn main() -> ExitCode {
                 cid: vsock_cid,
                 socket,
             });
-            Machine::start(config).and_then(Machine::wait)
+            Machine::start(config)
+                .and_then(Machine::wait)
+                .map(|exit| log::info!("guest ended: {exit:?}"))
         }
+        Command::Pull {
+            image,
+            platform,
+            insecure_registries,
+        } => pull(&image, platform, insecure_registries),
+        Command::Load {
+            archive,
+            tag,
+            platform,
+        } => load(&archive, tag, platform),
+        Command::Images { json } => images(json),
+        Command::Rmi { images } => rmi(&images),
     };
     match result {
-        Ok(exit) => {
-            log::info!("guest ended: {exit:?}");
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("supermachine: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn pull(
+    image: &str,
+    platform: Option<oci::manifest::Platform>,
+    insecure_registries: Vec<String>,
+) -> supermachine::Result<()> {
+    let store = Store::open_default()?;
+    let options = PullOptions {
+        platform,
+        insecure_registries,
+        progress: true,
+        ..PullOptions::default()
+    };
+    let record = oci::pull(&store, image, &options)?;
+    prepare(&store, &record)?;
+    println!("{} {}", record.reference, record.manifest_digest);
+    Ok(())
+}
+
+fn load(
+    archive: &std::path::Path,
+    tag: Option<String>,
+    platform: Option<oci::manifest::Platform>,
+) -> supermachine::Result<()> {
+    let store = Store::open_default()?;
+    let options = LoadOptions {
+        tag,
+        platform,
+        ..LoadOptions::default()
+    };
+    for record in oci::load(&store, archive, &options)? {
+        prepare(&store, &record)?;
+        println!("{} {}", record.reference, record.manifest_digest);
+    }
+    Ok(())
+}
+
+/// Builds the image's root disk now, so the first run does not wait.
+fn prepare(store: &Store, record: &ImageRecord) -> supermachine::Result<()> {
+    oci::rootfs::build(store, record, oci::Limits::default())?;
+    Ok(())
+}
+
+fn images(json: bool) -> supermachine::Result<()> {
+    let store = Store::open_default()?;
+    let records = store.images()?;
+    let mut rows = Vec::new();
+    for record in &records {
+        let disk = oci::rootfs::built_disk(&store, record)?;
+        let disk_size = disk
+            .as_ref()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .map(|m| m.len());
+        rows.push((record, disk, disk_size));
+    }
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(r, disk, disk_size)| {
+                serde_json::json!({
+                    "reference": r.reference,
+                    "id": r.manifest_digest,
+                    "config": r.config_digest,
+                    "platform": r.platform,
+                    "size": r.size(),
+                    "layers": r.layers.len(),
+                    "disk": disk,
+                    "disk_size": disk_size,
+                    "stored_at": r.stored_at,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into());
+        println!("{text}");
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut table = vec![[
+        "IMAGE".to_string(),
+        "ID".into(),
+        "PLATFORM".into(),
+        "SIZE".into(),
+        "DISK".into(),
+        "STORED".into(),
+    ]];
+    for (r, _, disk_size) in &rows {
+        let id = r.manifest_digest.split_once(':').map_or("", |(_, h)| h);
+        table.push([
+            r.reference.clone(),
+            id.chars().take(12).collect(),
+            r.platform.clone(),
+            human_size(r.size()),
+            disk_size.map_or_else(|| "-".into(), human_size),
+            human_age(now.saturating_sub(r.stored_at)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+fn rmi(images: &[String]) -> supermachine::Result<()> {
+    let store = Store::open_default()?;
+    for image in images {
+        let reference = oci::normalize(image)?;
+        let record = store.remove_image(&reference)?;
+        println!("removed {} {}", record.reference, record.manifest_digest);
+    }
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_age(seconds: u64) -> String {
+    match seconds {
+        0..60 => "just now".into(),
+        60..3600 => format!("{} minutes ago", seconds / 60),
+        3600..86400 => format!("{} hours ago", seconds / 3600),
+        _ => format!("{} days ago", seconds / 86400),
     }
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask ...`: the project's build, test and benchmark tasks.
 
+mod bench_oci;
 mod cpio;
 mod deps;
 mod fuzz;
@@ -80,6 +81,12 @@ enum Bench {
     /// virtio-blk sequential I/O against the image file, in one run.
     Virtio {
         #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// A registry image to a root disk: `supermachine pull` against
+    /// skopeo copy + umoci unpack + mkfs.erofs, and a cached pull.
+    Oci {
+        #[arg(long, default_value_t = 3)]
         runs: usize,
     },
 }
@@ -290,6 +297,9 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Virtio { runs },
         } => bench("virtio", runs)?,
+        Task::Bench {
+            which: Bench::Oci { runs },
+        } => bench_oci::bench(runs)?,
         Task::Fuzz {
             smoke,
             seconds,

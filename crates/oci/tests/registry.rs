@@ -308,3 +308,45 @@ fn a_pull_interrupted_mid_layer_keeps_no_partial_blob_and_a_retry_completes() {
     rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
     assert!(fs::read(tree.join("data/noise")).unwrap() == noise);
 }
+
+#[test]
+fn docker_schema_2_manifests_and_layers_pull_too() {
+    let registry = Registry::start(None);
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let built = layout.image("amd64", &[(Packing::Gzip, busybox_layer())], &["/bin/sh"]);
+    layout.finish("v1");
+    // skopeo rewrites the manifest and config as Docker's media types.
+    registry.push_as(&layout.dir, "v1", "test/docker", None, Some("v2s2"));
+
+    let store = Store::open(&work.path().join("store")).unwrap();
+    let record = pull(
+        &store,
+        &format!("{}/test/docker:v1", registry.addr),
+        &options(),
+    )
+    .unwrap();
+    assert_ne!(
+        record.manifest_digest, built.manifest,
+        "a converted manifest"
+    );
+    let manifest = store
+        .read_small_blob(&supermachine_oci::Digest::parse(&record.manifest_digest).unwrap())
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        record.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    let tree = work.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
+    assert_eq!(
+        common::file_digest(&tree.join("bin/busybox")),
+        common::file_digest(Path::new(common::BUSYBOX))
+    );
+}

@@ -110,6 +110,19 @@ impl Registry {
 
     /// Pushes an OCI layout with skopeo (`all`: every manifest of the index).
     pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<&str>) {
+        self.push_as(layout, tag, repo, creds, None);
+    }
+
+    /// Pushes with skopeo, converting to `format` (`v2s2`: Docker schema 2)
+    /// when given.
+    pub fn push_as(
+        &self,
+        layout: &Path,
+        tag: &str,
+        repo: &str,
+        creds: Option<&str>,
+        format: Option<&str>,
+    ) {
         need("skopeo", "skopeo");
         let mut cmd = Command::new("skopeo");
         cmd.args([
@@ -119,6 +132,9 @@ impl Registry {
             "--all",
             "--dest-tls-verify=false",
         ]);
+        if let Some(f) = format {
+            cmd.args(["--format", f]);
+        }
         if let Some(c) = creds {
             cmd.args(["--dest-creds", c]);
         }

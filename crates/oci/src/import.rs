@@ -47,6 +47,7 @@ pub struct LoadOptions {
 /// `store`, returning their records.
 pub fn load(store: &Store, path: &Path, options: &LoadOptions) -> Result<Vec<ImageRecord>, Error> {
     let label = path.display().to_string();
+    let _adding = store.lock_shared()?;
     let meta = fs::metadata(path).map_err(|e| io_error(format!("opening {label}"), e))?;
     let source = if meta.is_dir() {
         Source::directory(path)?

@@ -26,7 +26,7 @@ pub use digest::Digest;
 pub use import::{LoadOptions, load};
 pub use pull::{PullOptions, normalize, pull, pull_async};
 pub use spec::{ImageConfig, Overrides, ProcessSpec};
-pub use store::{ImageRecord, LayerRecord, Store};
+pub use store::{ImageRecord, LayerRecord, Store, StoreLock};
 pub use unpack::{Compression, Fixup, Limits, Unpacker};
 
 /// Errors from pulling, importing, storing and unpacking images.

@@ -76,6 +76,7 @@ pub async fn pull_async(
     options: &PullOptions,
 ) -> Result<ImageRecord, Error> {
     let image = parse_reference(reference)?;
+    let _adding = store.lock_shared()?;
     let registry = image.resolve_registry().to_string();
     let mut insecure = options.insecure_registries.clone();
     if is_loopback(&registry) {

@@ -62,6 +62,7 @@ pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<Root
             cached: true,
         });
     }
+    let _adding = store.lock_shared()?;
     let work = store.temp_dir()?;
     let tree = work.path().join("tree");
     fs::create_dir(&tree).map_err(|e| io_error(format!("creating {}", tree.display()), e))?;

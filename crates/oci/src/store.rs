@@ -12,6 +12,11 @@
 //! system), so an interrupted pull, a crash or a full disk never leaves a
 //! corrupt entry. Temporary files of processes that no longer exist are
 //! removed when the store is opened.
+//!
+//! Processes share a store through `<root>/lock`: pulls, loads and disk
+//! builds hold it shared while they add blobs and records; garbage
+//! collection holds it exclusively, so it never removes a blob that an
+//! unfinished pull has stored but not yet recorded.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -30,6 +35,12 @@ pub const MAX_JSON_BLOB: u64 = 16 << 20;
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+}
+
+/// A lock on the store, released on drop (see the module docs).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
 }
 
 /// One layer of a stored image.
@@ -98,6 +109,31 @@ impl Store {
     /// The store's directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Waits for, and holds, the lock shared by everything that adds to
+    /// the store.
+    pub fn lock_shared(&self) -> Result<StoreLock, Error> {
+        self.lock(rustix::fs::FlockOperation::LockShared)
+    }
+
+    fn lock_exclusive(&self) -> Result<StoreLock, Error> {
+        self.lock(rustix::fs::FlockOperation::LockExclusive)
+    }
+
+    /// flock(2) on `<root>/lock`: released when the file closes, also
+    /// when the process dies.
+    fn lock(&self, operation: rustix::fs::FlockOperation) -> Result<StoreLock, Error> {
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+        rustix::fs::flock(&file, operation)
+            .map_err(|e| io_error("locking the image store".into(), e.into()))?;
+        Ok(StoreLock { _file: file })
     }
 
     fn remove_orphaned_temporaries(&self) {
@@ -274,8 +310,11 @@ impl Store {
         Ok(record)
     }
 
-    /// Removes blobs and disk images that no image record refers to.
+    /// Removes blobs and disk images that no image record refers to,
+    /// waiting until no other process is adding to the store. Must not be
+    /// called while holding [`Store::lock_shared`].
     pub fn collect_garbage(&self) -> Result<(), Error> {
+        let _exclusive = self.lock_exclusive()?;
         let mut keep = std::collections::HashSet::new();
         for image in self.images()? {
             keep.insert(image.manifest_digest.clone());
@@ -381,4 +420,42 @@ impl Write for BlobWriter {
 
 pub(crate) fn io_error(what: String, source: io::Error) -> Error {
     Error::Io { what, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn garbage_collection_waits_for_a_process_adding_to_the_store() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| io_error("tempdir".into(), e))?;
+        let store = Store::open(dir.path())?;
+        // A pull in progress: a blob stored, its record not written yet.
+        let adding = store.lock_shared()?;
+        let blob = Digest::sha256_of(b"a layer");
+        store.put_blob(&blob, b"a layer")?;
+
+        let (done, finished) = mpsc::channel();
+        let other = store.clone();
+        let gc = std::thread::spawn(move || {
+            let result = other.collect_garbage();
+            let _ = done.send(());
+            result
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_millis(300)).is_err(),
+            "garbage collection ran while a pull held the store"
+        );
+        assert!(store.blob_path(&blob).exists());
+        drop(adding);
+        gc.join()
+            .map_err(|_| Error::Invalid("gc thread panicked".into()))??;
+        assert!(
+            !store.blob_path(&blob).exists(),
+            "then it removes the unrecorded blob"
+        );
+        Ok(())
+    }
 }

@@ -23,8 +23,9 @@ pub const KERNEL_BUILD: &[&str] = &[
 /// Debian packages needed for guest images and the QEMU test host.
 pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static"];
 /// Debian packages the OCI image tests and benchmark drive: a real
-/// registry, a real OCI client to push with, htpasswd for its auth, the
-/// EROFS tools that build root disks, and umoci as the benchmark baseline.
+/// registry, a real OCI client to push with, htpasswd and openssl for its
+/// auth and TLS, the EROFS tools that build root disks, and umoci as the
+/// benchmark baseline.
 pub const OCI_TOOLS: &[&str] = &[
     "erofs-utils",
     "skopeo",
@@ -32,6 +33,7 @@ pub const OCI_TOOLS: &[&str] = &[
     "docker-registry",
     "apache2-utils",
     "busybox-static",
+    "openssl",
 ];
 
 fn installed(package: &str) -> bool {

@@ -43,7 +43,15 @@ pub struct PullOptions {
     pub progress: bool,
     /// The platform to choose from an index (default: the host's).
     pub platform: Option<Platform>,
+    /// Where per-registry CA certificates live, as Docker keeps them:
+    /// `<dir>/<host[:port]>/ca.crt` (default `/etc/docker/certs.d`). A
+    /// registry with one is spoken to over HTTPS trusting it, loopback
+    /// ones included.
+    pub certs_dir: Option<PathBuf>,
 }
+
+/// Docker's directory of per-registry CA certificates.
+pub const DOCKER_CERTS_DIR: &str = "/etc/docker/certs.d";
 
 /// Normalizes a user's reference: `alpine` →
 /// `docker.io/library/alpine:latest`.
@@ -78,8 +86,9 @@ pub async fn pull_async(
     let image = parse_reference(reference)?;
     let _adding = store.lock_shared()?;
     let registry = image.resolve_registry().to_string();
+    let ca = registry_ca(options, &registry)?;
     let mut insecure = options.insecure_registries.clone();
-    if is_loopback(&registry) {
+    if is_loopback(&registry) && ca.is_none() {
         insecure.push(registry.clone());
     }
     // The process-wide TLS provider, unless the embedding program chose
@@ -87,6 +96,7 @@ pub async fn pull_async(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure),
+        extra_root_certificates: ca.into_iter().collect(),
         ..ClientConfig::default()
     });
     let auth = match &options.credentials {
@@ -238,6 +248,34 @@ pub(crate) fn record_for(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     })
+}
+
+/// The CA certificate kept for `registry` (`host[:port]`), if any.
+fn registry_ca(
+    options: &PullOptions,
+    registry: &str,
+) -> Result<Option<oci_client::client::Certificate>, Error> {
+    let dir = options
+        .certs_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DOCKER_CERTS_DIR));
+    // A registry name is a host and port, never a path; refuse to look
+    // further than one directory level for anything else.
+    if registry.contains(['/', '\\']) || registry.starts_with('.') {
+        return Ok(None);
+    }
+    let path = dir.join(registry).join("ca.crt");
+    match std::fs::read(&path) {
+        Ok(data) => Ok(Some(oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Pem,
+            data,
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::store::io_error(
+            format!("reading {}", path.display()),
+            e,
+        )),
+    }
 }
 
 fn check_json_size(len: usize) -> Result<(), Error> {

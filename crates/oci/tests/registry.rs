@@ -350,3 +350,53 @@ fn docker_schema_2_manifests_and_layers_pull_too() {
         common::file_digest(Path::new(common::BUSYBOX))
     );
 }
+
+#[test]
+fn https_registries_are_verified_against_the_ca_kept_for_them() {
+    let registry = Registry::start_tls();
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    layout.image("amd64", &[(Packing::Gzip, busybox_layer())], &["/bin/sh"]);
+    layout.finish("v1");
+    registry.push(&layout.dir, "v1", "test/tls", None);
+    let store = Store::open(&work.path().join("store")).unwrap();
+    let reference = format!("{}/test/tls:v1", registry.addr);
+
+    // Docker's layout: <certs.d>/<host:port>/ca.crt.
+    let certs_with = |ca: &Path, name: &str| {
+        let dir = work.path().join(name);
+        fs::create_dir_all(dir.join(&registry.addr)).unwrap();
+        fs::copy(ca, dir.join(&registry.addr).join("ca.crt")).unwrap();
+        dir
+    };
+    let trusted = PullOptions {
+        certs_dir: Some(certs_with(&registry.ca(), "trusted")),
+        ..options()
+    };
+    let record = pull(&store, &reference, &trusted).unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
+    assert!(tree.join("bin/busybox").is_file());
+    store.remove_image(&reference).unwrap();
+
+    // A certificate from another CA is refused: verification is on.
+    let other = work.path().join("other-ca");
+    fs::create_dir(&other).unwrap();
+    common::make_certificates(&other);
+    let untrusted = PullOptions {
+        certs_dir: Some(certs_with(&other.join("ca.crt"), "untrusted")),
+        ..options()
+    };
+    match pull(&store, &reference, &untrusted) {
+        Err(Error::Registry(why)) => {
+            assert!(
+                why.contains("certificate") || why.contains("Certificate"),
+                "{why}"
+            );
+            assert!(!why.contains('\n'), "one line: {why}");
+        }
+        other => panic!("expected a certificate refusal, got {other:?}"),
+    }
+    assert!(store.images().unwrap().is_empty());
+}

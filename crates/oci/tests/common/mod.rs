@@ -35,6 +35,21 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry; with `user`, it requires that htpasswd login.
     pub fn start(user: Option<(&str, &str)>) -> Self {
+        Self::start_with(user, false)
+    }
+
+    /// Starts a registry serving HTTPS with a certificate for 127.0.0.1
+    /// signed by a CA of its own, at `<dir>/ca.crt`.
+    pub fn start_tls() -> Self {
+        Self::start_with(None, true)
+    }
+
+    /// The CA that signed a TLS registry's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    fn start_with(user: Option<(&str, &str)>, tls: bool) -> Self {
         need("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -58,6 +73,14 @@ impl Registry {
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
                 dir.path().join("htpasswd").display()
+            ));
+        }
+        if tls {
+            make_certificates(dir.path());
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.crt").display(),
+                dir.path().join("server.key").display()
             ));
         }
         let config_path = dir.path().join("config.yml");
@@ -147,6 +170,69 @@ impl Registry {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A CA (`ca.crt`) and a server certificate for 127.0.0.1 it signed
+/// (`server.crt`, `server.key`), made with openssl in `dir`.
+pub fn make_certificates(dir: &Path) {
+    need("openssl", "openssl");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=supermachine test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
 }
 
 /// `skopeo copy SRC DEST` (transports spelled out, as skopeo takes them).

@@ -235,6 +235,19 @@ pub fn make_certificates(dir: &Path) {
     ]);
 }
 
+/// The one-line registry error a pull should have failed with.
+pub fn registry_refusal(
+    result: Result<supermachine_oci::ImageRecord, supermachine_oci::Error>,
+) -> String {
+    match result {
+        Err(supermachine_oci::Error::Registry(why)) => {
+            assert!(!why.contains('\n'), "one line: {why}");
+            why
+        }
+        other => panic!("expected a registry error, got {other:?}"),
+    }
+}
+
 /// `skopeo copy SRC DEST` (transports spelled out, as skopeo takes them).
 pub fn skopeo_copy(src: &str, dest: &str) {
     need("skopeo", "skopeo");

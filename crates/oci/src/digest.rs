@@ -84,6 +84,38 @@ impl Digest {
     pub fn hasher(&self) -> Hasher {
         Hasher::new(self.algorithm)
     }
+
+    /// Where an OCI image layout, and the store, keep this blob:
+    /// `blobs/<algorithm>/<hex>`.
+    pub fn layout_path(&self) -> String {
+        format!("blobs/{}/{}", self.algorithm.name(), self.hex)
+    }
+
+    /// Checks that content of `got_size` bytes whose digest is `got` is
+    /// this blob, of `size` bytes when the size is known.
+    pub(crate) fn verify(
+        &self,
+        size: Option<u64>,
+        got: &Digest,
+        got_size: u64,
+    ) -> Result<(), Error> {
+        if let Some(size) = size
+            && size != got_size
+        {
+            return Err(Error::SizeMismatch {
+                digest: self.to_string(),
+                expected: size,
+                got: got_size,
+            });
+        }
+        if got != self {
+            return Err(Error::DigestMismatch {
+                expected: self.to_string(),
+                got: got.to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Digest {

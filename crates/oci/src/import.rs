@@ -391,7 +391,7 @@ impl Source {
     /// A small blob named by its descriptor, verified.
     fn read_blob(&self, desc: &Descriptor) -> Result<(Digest, Vec<u8>), Error> {
         let digest = Digest::parse(&desc.digest)?;
-        let bytes = self.read_small(&blob_name(&digest))?;
+        let bytes = self.read_small(&digest.layout_path())?;
         check(&digest, desc.size, &bytes)?;
         Ok((digest, bytes))
     }
@@ -443,19 +443,9 @@ impl Source {
         if let SourceKind::Extracted { .. } = &self.kind {
             let file = self.extracted(name)?;
             if digest.algorithm() == Algorithm::Sha256 {
-                if file.size != size {
-                    return Err(in_source(Error::SizeMismatch {
-                        digest: digest.to_string(),
-                        expected: size,
-                        got: file.size,
-                    }));
-                }
-                if file.sha256 != *digest {
-                    return Err(in_source(Error::DigestMismatch {
-                        expected: digest.to_string(),
-                        got: file.sha256.to_string(),
-                    }));
-                }
+                digest
+                    .verify(Some(size), &file.sha256, file.size)
+                    .map_err(in_source)?;
                 // Already hashed, and on the store's file system: move it.
                 return store.adopt(&file.path, digest);
             }
@@ -512,7 +502,7 @@ impl Source {
             blobs.extend(manifest.layers.iter().cloned());
             let blobs = blobs
                 .into_iter()
-                .map(|d| Ok((blob_name(&Digest::parse(&d.digest)?), d)))
+                .map(|d| Ok((Digest::parse(&d.digest)?.layout_path(), d)))
                 .collect::<Result<_, Error>>()?;
             found.push(Found {
                 names,
@@ -621,33 +611,11 @@ fn oci_names(entry: &Descriptor) -> (Vec<String>, String) {
     }
 }
 
-/// Where a layout keeps the blob `digest`.
-fn blob_name(digest: &Digest) -> String {
-    let alg = match digest.algorithm() {
-        Algorithm::Sha256 => "sha256",
-        Algorithm::Sha512 => "sha512",
-    };
-    format!("blobs/{alg}/{}", digest.hex())
-}
-
+/// Checks `bytes` are the blob `digest` of `size` bytes.
 fn check(digest: &Digest, size: u64, bytes: &[u8]) -> Result<(), Error> {
-    if bytes.len() as u64 != size {
-        return Err(Error::SizeMismatch {
-            digest: digest.to_string(),
-            expected: size,
-            got: bytes.len() as u64,
-        });
-    }
     let mut hasher = digest.hasher();
     hasher.update(bytes);
-    let got = hasher.finish();
-    if got != *digest {
-        return Err(Error::DigestMismatch {
-            expected: digest.to_string(),
-            got: got.to_string(),
-        });
-    }
-    Ok(())
+    digest.verify(Some(size), &hasher.finish(), bytes.len() as u64)
 }
 
 /// `name` as a plain relative path (`a/b`), resolving `.` and `..`

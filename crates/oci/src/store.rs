@@ -173,11 +173,7 @@ impl Store {
 
     /// Where the blob `digest` lives (whether or not it is there).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        let alg = match digest.algorithm() {
-            crate::digest::Algorithm::Sha256 => "sha256",
-            crate::digest::Algorithm::Sha512 => "sha512",
-        };
-        self.root.join("blobs").join(alg).join(digest.hex())
+        self.root.join(digest.layout_path())
     }
 
     /// Whether the blob is stored with this size (blobs are verified before
@@ -372,22 +368,8 @@ impl BlobWriter {
     /// any mismatch nothing is stored (the temporary file is removed).
     pub fn commit(self) -> Result<(), Error> {
         let got_size = self.hasher.len();
-        if let Some(size) = self.size
-            && size != got_size
-        {
-            return Err(Error::SizeMismatch {
-                digest: self.expected.to_string(),
-                expected: size,
-                got: got_size,
-            });
-        }
         let got = self.hasher.finish();
-        if got != self.expected {
-            return Err(Error::DigestMismatch {
-                expected: self.expected.to_string(),
-                got: got.to_string(),
-            });
-        }
+        self.expected.verify(self.size, &got, got_size)?;
         self.file
             .as_file()
             .sync_all()

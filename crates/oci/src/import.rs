@@ -14,7 +14,7 @@
 //! or a full reference in `org.opencontainers.image.ref.name`. A bare tag
 //! (`latest`) or no name at all needs `LoadOptions::tag`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -46,8 +46,26 @@ pub struct LoadOptions {
 /// Loads every image in the archive or layout directory at `path` into
 /// `store`, returning their records.
 pub fn load(store: &Store, path: &Path, options: &LoadOptions) -> Result<Vec<ImageRecord>, Error> {
+    let mut added = Vec::new();
+    let result = {
+        let _adding = store.lock_shared()?;
+        load_locked(store, path, options, &mut added)
+    };
+    // A failed load takes back the blobs it added, once no other process
+    // is adding (the shared lock is released first).
+    if result.is_err() && !added.is_empty() {
+        let _ = store.remove_unreferenced(&added);
+    }
+    result
+}
+
+fn load_locked(
+    store: &Store,
+    path: &Path,
+    options: &LoadOptions,
+    added: &mut Vec<Digest>,
+) -> Result<Vec<ImageRecord>, Error> {
     let label = path.display().to_string();
-    let _adding = store.lock_shared()?;
     let meta = fs::metadata(path).map_err(|e| io_error(format!("opening {label}"), e))?;
     let source = if meta.is_dir() {
         Source::directory(path)?
@@ -64,13 +82,7 @@ pub fn load(store: &Store, path: &Path, options: &LoadOptions) -> Result<Vec<Ima
         )));
     };
     let images = name_images(&label, images, options.tag.as_deref())?;
-
-    let mut added = Vec::new();
-    let result = store_images(store, &source, &images, &mut added);
-    if result.is_err() {
-        forget_unused(store, &added);
-    }
-    result
+    store_images(store, &source, &images, added)
 }
 
 /// One image found in the source, checked but not yet stored.
@@ -153,25 +165,6 @@ fn store_images(
         store.save_image(record)?;
     }
     Ok(records)
-}
-
-/// Removes blobs this load stored that no image record uses.
-fn forget_unused(store: &Store, added: &[Digest]) {
-    let used: HashSet<String> = store
-        .images()
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|r| {
-            let mut d = vec![r.manifest_digest, r.config_digest];
-            d.extend(r.layers.into_iter().map(|l| l.digest));
-            d
-        })
-        .collect();
-    for digest in added {
-        if !used.contains(&digest.to_string()) {
-            let _ = fs::remove_file(store.blob_path(digest));
-        }
-    }
 }
 
 /// Where an image's files come from.

@@ -311,12 +311,7 @@ impl Store {
     /// called while holding [`Store::lock_shared`].
     pub fn collect_garbage(&self) -> Result<(), Error> {
         let _exclusive = self.lock_exclusive()?;
-        let mut keep = std::collections::HashSet::new();
-        for image in self.images()? {
-            keep.insert(image.manifest_digest.clone());
-            keep.insert(image.config_digest.clone());
-            keep.extend(image.layers.iter().map(|l| l.digest.clone()));
-        }
+        let keep = self.referenced_blobs()?;
         // Indexes pointing at kept manifests are not recorded; they are
         // cheap to fetch again, so they go too.
         for alg in ["sha256", "sha512"] {
@@ -345,6 +340,32 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Removes those of `digests` that no image record uses, waiting until
+    /// no other process is adding to the store (one may be about to record
+    /// an image using them). Must not be called while holding
+    /// [`Store::lock_shared`].
+    pub(crate) fn remove_unreferenced(&self, digests: &[Digest]) -> Result<(), Error> {
+        let _exclusive = self.lock_exclusive()?;
+        let keep = self.referenced_blobs()?;
+        for digest in digests {
+            if !keep.contains(&digest.to_string()) {
+                let _ = fs::remove_file(self.blob_path(digest));
+            }
+        }
+        Ok(())
+    }
+
+    /// The digests of every blob an image record uses.
+    fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, Error> {
+        let mut keep = std::collections::HashSet::new();
+        for image in self.images()? {
+            keep.insert(image.manifest_digest);
+            keep.insert(image.config_digest);
+            keep.extend(image.layers.into_iter().map(|l| l.digest));
+        }
+        Ok(keep)
     }
 }
 

@@ -108,17 +108,14 @@ pub fn unpack_image(
     let mut unpacker = Unpacker::new(tree, limits)?;
     for layer in &record.layers {
         let digest = Digest::parse(&layer.digest)?;
-        let compression = match Compression::from_media_type(&layer.media_type) {
-            Some(c) => c,
-            None => {
-                let mut magic = [0u8; 4];
-                let n = store
-                    .open_blob(&digest)?
-                    .read(&mut magic)
-                    .map_err(|e| io_error(format!("reading blob {digest}"), e))?;
-                Compression::sniff(&magic[..n])
-            }
-        };
+        // Pull and load record only media types this crate reads (load
+        // names docker save layers by their first bytes).
+        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {}: unsupported media type {}",
+                layer.digest, layer.media_type
+            ))
+        })?;
         let blob = std::io::BufReader::new(store.open_blob(&digest)?);
         let diff_id = (!layer.diff_id.is_empty()).then_some(layer.diff_id.as_str());
         unpacker.apply(&layer.digest, blob, compression, diff_id)?;

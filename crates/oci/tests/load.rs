@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use common::{Layout, Packing, busybox_layer, skopeo_copy};
-use supermachine_oci::{Error, Limits, LoadOptions, Store, load, rootfs};
+use supermachine_oci::{Error, LoadOptions, Store, load};
 
 fn busybox_layout(dir: &Path) -> common::Built {
     let mut layout = Layout::new(dir);
@@ -21,12 +21,7 @@ fn busybox_layout(dir: &Path) -> common::Built {
 
 /// Unpacks a loaded image and checks busybox arrived intact.
 fn assert_busybox_inside(store: &Store, record: &supermachine_oci::ImageRecord, work: &Path) {
-    let tree = tempfile::tempdir_in(work).unwrap();
-    rootfs::unpack_image(store, record, tree.path(), Limits::default()).unwrap();
-    assert_eq!(
-        common::file_digest(&tree.path().join("bin/busybox")),
-        common::file_digest(Path::new(common::BUSYBOX))
-    );
+    common::assert_busybox_in(common::unpack(store, record, work).path());
 }
 
 /// Nothing half-loaded: no records, no blobs, no temporaries.

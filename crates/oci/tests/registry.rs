@@ -128,17 +128,13 @@ fn gzip_and_zstd_layers_with_whiteouts_and_an_opaque_directory_unpack_in_order()
     .unwrap();
     assert_eq!(record.layers.len(), 3);
     assert!(record.layers[1].media_type.ends_with("+zstd"));
-    let tree = work.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
+    let tree = common::unpack(&store, &record, work.path());
+    let tree = tree.path();
     assert_eq!(fs::read(tree.join("srv/keep")).unwrap(), b"keep");
     assert!(!tree.join("srv/drop").exists());
     assert!(!tree.join("srv/cache/old").exists());
     assert_eq!(fs::read(tree.join("srv/cache/new")).unwrap(), b"new");
-    assert_eq!(
-        common::file_digest(&tree.join("bin/busybox")),
-        common::file_digest(Path::new(common::BUSYBOX))
-    );
+    common::assert_busybox_in(tree);
 }
 
 #[test]
@@ -293,10 +289,8 @@ fn a_pull_interrupted_mid_layer_keeps_no_partial_blob_and_a_retry_completes() {
     registry.restart();
     let record = pull(&store, &reference, &options()).unwrap();
     assert_eq!(record.manifest_digest, built.manifest);
-    let tree = work.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
-    assert!(fs::read(tree.join("data/noise")).unwrap() == noise);
+    let tree = common::unpack(&store, &record, work.path());
+    assert!(fs::read(tree.path().join("data/noise")).unwrap() == noise);
 }
 
 #[test]
@@ -332,13 +326,7 @@ fn docker_schema_2_manifests_and_layers_pull_too() {
         record.layers[0].media_type,
         "application/vnd.docker.image.rootfs.diff.tar.gzip"
     );
-    let tree = work.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
-    assert_eq!(
-        common::file_digest(&tree.join("bin/busybox")),
-        common::file_digest(Path::new(common::BUSYBOX))
-    );
+    common::assert_busybox_in(common::unpack(&store, &record, work.path()).path());
 }
 
 #[test]
@@ -364,10 +352,7 @@ fn https_registries_are_verified_against_the_ca_kept_for_them() {
         ..options()
     };
     let record = pull(&store, &reference, &trusted).unwrap();
-    let tree = work.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    rootfs::unpack_image(&store, &record, &tree, Limits::default()).unwrap();
-    assert!(tree.join("bin/busybox").is_file());
+    common::assert_busybox_in(common::unpack(&store, &record, work.path()).path());
     store.remove_image(&reference).unwrap();
 
     // A certificate from another CA is refused: verification is on.

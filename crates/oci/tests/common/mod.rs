@@ -445,6 +445,31 @@ pub fn busybox_layer() -> Vec<u8> {
     ])
 }
 
+/// Unpacks a stored image into a new directory under `work`.
+pub fn unpack(
+    store: &supermachine_oci::Store,
+    record: &supermachine_oci::ImageRecord,
+    work: &Path,
+) -> tempfile::TempDir {
+    let tree = tempfile::tempdir_in(work).unwrap();
+    supermachine_oci::rootfs::unpack_image(
+        store,
+        record,
+        tree.path(),
+        supermachine_oci::Limits::default(),
+    )
+    .unwrap();
+    tree
+}
+
+/// The unpacked tree holds Debian's busybox, byte for byte.
+pub fn assert_busybox_in(tree: &Path) {
+    assert_eq!(
+        file_digest(&tree.join("bin/busybox")),
+        file_digest(Path::new(BUSYBOX))
+    );
+}
+
 /// A digest of the unpacked file at `path` in a pulled image's tree.
 pub fn file_digest(path: &Path) -> String {
     format!("{:x}", Sha256::digest(fs::read(path).unwrap()))

@@ -91,6 +91,13 @@ impl Digest {
         format!("blobs/{}/{}", self.algorithm.name(), self.hex)
     }
 
+    /// Checks that `bytes` are this blob, of `size` bytes when known.
+    pub(crate) fn verify_bytes(&self, size: Option<u64>, bytes: &[u8]) -> Result<(), Error> {
+        let mut hasher = self.hasher();
+        hasher.update(bytes);
+        self.verify(size, &hasher.finish(), bytes.len() as u64)
+    }
+
     /// Checks that content of `got_size` bytes whose digest is `got` is
     /// this blob, of `size` bytes when the size is known.
     pub(crate) fn verify(

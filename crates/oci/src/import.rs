@@ -385,7 +385,7 @@ impl Source {
     fn read_blob(&self, desc: &Descriptor) -> Result<(Digest, Vec<u8>), Error> {
         let digest = Digest::parse(&desc.digest)?;
         let bytes = self.read_small(&digest.layout_path())?;
-        check(&digest, desc.size, &bytes)?;
+        digest.verify_bytes(Some(desc.size), &bytes)?;
         Ok((digest, bytes))
     }
 
@@ -602,13 +602,6 @@ fn oci_names(entry: &Descriptor) -> (Vec<String>, String) {
         Some(tag) => (Vec::new(), format!("is named only by the tag {tag:?}")),
         None => (Vec::new(), "has no name".into()),
     }
-}
-
-/// Checks `bytes` are the blob `digest` of `size` bytes.
-fn check(digest: &Digest, size: u64, bytes: &[u8]) -> Result<(), Error> {
-    let mut hasher = digest.hasher();
-    hasher.update(bytes);
-    digest.verify(Some(size), &hasher.finish(), bytes.len() as u64)
 }
 
 /// `name` as a plain relative path (`a/b`), resolving `.` and `..`

@@ -194,8 +194,13 @@ impl Store {
         })
     }
 
-    /// Stores `bytes` as the blob `digest`, verifying it.
+    /// Stores `bytes` as the blob `digest`, verifying it. A blob already
+    /// stored is not written again (a cached pull fetches its manifest
+    /// every time), but `bytes` are still checked against the digest.
     pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<(), Error> {
+        if self.has_blob(digest, bytes.len() as u64) {
+            return digest.verify_bytes(None, bytes);
+        }
         let mut w = self.blob_writer(digest, Some(bytes.len() as u64))?;
         w.write_all(bytes)
             .map_err(|e| io_error(format!("writing blob {digest}"), e))?;
@@ -430,6 +435,29 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::time::Duration;
+
+    #[test]
+    fn a_stored_blob_is_not_rewritten_but_new_bytes_are_still_checked() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| io_error("tempdir".into(), e))?;
+        let store = Store::open(dir.path())?;
+        let digest = Digest::sha256_of(b"manifest");
+        store.put_blob(&digest, b"manifest")?;
+        let stored = fs::metadata(store.blob_path(&digest))
+            .and_then(|m| m.modified())
+            .map_err(|e| io_error("stat".into(), e))?;
+        std::thread::sleep(Duration::from_millis(20));
+        store.put_blob(&digest, b"manifest")?;
+        let again = fs::metadata(store.blob_path(&digest))
+            .and_then(|m| m.modified())
+            .map_err(|e| io_error("stat".into(), e))?;
+        assert_eq!(stored, again, "not written again");
+        // Same length, other bytes: refused although the blob exists.
+        assert!(matches!(
+            store.put_blob(&digest, b"MANIFEST"),
+            Err(Error::DigestMismatch { .. })
+        ));
+        Ok(())
+    }
 
     #[test]
     fn garbage_collection_waits_for_a_process_adding_to_the_store() -> Result<(), Error> {

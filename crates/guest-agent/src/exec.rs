@@ -1,0 +1,547 @@
+//! `Exec`: one process per request, its output streamed back as it comes.
+//!
+//! A session has these threads: the connection's own thread reads the
+//! host's frames (stdin, close, resize, signal, done); one pump per output
+//! stream reads the process's pipe (or terminal) and writes frames; a
+//! feeder writes stdin to the process; a waiter waits for the exit (and
+//! the timeout), then for both pumps to reach end of file, and sends
+//! `Exit`. Every frame goes through one lock, so frames never interleave,
+//! and nothing is buffered beyond one chunk per stream: a host that stops
+//! reading stops the pumps (vsock credit), which stops the process when
+//! its pipe fills. Stdin is bounded by the protocol's window.
+//!
+//! Each process leads its own session and process group, so a timeout or
+//! a lost host connection kills everything it started.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use supermachine_agent_protocol::{
+    self as proto, AgentError, AgentMessage, CHUNK, ErrorKind, ExecRequest, ExitStatus,
+    HostMessage, STDIN_WINDOW, WindowSize,
+};
+
+use crate::reaper::Reaped;
+use crate::{Agent, Conn, Flow, os_error, user};
+
+/// The `PATH` a process gets when its environment has none (Docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Stack size of a session's helper threads.
+const THREAD_STACK: usize = 128 << 10;
+
+/// The session's side of the connection for writing, shared by every
+/// thread that sends frames.
+struct Outbox<S> {
+    conn: S,
+    /// `Exit` has been sent: nothing more may follow (the connection may
+    /// already be serving the next request).
+    closed: bool,
+}
+
+type SharedOutbox<S> = Arc<Mutex<Outbox<S>>>;
+
+fn send<S: Write>(outbox: &Mutex<Outbox<S>>, message: &AgentMessage) -> io::Result<()> {
+    let mut o = outbox.lock().unwrap_or_else(|p| p.into_inner());
+    if o.closed {
+        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session over"));
+    }
+    proto::write_frame(&mut o.conn, message).map_err(|e| match e {
+        proto::Error::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// Sends `signal` to `pid`, or to its process group.
+pub fn send_signal(pid: i32, signal: i32, group: bool) -> io::Result<()> {
+    if pid <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to signal pid {pid}"),
+        ));
+    }
+    let target = if group { -pid } else { pid };
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(target, signal) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal pair: (master, slave).
+fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
+    let ptmx = CString::new("/dev/ptmx").map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path and flags; the result is checked.
+    let master = unsafe {
+        libc::open(
+            ptmx.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `master` is a descriptor we just opened and own.
+    let master = unsafe { File::from_raw_fd(master) };
+    let mut unlock: libc::c_int = 0;
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCSPTLCK reads an int and TIOCGPTN writes an unsigned int,
+    // both through valid pointers, on a ptmx descriptor.
+    unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &mut unlock) < 0
+            || libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    set_window_size(&master, size)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(format!("/dev/pts/{number}"))?;
+    Ok((master, slave))
+}
+
+fn set_window_size(tty: &File, size: WindowSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize through a valid pointer.
+    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The environment a process gets: the request's, plus `PATH`, `HOME`,
+/// `HOSTNAME` and (on a terminal) `TERM` where it has none.
+fn environment(
+    req: &ExecRequest,
+    home: &str,
+    hostname: &str,
+) -> Result<Vec<(String, String)>, AgentError> {
+    let mut env: Vec<(String, String)> = Vec::with_capacity(req.env.len() + 4);
+    for entry in &req.env {
+        let Some((k, v)) = entry.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+            return Err(AgentError {
+                kind: ErrorKind::InvalidRequest,
+                message: format!("environment entry {entry:?} is not KEY=VALUE"),
+            });
+        };
+        if k.contains('\0') || v.contains('\0') {
+            return Err(AgentError {
+                kind: ErrorKind::InvalidRequest,
+                message: format!("environment entry {k:?} contains a NUL byte"),
+            });
+        }
+        env.retain(|(existing, _)| existing != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut default = |k: &str, v: &str| {
+        if !env.iter().any(|(e, _)| e == k) {
+            env.push((k.to_string(), v.to_string()));
+        }
+    };
+    default("PATH", DEFAULT_PATH);
+    default("HOSTNAME", hostname);
+    default("HOME", home);
+    if req.tty.is_some() {
+        default("TERM", "xterm");
+    }
+    Ok(env)
+}
+
+/// The process's stdio as the session sees it.
+struct Streams {
+    stdin: Option<File>,
+    stdout: File,
+    stderr: Option<File>,
+    /// The terminal's master side, for resizes.
+    tty: Option<File>,
+}
+
+/// Starts the process and registers it; answers errors itself.
+fn start(
+    agent: &Agent,
+    req: &ExecRequest,
+) -> Result<(i32, Streams, mpsc::Receiver<Reaped>), AgentError> {
+    let invalid = |message: String| AgentError {
+        kind: ErrorKind::InvalidRequest,
+        message,
+    };
+    let program = req
+        .argv
+        .first()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| invalid("exec needs a program (argv is empty)".into()))?;
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("an argument contains a NUL byte".into()));
+    }
+    let identity = user::resolve(&agent.root, req.user.as_ref()).map_err(|e| AgentError {
+        kind: ErrorKind::NotFound,
+        message: e.0,
+    })?;
+    let env = environment(req, &identity.home, &agent.hostname)?;
+    let cwd = req.cwd.as_deref().unwrap_or("/");
+    if !Path::new(cwd).is_dir() {
+        return Err(AgentError {
+            kind: ErrorKind::NotFound,
+            message: format!("working directory {cwd}: no such directory"),
+        });
+    }
+
+    let mut cmd = Command::new(program);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd);
+    let (streams, tty) = match req.tty {
+        Some(size) => {
+            let (master, slave) = open_pty(size).map_err(|e| os_error("opening a terminal", &e))?;
+            let dup = |f: &File| {
+                f.try_clone()
+                    .map_err(|e| os_error("opening a terminal", &e))
+            };
+            cmd.stdin(dup(&slave)?).stdout(dup(&slave)?).stderr(slave);
+            let streams = Streams {
+                stdin: Some(dup(&master)?),
+                stdout: dup(&master)?,
+                stderr: None,
+                tty: Some(master),
+            };
+            (Some(streams), true)
+        }
+        None => {
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+            (None, false)
+        }
+    };
+    let groups: Vec<libc::gid_t> = identity.groups.clone();
+    let (uid, gid) = (identity.uid, identity.gid);
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only makes async-signal-safe system calls on data prepared before
+    // the fork (`groups` is moved in, not allocated there).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                || libc::setgid(gid) < 0
+                || libc::setuid(uid) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let guard = agent.reaper.lock_for_spawn();
+    let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+    let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+    guard.register(pid, exit_tx);
+    // The terminal's slave copies in `cmd` must close, or the master never
+    // sees the end of the session.
+    drop(cmd);
+    let streams = match streams {
+        Some(s) => s,
+        None => {
+            let pipe = |p: Option<OwnedFd>| p.map(File::from);
+            Streams {
+                stdin: pipe(child.stdin.take().map(OwnedFd::from)),
+                stdout: pipe(child.stdout.take().map(OwnedFd::from))
+                    .ok_or_else(|| invalid("no stdout pipe".into()))?,
+                stderr: pipe(child.stderr.take().map(OwnedFd::from)),
+                tty: None,
+            }
+        }
+    };
+    // The reaper, not `child`, collects the exit.
+    drop(child);
+    Ok((pid, streams, exit_rx))
+}
+
+fn spawn_error(program: &str, e: &io::Error) -> AgentError {
+    match e.kind() {
+        io::ErrorKind::NotFound => AgentError {
+            kind: ErrorKind::NotFound,
+            message: format!("exec: \"{program}\": executable file not found in $PATH"),
+        },
+        io::ErrorKind::PermissionDenied => AgentError {
+            kind: ErrorKind::PermissionDenied,
+            message: format!("exec: \"{program}\": permission denied"),
+        },
+        _ => os_error(&format!("exec: \"{program}\""), e),
+    }
+}
+
+/// Runs an `Exec` request to its end. Gives the connection back for the
+/// next request once the host has acknowledged the exit.
+pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Option<S>) {
+    let (pid, streams, exit_rx) = match start(agent, &req) {
+        Ok(x) => x,
+        Err(e) => {
+            let ok = proto::write_frame(&mut conn, &AgentMessage::Error(e)).is_ok();
+            return if ok {
+                (Flow::Continue, Some(conn))
+            } else {
+                (Flow::Close, None)
+            };
+        }
+    };
+    let outbox: SharedOutbox<S> = match conn.duplicate() {
+        Ok(c) => Arc::new(Mutex::new(Outbox {
+            conn: c,
+            closed: false,
+        })),
+        Err(e) => {
+            log::warn!("exec: duplicating the connection: {e}");
+            let _ = send_signal(pid, libc::SIGKILL, true);
+            return (Flow::Close, None);
+        }
+    };
+    if send(&outbox, &AgentMessage::Started { pid }).is_err() {
+        let _ = send_signal(pid, libc::SIGKILL, true);
+        return (Flow::Close, None);
+    }
+    let tty_mode = streams.tty.is_some();
+    let mut pumps = vec![pump(streams.stdout, outbox.clone(), AgentMessage::Stdout)];
+    if let Some(stderr) = streams.stderr {
+        pumps.push(pump(stderr, outbox.clone(), AgentMessage::Stderr));
+    }
+    let buffered = Arc::new(AtomicU32::new(0));
+    let feeder = streams
+        .stdin
+        .map(|stdin| feed(stdin, tty_mode, outbox.clone(), buffered.clone()));
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    let waiter = {
+        let outbox = outbox.clone();
+        spawn_thread("exec-wait", move || {
+            wait(pid, exit_rx, timeout, pumps, &outbox);
+        })
+    };
+
+    let mut feeder = feeder;
+    let flow = loop {
+        let message = match proto::read_frame::<_, HostMessage>(&mut conn) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => {
+                // The host is gone: nothing may outlive its session.
+                let _ = send_signal(pid, libc::SIGKILL, true);
+                break Flow::Close;
+            }
+        };
+        match message {
+            HostMessage::Stdin(bytes) => {
+                let Some((tx, _)) = &feeder else {
+                    continue;
+                };
+                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                let before = buffered.fetch_add(len, Ordering::SeqCst);
+                if before.saturating_add(len) > STDIN_WINDOW {
+                    log::warn!("exec {pid}: the host overran the stdin window");
+                    let _ = send_signal(pid, libc::SIGKILL, true);
+                    break Flow::Close;
+                }
+                let _ = tx.send(Some(bytes));
+            }
+            HostMessage::CloseStdin => {
+                if let Some((tx, _)) = &feeder {
+                    let _ = tx.send(None);
+                }
+            }
+            HostMessage::Resize(size) => {
+                if let Some(tty) = &streams.tty
+                    && let Err(e) = set_window_size(tty, size)
+                {
+                    log::debug!("exec {pid}: resize: {e}");
+                }
+            }
+            HostMessage::Signal { signal, group } => {
+                if let Err(e) = send_signal(pid, signal, group) {
+                    log::debug!("exec {pid}: signal {signal}: {e}");
+                }
+            }
+            HostMessage::Done if outbox.lock().map(|o| o.closed).unwrap_or(true) => {
+                break Flow::Continue;
+            }
+            other => {
+                log::warn!(
+                    "exec {pid}: unexpected {} during a session",
+                    crate::message_name(&other)
+                );
+            }
+        }
+    };
+    // The feeder may be stuck writing to a pipe some descendant holds open
+    // and never reads; it sends nothing once the session is closed, so it
+    // is left to finish on its own.
+    if let Some((tx, handle)) = feeder.take() {
+        drop(tx);
+        drop(handle);
+    }
+    match flow {
+        Flow::Continue => {
+            if let Ok(w) = waiter {
+                let _ = w.join();
+            }
+            (Flow::Continue, Some(conn))
+        }
+        Flow::Close => {
+            let _ = conn.shutdown_write();
+            (Flow::Close, None)
+        }
+    }
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK)
+        .spawn(f)
+        .inspect_err(|e| log::error!("starting a {name} thread: {e}"))
+}
+
+/// Copies one output stream into frames until end of file.
+fn pump<S: Write + Send + 'static>(
+    mut from: File,
+    outbox: SharedOutbox<S>,
+    frame: fn(Vec<u8>) -> AgentMessage,
+) -> Option<JoinHandle<()>> {
+    spawn_thread("exec-pump", move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if send(&outbox, &frame(buf[..n].to_vec())).is_err() {
+                        // Keep draining so the process is not stopped by a
+                        // full pipe; its output has nowhere to go.
+                        continue;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A terminal's master reads EIO once every slave is closed.
+                Err(_) => return,
+            }
+        }
+    })
+    .ok()
+}
+
+type Feeder = (mpsc::Sender<Option<Vec<u8>>>, Option<JoinHandle<()>>);
+
+/// Writes stdin to the process, acknowledging each piece. `None` closes
+/// stdin (on a terminal: sends the end-of-file character).
+fn feed<S: Write + Send + 'static>(
+    stdin: File,
+    tty: bool,
+    outbox: SharedOutbox<S>,
+    buffered: Arc<AtomicU32>,
+) -> Feeder {
+    let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
+    let handle = spawn_thread("exec-stdin", move || {
+        let mut stdin = Some(stdin);
+        for piece in rx {
+            match piece {
+                Some(bytes) => {
+                    if let Some(s) = &mut stdin
+                        && s.write_all(&bytes).is_err()
+                    {
+                        // The process closed its stdin: the rest is dropped.
+                        stdin = None;
+                    }
+                    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                    buffered.fetch_sub(len, Ordering::SeqCst);
+                    let _ = send(&outbox, &AgentMessage::StdinConsumed(len));
+                }
+                None if tty => {
+                    if let Some(s) = &mut stdin {
+                        let _ = s.write_all(&[4]);
+                    }
+                }
+                None => stdin = None,
+            }
+        }
+    })
+    .ok();
+    (tx, handle)
+}
+
+/// Waits for the exit (killing the process group at the timeout), then
+/// for the output to end, and sends `Exit`.
+fn wait<S: Write>(
+    pid: i32,
+    exit: mpsc::Receiver<Reaped>,
+    timeout: Option<Duration>,
+    pumps: Vec<Option<JoinHandle<()>>>,
+    outbox: &Mutex<Outbox<S>>,
+) {
+    let mut timed_out = false;
+    let reaped = match timeout {
+        Some(limit) => {
+            let deadline = Instant::now() + limit;
+            match exit.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => {
+                    timed_out = true;
+                    let _ = send_signal(pid, libc::SIGKILL, true);
+                    exit.recv().ok()
+                }
+                Err(RecvTimeoutError::Disconnected) => None,
+            }
+        }
+        None => exit.recv().ok(),
+    };
+    if timed_out {
+        // Descendants that left the group still hold the pipes only if
+        // they started sessions of their own; the group is gone.
+        let _ = send_signal(pid, libc::SIGKILL, true);
+    }
+    for p in pumps.into_iter().flatten() {
+        let _ = p.join();
+    }
+    let status = match reaped {
+        Some(r) => ExitStatus {
+            code: r.code(),
+            signal: r.signal(),
+            timed_out,
+            peak_rss_kib: r.peak_rss_kib,
+        },
+        None => ExitStatus {
+            code: None,
+            signal: None,
+            timed_out,
+            peak_rss_kib: 0,
+        },
+    };
+    let mut o = outbox.lock().unwrap_or_else(|p| p.into_inner());
+    if !o.closed {
+        let _ = proto::write_frame(&mut o.conn, &AgentMessage::Exit(status));
+        o.closed = true;
+    }
+}

@@ -1,0 +1,329 @@
+//! The supermachine guest agent: PID 1 in every guest.
+//!
+//! At boot ([`system::boot`]) it mounts the image's root file system
+//! (EROFS, read-only) under a writable overlay and switches into it, mounts
+//! the usual kernel file systems, brings up loopback and sets the hostname.
+//! Then it serves the host over vsock ([`Agent::serve`]): each connection
+//! carries requests of `supermachine-agent-protocol` one at a time, and
+//! many connections are served at once, each on its own thread.
+//!
+//! The agent never exits on a bad request: a malformed frame, an unknown
+//! message or a failing operation is answered with an error, and only that
+//! connection (or only that request, when the stream is still in step) is
+//! affected.
+
+pub mod exec;
+pub mod files;
+pub mod reaper;
+pub mod system;
+pub mod user;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use supermachine_agent_protocol::{
+    self as proto, AgentError, AgentMessage, ErrorKind, HostMessage, Request,
+};
+
+pub use reaper::Reaper;
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The protocol failed (I/O, framing, handshake).
+    #[error(transparent)]
+    Protocol(#[from] proto::Error),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A byte stream to the host: a vsock connection in the guest, a Unix
+/// socket in tests.
+pub trait Conn: Read + Write + AsRawFd + Send + Sync + Sized + 'static {
+    /// Another handle to the same connection.
+    fn duplicate(&self) -> io::Result<Self>;
+    /// Half-closes the direction towards the host.
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Conn for vsock::VsockStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl Conn for UnixStream {
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// What the agent serves with.
+#[derive(Debug)]
+pub struct Agent {
+    reaper: Arc<Reaper>,
+    /// The guest's `/` (where /etc/passwd is read from).
+    root: PathBuf,
+    hostname: String,
+    /// True when this process is the guest's PID 1 and may set the clock,
+    /// feed the entropy pool and power the machine off. Tests run the
+    /// agent as an ordinary process, where these are refused.
+    owns_system: bool,
+}
+
+/// What happens to a connection after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Serve the next request.
+    Continue,
+    /// The connection is used up (it became a TCP stream, or failed).
+    Close,
+}
+
+impl Agent {
+    /// An agent reaping through `reaper`. `owns_system` only for PID 1.
+    pub fn new(reaper: Arc<Reaper>, root: PathBuf, hostname: String, owns_system: bool) -> Self {
+        Self {
+            reaper,
+            root,
+            hostname,
+            owns_system,
+        }
+    }
+
+    /// The reaper this agent registers its processes with.
+    pub fn reaper(&self) -> &Arc<Reaper> {
+        &self.reaper
+    }
+
+    /// True when this agent is PID 1 and manages the machine.
+    pub fn owns_system(&self) -> bool {
+        self.owns_system
+    }
+
+    /// The guest's hostname.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// Serves a connection the host opened: handshakes, then requests
+    /// until the host closes it or it is used up.
+    pub fn serve<S: Conn>(&self, mut conn: S) {
+        if let Err(e) = proto::expect_handshake(&mut conn) {
+            // Say why in a frame the peer can read whatever its version,
+            // after our handshake, then hang up.
+            let kind = match e {
+                proto::Error::VersionMismatch { .. } => ErrorKind::VersionMismatch,
+                _ => ErrorKind::Protocol,
+            };
+            let _ = proto::send_handshake(&mut conn);
+            let _ = reply_error(&mut conn, kind, e.to_string());
+            log::warn!("refused a connection: {e}");
+            return;
+        }
+        if proto::send_handshake(&mut conn).is_err() {
+            return;
+        }
+        self.serve_requests(conn);
+    }
+
+    /// Serves requests on a connection whose handshake is done.
+    pub fn serve_requests<S: Conn>(&self, mut conn: S) {
+        loop {
+            let payload = match proto::read_payload(&mut conn) {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
+                Err(e) => {
+                    // Out of step with the stream: say so and hang up.
+                    let _ = reply_error(&mut conn, ErrorKind::Protocol, e.to_string());
+                    return;
+                }
+            };
+            let request = match proto::decode::<HostMessage>(&payload) {
+                Ok(HostMessage::Request(r)) => r,
+                Ok(other) => {
+                    let message = format!("expected a request, got {}", message_name(&other));
+                    if reply_error(&mut conn, ErrorKind::Protocol, message).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if reply_error(&mut conn, ErrorKind::Protocol, e.to_string()).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match self.handle(request, conn) {
+                Some(c) => conn = c,
+                None => return,
+            }
+        }
+    }
+
+    /// Handles one request; gives the connection back unless it is used up.
+    fn handle<S: Conn>(&self, request: Request, mut conn: S) -> Option<S> {
+        let result: Result<(), AgentError> = match request {
+            Request::Ping => Ok(()),
+            Request::Exec(req) => {
+                return match exec::run(self, req, conn) {
+                    (Flow::Continue, c) => c,
+                    (Flow::Close, _) => None,
+                };
+            }
+            Request::WriteFile(req) => {
+                let outcome = files::write(&req, &mut conn);
+                match outcome {
+                    Ok(files::Received::Complete) => Ok(()),
+                    Ok(files::Received::Failed(e)) => Err(e),
+                    Err(e) => {
+                        log::debug!("write_file {}: {e}", req.path);
+                        return None;
+                    }
+                }
+            }
+            Request::ReadFile { path } => {
+                return match files::read(&path, &mut conn) {
+                    Ok(()) => Some(conn),
+                    Err(e) => {
+                        log::debug!("read_file {path}: {e}");
+                        None
+                    }
+                };
+            }
+            Request::Connect { port } => {
+                connect(port, conn);
+                return None;
+            }
+            Request::SetClock(clock) => {
+                self.system_op("set the clock", || system::set_clock(clock))
+            }
+            Request::AddEntropy(bytes) => {
+                self.system_op("add entropy", || system::add_entropy(&bytes))
+            }
+            Request::Signal { pid, signal, group } => exec::send_signal(pid, signal, group)
+                .map_err(|e| os_error(&format!("kill {pid}"), &e)),
+            Request::Shutdown { grace_ms } => {
+                if self.owns_system {
+                    let started = std::thread::Builder::new()
+                        .name("shutdown".into())
+                        .spawn(move || system::shut_down(grace_ms));
+                    started
+                        .map(|_| ())
+                        .map_err(|e| os_error("starting the shutdown", &e))
+                } else {
+                    Err(not_pid1("power off"))
+                }
+            }
+        };
+        let reply = match result {
+            Ok(()) => AgentMessage::Ok,
+            Err(e) => AgentMessage::Error(e),
+        };
+        proto::write_frame(&mut conn, &reply).ok()?;
+        Some(conn)
+    }
+
+    fn system_op(&self, what: &str, op: impl FnOnce() -> io::Result<()>) -> Result<(), AgentError> {
+        if !self.owns_system {
+            return Err(not_pid1(what));
+        }
+        op().map_err(|e| os_error(what, &e))
+    }
+}
+
+fn not_pid1(what: &str) -> AgentError {
+    AgentError {
+        kind: ErrorKind::Other,
+        message: format!("cannot {what}: the agent is not the guest's PID 1"),
+    }
+}
+
+/// An OS error as the protocol's error.
+pub fn os_error(what: &str, e: &io::Error) -> AgentError {
+    let kind = match e.kind() {
+        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+        io::ErrorKind::ConnectionRefused => ErrorKind::ConnectionRefused,
+        io::ErrorKind::InvalidInput => ErrorKind::InvalidRequest,
+        _ => ErrorKind::Other,
+    };
+    AgentError {
+        kind,
+        message: format!("{what}: {e}"),
+    }
+}
+
+/// Sends an error answer.
+pub fn reply_error<W: Write>(w: &mut W, kind: ErrorKind, message: String) -> proto::Result<()> {
+    proto::write_frame(w, &AgentMessage::Error(AgentError { kind, message }))
+}
+
+/// A message's name, for errors about messages out of place.
+pub fn message_name(m: &HostMessage) -> &'static str {
+    match m {
+        HostMessage::Request(_) => "Request",
+        HostMessage::Welcome { .. } => "Welcome",
+        HostMessage::Stdin(_) => "Stdin",
+        HostMessage::CloseStdin => "CloseStdin",
+        HostMessage::Resize(_) => "Resize",
+        HostMessage::Signal { .. } => "Signal",
+        HostMessage::FileChunk(_) => "FileChunk",
+        HostMessage::FileEnd => "FileEnd",
+        HostMessage::Done => "Done",
+    }
+}
+
+/// `Request::Connect`: a TCP connection to a guest port, spliced to the
+/// host's connection both ways until both directions have ended.
+fn connect<S: Conn>(port: u16, mut conn: S) {
+    let tcp =
+        TcpStream::connect(("127.0.0.1", port)).or_else(|_| TcpStream::connect(("::1", port)));
+    let tcp = match tcp {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = proto::write_frame(
+                &mut conn,
+                &AgentMessage::Error(os_error(&format!("connect to guest port {port}"), &e)),
+            );
+            return;
+        }
+    };
+    if proto::write_frame(&mut conn, &AgentMessage::Ok).is_err() {
+        return;
+    }
+    let (Ok(mut tcp_in), Ok(mut conn_out)) = (tcp.try_clone(), conn.duplicate()) else {
+        return;
+    };
+    let to_guest = std::thread::Builder::new()
+        .name(format!("connect-{port}"))
+        .stack_size(128 << 10)
+        .spawn(move || {
+            let mut tcp = tcp;
+            let _ = io::copy(&mut conn, &mut tcp);
+            let _ = tcp.shutdown(Shutdown::Write);
+        });
+    let _ = io::copy(&mut tcp_in, &mut conn_out);
+    let _ = conn_out.shutdown_write();
+    if let Ok(t) = to_guest {
+        let _ = t.join();
+    }
+}

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod agent;
 mod bench_proto;
 mod bench_virtio;
 mod exchange;
@@ -215,7 +216,7 @@ fn clean_exit_with_marker(run: &Run) -> Check {
 
 type Test<'a> = (&'static str, Box<dyn Fn() -> Check + 'a>);
 
-fn tests(env: &Env) -> Vec<Test<'_>> {
+fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
     vec![
         (
             "elf-vmlinux-boots-to-init-and-powers-off",
@@ -362,6 +363,46 @@ fn tests(env: &Env) -> Vec<Test<'_>> {
                     &r,
                 )
             }),
+        ),
+        (
+            "agent-exit-codes-and-signals-are-reported-exactly",
+            Box::new(move || agent::exit_statuses(vm, env)),
+        ),
+        (
+            "agent-env-cwd-and-user-are-applied",
+            Box::new(move || agent::env_cwd_user(vm, env)),
+        ),
+        (
+            "agent-100mib-stdout-intact-while-stderr-interleaves",
+            Box::new(move || agent::large_stdout_with_stderr(vm, env)),
+        ),
+        (
+            "agent-stdin-is-piped-to-eof",
+            Box::new(move || agent::stdin_to_eof(vm, env)),
+        ),
+        (
+            "agent-timeout-kills-the-process-tree",
+            Box::new(move || agent::timeout_kills_the_tree(vm, env)),
+        ),
+        (
+            "agent-50-concurrent-execs-each-get-their-output",
+            Box::new(move || agent::fifty_concurrent(vm, env)),
+        ),
+        (
+            "agent-pseudo-terminal-sees-tty-and-resize",
+            Box::new(move || agent::terminal(vm, env)),
+        ),
+        (
+            "agent-files-round-trip-both-ways-64mib",
+            Box::new(move || agent::files_both_ways(vm, env)),
+        ),
+        (
+            "agent-connect-reaches-a-guest-tcp-server",
+            Box::new(move || agent::tcp_connect(vm, env)),
+        ),
+        (
+            "agent-overlay-takes-writes-and-the-disk-is-unchanged",
+            Box::new(move || agent::overlay_and_stop(env)),
         ),
     ]
 }
@@ -560,21 +601,27 @@ fn vsock_exchange(env: &Env) -> Check {
 
 fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     let (mut passed, mut failed) = (0, 0);
-    for (name, test) in tests(env) {
+    let mut record = |name: &str, started: Instant, result: Check| match result {
+        Ok(()) => {
+            passed += 1;
+            println!("PASS {name} ({:.1?})", started.elapsed());
+        }
+        Err(why) => {
+            failed += 1;
+            println!("FAIL {name}: {why}");
+        }
+    };
+    let mut vm = agent::AgentVm::new();
+    for (name, test) in tests(env, &vm) {
         if only.is_some_and(|o| !name.contains(o)) {
             continue;
         }
         let started = Instant::now();
-        match test() {
-            Ok(()) => {
-                passed += 1;
-                println!("PASS {name} ({:.1?})", started.elapsed());
-            }
-            Err(why) => {
-                failed += 1;
-                println!("FAIL {name}: {why}");
-            }
-        }
+        record(name, started, test());
+    }
+    if vm.started() {
+        let started = Instant::now();
+        record("agent-vm-powers-off-on-stop", started, agent::stop_shared(&mut vm));
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

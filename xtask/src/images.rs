@@ -138,3 +138,52 @@ pub fn build_test_images(dir: &Path, bins: &Binaries) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// The agent tests' image, as an EROFS root disk like the ones `pull`
+/// builds: Debian's static busybox with every applet linked, accounts
+/// (root, and `app` in the extra group `staff`), a home for `app`, and
+/// the tests' guest programs.
+pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
+    use std::os::unix::fs::{PermissionsExt, chown, symlink};
+    deps::ensure_packages(&["erofs-utils"])?;
+    let busybox = busybox()?;
+    let tree = tempfile::tempdir()?;
+    let root = tree.path();
+    for d in [
+        "bin", "dev", "etc", "proc", "sys", "tmp", "root", "home/app", "usr/bin", "usr/sbin",
+        "sbin", "var/tmp",
+    ] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    chown(root.join("home/app"), Some(1000), Some(1000))?;
+    fs::copy(&busybox, root.join("bin/busybox"))?;
+    let list = std::process::Command::new(&busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        symlink("busybox", root.join("bin").join(applet))?;
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nstaff:x:50:app\napp:x:1000:\nnogroup:x:65534:\n",
+    )?;
+    for (name, path) in [("tcp-echo", &bins.tcp_echo), ("bench-peer", &bins.bench_peer)] {
+        let target = root.join("usr/bin").join(name);
+        fs::copy(path, &target)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+    }
+    let _ = fs::remove_file(dest);
+    crate::util::run(
+        std::process::Command::new("mkfs.erofs")
+            .arg("--quiet")
+            .arg(dest)
+            .arg(root),
+    )
+}

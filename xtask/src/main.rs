@@ -4,6 +4,7 @@ mod bench_oci;
 mod cpio;
 mod deps;
 mod fuzz;
+mod guest;
 mod images;
 mod kernel;
 mod testhost;
@@ -39,7 +40,10 @@ enum Task {
         #[arg(long)]
         source: Option<PathBuf>,
     },
-    /// Build the guest images (initramfs archives) into a directory.
+    /// Build (or find in the cache) the guest image every `supermachine`
+    /// VM boots: the guest kernel and the agent's initramfs.
+    Guest,
+    /// Build the test guest images (initramfs archives) into a directory.
     GuestImages {
         #[arg(long, default_value = "target/guest-images")]
         out: PathBuf,
@@ -145,7 +149,13 @@ fn run_runner(
 
 fn e2e() -> Result<()> {
     let (mode, bins, assets) = prepare()?;
-    let (out, code) = run_runner(mode, &bins, &assets, "test")?;
+    // SUPERMACHINE_E2E_ONLY=substring runs only the tests whose names
+    // contain it (for working on one test).
+    let args = match std::env::var("SUPERMACHINE_E2E_ONLY") {
+        Ok(only) if !only.trim().is_empty() => format!("test --only {}", only.trim()),
+        _ => "test".to_string(),
+    };
+    let (out, code) = run_runner(mode, &bins, &assets, &args)?;
     let summary = out
         .lines()
         .rev()
@@ -283,6 +293,12 @@ fn main() -> Result<()> {
         Task::TesthostKernel { source } => {
             let k = kernel::build(kernel::Flavor::TestHost, source.as_deref())?;
             println!("{}", k.bzimage().display());
+        }
+        Task::Guest => {
+            let agent = guest::build_agent()?;
+            let image = guest::build(&agent)?;
+            println!("{}", image.kernel().display());
+            println!("{}", image.initramfs().display());
         }
         Task::GuestImages { out } => {
             let bins = testhost::build_static_binaries()?;

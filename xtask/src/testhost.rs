@@ -54,17 +54,22 @@ pub struct Binaries {
     pub vsock_peer: PathBuf,
     /// The guest half of the virtio benchmark (goes into a guest image).
     pub bench_peer: PathBuf,
+    /// The guest agent (the guest image's /init).
+    pub agent: PathBuf,
+    /// A TCP echo server for the agent's connect test (in the test image).
+    pub tcp_echo: PathBuf,
 }
 
 pub fn build_static_binaries() -> Result<Binaries> {
-    const TARGET: &str = "x86_64-unknown-linux-musl";
+    const TARGET: &str = crate::guest::MUSL_TARGET;
     deps::ensure_rust_target(TARGET)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::util::run(
         Command::new(cargo)
             .current_dir(workspace_root())
             .args(["build", "--release", "--target", TARGET])
-            .args(["-p", "supermachine", "-p", "supermachine-e2e"]),
+            .args(["-p", "supermachine", "-p", "supermachine-e2e"])
+            .args(["-p", "supermachine-guest-agent"]),
     )?;
     let dir = workspace_root().join("target").join(TARGET).join("release");
     Ok(Binaries {
@@ -72,17 +77,22 @@ pub fn build_static_binaries() -> Result<Binaries> {
         e2e: dir.join("supermachine-e2e"),
         vsock_peer: dir.join("vsock-peer"),
         bench_peer: dir.join("bench-peer"),
+        agent: dir.join("supermachine-agent"),
+        tcp_echo: dir.join("tcp-echo"),
     })
 }
 
 /// Everything a tier-3 run needs, staged in one directory: the guest
-/// kernel (both formats) and the guest images.
+/// kernel (both formats), the guest images, the agent's initramfs and the
+/// test image's root disk.
 pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     let guest = kernel::build(kernel::Flavor::Guest, None)?;
     fs::create_dir_all(dir)?;
     fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
     fs::copy(guest.bzimage(), dir.join("bzImage"))?;
-    images::build_test_images(dir, bins)
+    crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
+    images::build_test_images(dir, bins)?;
+    images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))
 }
 
 /// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,

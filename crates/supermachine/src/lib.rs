@@ -11,6 +11,14 @@
 
 use std::sync::Arc;
 
+mod exec;
+mod guest;
+mod vm;
+
+pub use exec::{ExecBuilder, ExecOutput, ExitInfo, ExitStatus, OutputReader, Process, ProcessStdin};
+pub use guest::GuestImage;
+pub use vm::{Vm, VmOptions};
+
 pub use supermachine_hypervisor::Hypervisor;
 /// OCI images: pull, load, the content store, root file system disks.
 pub use supermachine_oci as images;
@@ -30,6 +38,68 @@ pub enum Error {
     /// Pulling, loading or preparing an image failed.
     #[error(transparent)]
     Image(#[from] supermachine_oci::Error),
+    /// No guest kernel and agent to boot.
+    #[error("{0}")]
+    GuestImage(String),
+    /// An option is out of range.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// A host file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest agent did not come up; `console` is the guest console's
+    /// last output, which says why.
+    #[error("{why}{}", console_excerpt(console))]
+    AgentNotReady {
+        /// What happened.
+        why: String,
+        /// The end of the guest console.
+        console: String,
+    },
+    /// The agent and this host do not understand each other.
+    #[error("guest agent protocol: {0}")]
+    AgentProtocol(String),
+    /// The agent's connection ended: the guest stopped or crashed.
+    #[error("the guest agent's connection ended (the VM stopped?)")]
+    AgentGone,
+    /// The VM has ended.
+    #[error("the VM has ended")]
+    VmEnded,
+    /// The agent refused or failed a request.
+    #[error("{0}")]
+    Agent(String),
+    /// A process could not be started.
+    #[error("{0}")]
+    Exec(String),
+    /// A guest port could not be reached.
+    #[error("{0}")]
+    GuestPort(String),
+    /// The process has ended; it takes no more input or signals.
+    #[error("the process has ended")]
+    ProcessEnded,
+}
+
+/// The last console line that says something, for one-line errors.
+fn console_excerpt(console: &str) -> String {
+    console
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(|l| format!(" (guest console: {l})"))
+        .unwrap_or_default()
+}
+
+impl From<supermachine_agent_protocol::Error> for Error {
+    fn from(e: supermachine_agent_protocol::Error) -> Self {
+        vm::agent_io(e)
+    }
 }
 
 /// Result alias for this crate.
@@ -75,6 +145,16 @@ impl Machine {
     /// Asks the VM to stop.
     pub fn stop(&self) {
         self.running.stop();
+    }
+
+    /// True once the VM has ended.
+    pub fn has_ended(&self) -> bool {
+        self.running.has_ended()
+    }
+
+    /// Waits up to `timeout` for the VM to end; true if it has.
+    pub fn wait_ended(&self, timeout: std::time::Duration) -> bool {
+        self.running.wait_ended(timeout)
     }
 
     /// Waits until the VM ends.

@@ -251,6 +251,16 @@ impl RunningVm {
         self.lifecycle.finish(Ok(ExitReason::Stopped));
     }
 
+    /// True once the VM has ended (the outcome is still for `wait`).
+    pub fn has_ended(&self) -> bool {
+        self.lifecycle.is_finished()
+    }
+
+    /// Waits up to `timeout` for the VM to end; true if it has.
+    pub fn wait_ended(&self, timeout: std::time::Duration) -> bool {
+        self.lifecycle.wait_finished(timeout)
+    }
+
     /// Waits for the VM to end and releases everything it held.
     pub fn wait(mut self) -> Result<ExitReason> {
         let outcome = self.lifecycle.wait();

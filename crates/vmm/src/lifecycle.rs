@@ -96,6 +96,25 @@ impl Lifecycle {
         self.finish(Err(Error::GuestPanic(message)));
     }
 
+    /// Blocks until the VM has finished or `timeout` has passed; true if
+    /// it has finished. Leaves the outcome for [`Lifecycle::wait`].
+    pub(crate) fn wait_finished(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.is_finished() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            slot = self
+                .cond
+                .wait_timeout(slot, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Blocks until the VM has finished; returns the outcome once.
     pub(crate) fn wait(&self) -> Outcome {
         let mut slot = self.outcome.lock().unwrap_or_else(|p| p.into_inner());

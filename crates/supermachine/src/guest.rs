@@ -1,0 +1,83 @@
+//! The guest image: the kernel every supermachine VM boots and the
+//! initramfs holding the agent (its PID 1). `cargo xtask guest` builds
+//! both into the cache; an installed copy keeps them beside the binary.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// File names inside a guest image directory.
+pub const KERNEL_FILE: &str = "vmlinux";
+/// The initramfs (a cpio archive whose /init is the agent).
+pub const INITRAMFS_FILE: &str = "initramfs.cpio";
+
+/// A guest kernel and the agent's initramfs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestImage {
+    /// ELF vmlinux or bzImage.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+}
+
+impl GuestImage {
+    /// The guest image in `dir` (`vmlinux` and `initramfs.cpio`).
+    pub fn in_dir(dir: &Path) -> GuestImage {
+        GuestImage {
+            kernel: dir.join(KERNEL_FILE),
+            initramfs: dir.join(INITRAMFS_FILE),
+        }
+    }
+
+    fn exists(&self) -> bool {
+        self.kernel.is_file() && self.initramfs.is_file()
+    }
+
+    /// Finds the guest image without being told: `$SUPERMACHINE_GUEST_DIR`,
+    /// then `supermachine-guest/` beside the running binary, then
+    /// `../share/supermachine/guest/` from it (an installed copy), then the
+    /// one `cargo xtask guest` last built (`<cache>/supermachine/guest/current`).
+    pub fn locate() -> Result<GuestImage> {
+        let mut tried = Vec::new();
+        if let Some(dir) = std::env::var_os("SUPERMACHINE_GUEST_DIR").filter(|d| !d.is_empty()) {
+            let image = GuestImage::in_dir(Path::new(&dir));
+            if image.exists() {
+                return Ok(image);
+            }
+            return Err(Error::GuestImage(format!(
+                "SUPERMACHINE_GUEST_DIR={} has no {KERNEL_FILE} and {INITRAMFS_FILE}",
+                Path::new(&dir).display()
+            )));
+        }
+        if let Ok(exe) = std::env::current_exe()
+            && let Some(bin_dir) = exe.parent()
+        {
+            tried.push(bin_dir.join("supermachine-guest"));
+            tried.push(bin_dir.join("../share/supermachine/guest"));
+        }
+        if let Some(cache) = cache_dir() {
+            tried.push(cache.join("supermachine/guest/current"));
+        }
+        for dir in &tried {
+            let image = GuestImage::in_dir(dir);
+            if image.exists() {
+                return Ok(image);
+            }
+        }
+        Err(Error::GuestImage(format!(
+            "no guest image found (looked in {}); build one with `cargo xtask guest` or set SUPERMACHINE_GUEST_DIR",
+            tried
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(d) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")),
+    }
+}

@@ -1,0 +1,732 @@
+//! A VM with the agent running in it: start it from an image's root disk,
+//! then run processes, move files and reach guest ports through the agent.
+//!
+//! The host side of the guest's vsock device is a Unix socket in a private
+//! per-VM directory. The agent announces itself by connecting to host
+//! port [`READY_PORT`]; the host reaches it by connecting to the socket
+//! and asking for guest port [`AGENT_PORT`]. Each operation uses one
+//! connection at a time; finished connections are kept for reuse, so a
+//! short exec costs one request/response exchange, not a new connection.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use supermachine_agent_protocol::{
+    self as proto, AGENT_PORT, AgentMessage, CHUNK, Clock, HostMessage, READY_PORT, Request,
+    WriteFileRequest,
+};
+use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, VmConfig, VsockConfig};
+
+use crate::exec::ExecBuilder;
+use crate::guest::GuestImage;
+use crate::{Error, ExitReason, Machine, Result, images};
+
+/// The guest's vsock context id (each VM has its own device).
+const GUEST_CID: u64 = 3;
+/// Idle agent connections kept for reuse.
+const MAX_IDLE_CONNECTIONS: usize = 16;
+/// Console bytes kept for error messages.
+const CONSOLE_TAIL: usize = 16 << 10;
+
+/// How to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory_bytes: u64,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// The kernel and agent to boot (default: [`GuestImage::locate`]).
+    pub guest: Option<GuestImage>,
+    /// A disk for the overlay's writable layer (a formatted ext4 image);
+    /// default: guest RAM (tmpfs), gone when the VM stops.
+    pub writable_disk: Option<PathBuf>,
+    /// Also write the guest console to this file.
+    pub console_file: Option<PathBuf>,
+    /// How long the agent may take to come up.
+    pub ready_timeout: Duration,
+    /// How long processes get to exit on [`Vm::stop`] before they are
+    /// killed and the VM is powered off anyway.
+    pub stop_grace: Duration,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            cpus: 1,
+            memory_bytes: 512 << 20,
+            hostname: "supermachine".into(),
+            guest: None,
+            writable_disk: None,
+            console_file: None,
+            ready_timeout: Duration::from_secs(120),
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The last bytes the guest console printed.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (a, b) = bytes.as_slices();
+        let mut all = a.to_vec();
+        all.extend_from_slice(b);
+        String::from_utf8_lossy(&all).replace('\r', "")
+    }
+}
+
+struct ConsoleWriter {
+    tail: ConsoleTail,
+    file: Option<fs::File>,
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        {
+            let mut t = self.tail.0.lock().unwrap_or_else(|p| p.into_inner());
+            t.extend(buf);
+            let excess = t.len().saturating_sub(CONSOLE_TAIL);
+            t.drain(..excess);
+        }
+        if let Some(f) = &mut self.file {
+            f.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A private directory for one VM's sockets, removed when dropped.
+/// Directories of VMM processes that died without removing theirs are
+/// removed when the next one is made.
+#[derive(Debug)]
+struct RuntimeDir(PathBuf);
+
+static NEXT_VM: AtomicU64 = AtomicU64::new(0);
+
+impl RuntimeDir {
+    fn create() -> Result<RuntimeDir> {
+        let io_err = |what: String| move |source| Error::Io { what, source };
+        let uid = fs::metadata("/proc/self")
+            .map_err(io_err("reading /proc/self".into()))?
+            .uid();
+        let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() && Path::new(&d).is_dir() => {
+                PathBuf::from(d).join("supermachine")
+            }
+            _ => std::env::temp_dir().join(format!("supermachine-{uid}")),
+        };
+        match fs::DirBuilder::new().mode(0o700).create(&base) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(format!("creating {}", base.display()))(e)),
+        }
+        // A shared /tmp: the directory must be ours and private.
+        let meta = fs::symlink_metadata(&base).map_err(io_err(base.display().to_string()))?;
+        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+            return Err(Error::Io {
+                what: format!("runtime directory {}", base.display()),
+                source: io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "not a private directory owned by this user",
+                ),
+            });
+        }
+        remove_stale(&base);
+        let dir = base.join(format!(
+            "vm-{}-{}",
+            std::process::id(),
+            NEXT_VM.fetch_add(1, Ordering::Relaxed)
+        ));
+        if dir.exists() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        Ok(RuntimeDir(dir))
+    }
+}
+
+/// Removes `vm-<pid>-<n>` directories whose process no longer exists.
+fn remove_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("vm-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            log::debug!("removing stale {}", entry.path().display());
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running VM whose agent has answered.
+pub struct Vm {
+    machine: Option<Machine>,
+    socket: PathBuf,
+    idle: IdleHandle,
+    console: ConsoleTail,
+    stop_grace: Duration,
+    hostname: String,
+    ready_in: Duration,
+    // Last: the sockets live in it.
+    _dir: RuntimeDir,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("hostname", &self.hostname)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Boots a VM whose root file system is `rootfs` (an EROFS disk, as
+    /// [`images::rootfs`] builds) and waits until its agent is ready.
+    pub fn start(rootfs: &Path, options: &VmOptions) -> Result<Vm> {
+        let started = Instant::now();
+        let guest = match &options.guest {
+            Some(g) => g.clone(),
+            None => GuestImage::locate()?,
+        };
+        if !rootfs.is_file() {
+            return Err(Error::Io {
+                what: format!("root disk {}", rootfs.display()),
+                source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        if options.hostname.is_empty()
+            || options.hostname.len() > 64
+            || !options
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(Error::InvalidOption(format!(
+                "hostname {:?} is not 1-64 letters, digits, '-' or '.'",
+                options.hostname
+            )));
+        }
+        let dir = RuntimeDir::create()?;
+        let socket = dir.0.join("vsock.sock");
+        let ready_path = PathBuf::from(format!("{}_{READY_PORT}", socket.display()));
+        let ready = UnixListener::bind(&ready_path).map_err(|source| Error::Io {
+            what: format!("listening on {}", ready_path.display()),
+            source,
+        })?;
+        let console = ConsoleTail::default();
+        let file = options
+            .console_file
+            .as_ref()
+            .map(|p| {
+                fs::File::create(p).map_err(|source| Error::Io {
+                    what: format!("console file {}", p.display()),
+                    source,
+                })
+            })
+            .transpose()?;
+        let mut cmdline = format!(
+            "{DEFAULT_CMDLINE} quiet supermachine.root=/dev/vda supermachine.hostname={}",
+            options.hostname
+        );
+        let mut disks = vec![DiskConfig {
+            path: rootfs.to_path_buf(),
+            read_only: true,
+        }];
+        if let Some(upper) = &options.writable_disk {
+            cmdline.push_str(" supermachine.upper=/dev/vdb");
+            disks.push(DiskConfig {
+                path: upper.clone(),
+                read_only: false,
+            });
+        }
+        let config = VmConfig {
+            kernel: guest.kernel.clone(),
+            initrd: Some(guest.initramfs.clone()),
+            cmdline,
+            memory_bytes: options.memory_bytes,
+            vcpus: options.cpus,
+            console: Console::Writer(Box::new(ConsoleWriter {
+                tail: console.clone(),
+                file,
+            })),
+            forward_stdin: false,
+            disks,
+            entropy: true,
+            vsock: Some(VsockConfig {
+                cid: GUEST_CID,
+                socket: socket.clone(),
+            }),
+        };
+        let machine = Machine::start(config)?;
+        let mut vm = Vm {
+            machine: Some(machine),
+            socket,
+            idle: IdleHandle::default(),
+            console,
+            stop_grace: options.stop_grace,
+            hostname: options.hostname.clone(),
+            ready_in: Duration::ZERO,
+            _dir: dir,
+        };
+        let conn = vm.await_agent(&ready, options.ready_timeout)?;
+        drop(ready);
+        let _ = fs::remove_file(&ready_path);
+        vm.idle_push(conn);
+        vm.ready_in = started.elapsed();
+        Ok(vm)
+    }
+
+    /// Boots `record`'s root disk (building it first if it is not cached).
+    pub fn start_image(
+        store: &images::Store,
+        record: &images::ImageRecord,
+        options: &VmOptions,
+    ) -> Result<Vm> {
+        let disk = match images::rootfs::built_disk(store, record)? {
+            Some(d) => d,
+            None => images::rootfs::build(store, record, images::Limits::default())?.disk,
+        };
+        Vm::start(&disk, options)
+    }
+
+    /// Waits for the agent's ready connection and answers its hello.
+    fn await_agent(&self, ready: &UnixListener, timeout: Duration) -> Result<UnixStream> {
+        let deadline = Instant::now() + timeout;
+        let io_err = |what: &str| {
+            let what = what.to_string();
+            move |source| Error::Io { what, source }
+        };
+        ready
+            .set_nonblocking(true)
+            .map_err(io_err("the ready socket"))?;
+        let mut conn = loop {
+            match ready.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err("accepting the agent")(e)),
+            }
+            if self.machine.as_ref().is_none_or(Machine::has_ended) {
+                return Err(self.not_ready("the VM ended before its agent was ready"));
+            }
+            if Instant::now() > deadline {
+                return Err(self.not_ready(&format!(
+                    "the agent did not come up within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        conn.set_nonblocking(false)
+            .map_err(io_err("the agent connection"))?;
+        conn.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))
+            .map_err(io_err("the agent connection"))?;
+        proto::expect_handshake(&mut conn)?;
+        match proto::read_frame::<_, AgentMessage>(&mut conn)? {
+            Some(AgentMessage::Hello { .. }) => {}
+            other => {
+                return Err(Error::AgentProtocol(format!(
+                    "expected the agent's Hello, got {other:?}"
+                )));
+            }
+        }
+        let mut entropy = vec![0u8; 64];
+        getrandom::fill(&mut entropy).map_err(|e| Error::Io {
+            what: "reading host entropy".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        proto::send_handshake(&mut conn)?;
+        proto::write_frame(
+            &mut conn,
+            &HostMessage::Welcome {
+                clock: Clock::now(),
+                entropy,
+            },
+        )?;
+        conn.set_read_timeout(None)
+            .map_err(io_err("the agent connection"))?;
+        Ok(conn)
+    }
+
+    fn not_ready(&self, why: &str) -> Error {
+        Error::AgentNotReady {
+            why: why.to_string(),
+            console: self.console.text(),
+        }
+    }
+
+    /// How long the VM took from `start` until its agent answered.
+    pub fn ready_in(&self) -> Duration {
+        self.ready_in
+    }
+
+    /// The guest's hostname.
+    pub fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    /// The last 16 KiB the guest console printed (kernel messages and the
+    /// agent's own errors).
+    pub fn console_tail(&self) -> String {
+        self.console.text()
+    }
+
+    /// The Unix socket of the guest's vsock device (connect, then send
+    /// `CONNECT <port>\n`).
+    pub fn vsock_socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A raw vsock connection to guest port `port`.
+    pub fn connect_vsock(&self, port: u32) -> Result<UnixStream> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| Error::Io {
+            what: format!("connecting to {}", self.socket.display()),
+            source,
+        })?;
+        let refused = || Error::GuestPort(format!("nothing listens on guest vsock port {port}"));
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(|_| refused())?;
+        let mut line = Vec::with_capacity(16);
+        let mut byte = [0u8; 1];
+        loop {
+            match s.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) if line.len() < 32 => line.push(byte[0]),
+                _ => return Err(refused()),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(refused());
+        }
+        Ok(s)
+    }
+
+    /// An agent connection: an idle one, or a new one (handshake sent; the
+    /// agent's is read with the first answer).
+    pub(crate) fn agent_conn(&self) -> Result<AgentConn> {
+        if let Some(c) = self.idle.pop() {
+            return Ok(AgentConn {
+                stream: c,
+                handshake_pending: false,
+            });
+        }
+        if self.has_ended() {
+            return Err(Error::VmEnded);
+        }
+        let mut stream = self.connect_vsock(AGENT_PORT).map_err(|e| match e {
+            Error::GuestPort(_) if self.has_ended() => Error::VmEnded,
+            Error::GuestPort(_) => Error::AgentProtocol("the agent is not listening".into()),
+            other => other,
+        })?;
+        proto::send_handshake(&mut stream)?;
+        Ok(AgentConn {
+            stream,
+            handshake_pending: true,
+        })
+    }
+
+    /// Keeps a connection whose last request completed.
+    pub(crate) fn idle_push(&self, c: UnixStream) {
+        self.idle.push(c);
+    }
+
+    /// The idle pool, for threads that finish requests on their own.
+    pub(crate) fn idle_handle(&self) -> IdleHandle {
+        self.idle.clone()
+    }
+
+    /// True once the VM has ended.
+    pub fn has_ended(&self) -> bool {
+        self.machine.as_ref().is_none_or(Machine::has_ended)
+    }
+
+    /// One request answered with `Ok` or an error.
+    fn simple_request(&self, request: Request) -> Result<()> {
+        let mut c = self.agent_conn()?;
+        c.send(&HostMessage::Request(request))?;
+        match c.recv()? {
+            AgentMessage::Ok => {
+                self.idle_push(c.stream);
+                Ok(())
+            }
+            AgentMessage::Error(e) => {
+                self.idle_push(c.stream);
+                Err(Error::Agent(e.message))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Checks that the agent answers.
+    pub fn ping(&self) -> Result<()> {
+        self.simple_request(Request::Ping)
+    }
+
+    /// A process to run in the guest: set it up, then `output()` or
+    /// `spawn()`.
+    pub fn exec<I, S>(&self, argv: I) -> ExecBuilder<'_>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecBuilder::new(self, argv.into_iter().map(Into::into).collect())
+    }
+
+    /// Writes `contents` to `path` in the guest (mode 0644, root), creating
+    /// parent directories. The file appears whole or not at all.
+    pub fn write_file(&self, path: &str, contents: &[u8]) -> Result<()> {
+        self.write_file_from(path, contents, 0o644, (0, 0))
+    }
+
+    /// Writes a file of any size from `source`, with a mode and owner.
+    pub fn write_file_from(
+        &self,
+        path: &str,
+        mut source: impl Read,
+        mode: u32,
+        (uid, gid): (u32, u32),
+    ) -> Result<()> {
+        let mut c = self.agent_conn()?;
+        c.send(&HostMessage::Request(Request::WriteFile(WriteFileRequest {
+            path: path.to_string(),
+            mode,
+            uid,
+            gid,
+            create_parents: true,
+        })))?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    // The agent drops what it has when the stream ends
+                    // without FileEnd; this connection is not reused.
+                    return Err(Error::Io {
+                        what: format!("reading the contents for {path}"),
+                        source,
+                    });
+                }
+            };
+            c.send(&HostMessage::FileChunk(buf[..n].to_vec()))?;
+        }
+        c.send(&HostMessage::FileEnd)?;
+        match c.recv()? {
+            AgentMessage::Ok => {
+                self.idle_push(c.stream);
+                Ok(())
+            }
+            AgentMessage::Error(e) => {
+                self.idle_push(c.stream);
+                Err(Error::Agent(e.message))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads a whole file from the guest.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_file_to(path, &mut out)?;
+        Ok(out)
+    }
+
+    /// Streams a file from the guest into `sink`; returns its size.
+    pub fn read_file_to(&self, path: &str, mut sink: impl Write) -> Result<u64> {
+        let mut c = self.agent_conn()?;
+        c.send(&HostMessage::Request(Request::ReadFile {
+            path: path.to_string(),
+        }))?;
+        match c.recv()? {
+            AgentMessage::FileInfo { .. } => {}
+            AgentMessage::Error(e) => {
+                self.idle_push(c.stream);
+                return Err(Error::Agent(e.message));
+            }
+            other => return Err(unexpected(&other)),
+        }
+        let mut total = 0u64;
+        loop {
+            match c.recv()? {
+                AgentMessage::FileChunk(bytes) => {
+                    total += bytes.len() as u64;
+                    sink.write_all(&bytes).map_err(|source| Error::Io {
+                        what: format!("writing out {path}"),
+                        source,
+                    })?;
+                }
+                AgentMessage::FileEnd => {
+                    self.idle_push(c.stream);
+                    return Ok(total);
+                }
+                AgentMessage::Error(e) => {
+                    self.idle_push(c.stream);
+                    return Err(Error::Agent(e.message));
+                }
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A byte stream to TCP port `port` on the guest's loopback (the agent
+    /// connects to 127.0.0.1, then ::1). Needs no guest network.
+    pub fn connect(&self, port: u16) -> Result<UnixStream> {
+        let mut c = self.agent_conn()?;
+        c.send(&HostMessage::Request(Request::Connect { port }))?;
+        match c.recv()? {
+            AgentMessage::Ok => Ok(c.stream),
+            AgentMessage::Error(e) => {
+                self.idle_push(c.stream);
+                Err(Error::GuestPort(e.message))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends `signal` to guest process `pid` (or its process group).
+    pub fn signal(&self, pid: i32, signal: i32, group: bool) -> Result<()> {
+        self.simple_request(Request::Signal { pid, signal, group })
+    }
+
+    /// Steps the guest's clock to the host's.
+    pub fn sync_clock(&self) -> Result<()> {
+        self.simple_request(Request::SetClock(Clock::now()))
+    }
+
+    /// Stops the VM: the agent terminates every process (killing what is
+    /// left after the grace period), syncs and powers off; if the guest
+    /// has not ended a few seconds after that, it is stopped by force.
+    pub fn stop(mut self) -> Result<ExitReason> {
+        let grace = self.stop_grace;
+        let asked = self.simple_request(Request::Shutdown {
+            grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
+        });
+        if let Err(e) = &asked {
+            log::debug!("asking the agent to shut down: {e}");
+        }
+        let Some(machine) = self.machine.take() else {
+            return Err(Error::VmEnded);
+        };
+        if asked.is_err() || !machine.wait_ended(grace + Duration::from_secs(5)) {
+            machine.stop();
+        }
+        self.idle.clear();
+        machine.wait()
+    }
+
+    /// Stops the VM at once, without asking the guest.
+    pub fn kill(mut self) -> Result<ExitReason> {
+        let machine = self.machine.take().ok_or(Error::VmEnded)?;
+        machine.stop();
+        machine.wait()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(m) = self.machine.take() {
+            m.stop();
+            let _ = m.wait();
+        }
+    }
+}
+
+/// Agent connections whose last request completed, kept for reuse.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct IdleHandle(Arc<Mutex<Vec<UnixStream>>>);
+
+impl IdleHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<UnixStream>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn push(&self, c: UnixStream) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(c);
+        }
+    }
+
+    fn pop(&self) -> Option<UnixStream> {
+        self.lock().pop()
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// A connection to the agent during one request.
+pub(crate) struct AgentConn {
+    pub(crate) stream: UnixStream,
+    /// A new connection: the agent's handshake precedes its first answer.
+    handshake_pending: bool,
+}
+
+impl AgentConn {
+    pub(crate) fn send(&mut self, m: &HostMessage) -> Result<()> {
+        proto::write_frame(&mut self.stream, m).map_err(agent_io)
+    }
+
+    pub(crate) fn recv(&mut self) -> Result<AgentMessage> {
+        if self.handshake_pending {
+            proto::expect_handshake(&mut self.stream).map_err(agent_io)?;
+            self.handshake_pending = false;
+        }
+        match proto::read_frame(&mut self.stream).map_err(agent_io)? {
+            Some(m) => Ok(m),
+            None => Err(Error::AgentGone),
+        }
+    }
+}
+
+/// A lost connection means the agent (or the VM) is gone; anything else
+/// is a protocol failure worth naming.
+pub(crate) fn agent_io(e: proto::Error) -> Error {
+    match e {
+        proto::Error::Io(_) | proto::Error::Truncated { .. } => Error::AgentGone,
+        proto::Error::VersionMismatch { .. } => Error::AgentProtocol(e.to_string()),
+        other => Error::AgentProtocol(other.to_string()),
+    }
+}
+
+pub(crate) fn unexpected(m: &AgentMessage) -> Error {
+    let name = format!("{m:?}");
+    let name: String = name.chars().take(60).collect();
+    Error::AgentProtocol(format!("unexpected answer from the agent: {name}"))
+}

@@ -1,0 +1,413 @@
+//! Tier 3 of the guest agent and the host API: a real guest kernel booting
+//! the test image's EROFS disk, driven through `supermachine::Vm` exactly
+//! as a program embedding the library would.
+
+use std::io::{Read, Write};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use supermachine::{GuestImage, Vm, VmOptions};
+
+use crate::{Check, Env};
+
+/// The agent tests' shared VM, booted by the first test that needs it.
+pub struct AgentVm {
+    vm: OnceLock<Result<Vm, String>>,
+}
+
+impl AgentVm {
+    pub fn new() -> Self {
+        Self {
+            vm: OnceLock::new(),
+        }
+    }
+
+    /// True once a test has booted it.
+    pub fn started(&self) -> bool {
+        self.vm.get().is_some()
+    }
+
+    fn get(&self, env: &Env) -> Result<&Vm, String> {
+        self.vm
+            .get_or_init(|| Vm::start(&env.asset("rootfs.erofs"), &options(env, "agent-test")).map_err(|e| format!("starting the VM: {e}")))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
+fn options(env: &Env, hostname: &str) -> VmOptions {
+    VmOptions {
+        guest: Some(GuestImage {
+            kernel: env.asset("vmlinux"),
+            initramfs: env.asset("initramfs.cpio"),
+        }),
+        hostname: hostname.into(),
+        memory_bytes: 768 << 20,
+        ..VmOptions::default()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Deterministic bytes that do not compress or repeat within a chunk.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
+    if cond { Ok(()) } else { Err(what()) }
+}
+
+fn run(vm: &Vm, argv: &[&str]) -> Result<supermachine::ExecOutput, String> {
+    vm.exec(argv.iter().copied())
+        .output()
+        .map_err(|e| format!("{argv:?}: {e}"))
+}
+
+pub fn exit_statuses(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    for (argv, code) in [
+        (vec!["true"], 0),
+        (vec!["sh", "-c", "exit 1"], 1),
+        (vec!["sh", "-c", "exit 255"], 255),
+    ] {
+        let out = run(vm, &argv)?;
+        ensure(out.status.code() == Some(code) && out.status.signal().is_none(), || {
+            format!("{argv:?}: expected exit {code}, got {}", out.status)
+        })?;
+    }
+    let out = run(vm, &["sh", "-c", "kill -TERM $$"])?;
+    ensure(
+        out.status.signal() == Some(15) && out.status.code().is_none() && out.status.shell_code() == 143,
+        || format!("expected death by SIGTERM, got {}", out.status),
+    )?;
+    let out = run(vm, &["sh", "-c", "kill -KILL $$"])?;
+    ensure(out.status.signal() == Some(9), || {
+        format!("expected death by SIGKILL, got {}", out.status)
+    })?;
+    ensure(out.peak_rss > 0, || "expected a peak RSS".into())?;
+    match vm.exec(["no-such-program"]).output() {
+        Err(e) => ensure(
+            e.to_string() == "exec: \"no-such-program\": executable file not found in $PATH",
+            || format!("unexpected error: {e}"),
+        ),
+        Ok(o) => Err(format!("a missing program ran: {}", o.status)),
+    }
+}
+
+pub fn env_cwd_user(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let out = vm
+        .exec(["sh", "-c", "echo $GREETING; pwd; id; echo $HOME; hostname"])
+        .env("GREETING", "hello there")
+        .cwd("/tmp")
+        .user("app")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected = "hello there\n/tmp\nuid=1000(app) gid=1000(app) groups=1000(app),50(staff)\n/home/app\nagent-test\n";
+    ensure(text == expected && out.status.success(), || {
+        format!("expected {expected:?}, got {text:?} ({})", out.status)
+    })?;
+    let out = vm
+        .exec(["id"])
+        .user("1000:50")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(text.starts_with("uid=1000(app) gid=50(staff)"), || {
+        format!("uid:gid user gave {text:?}")
+    })?;
+    match vm.exec(["id"]).user("nobody-here").output() {
+        Err(e) => ensure(e.to_string().contains("unable to find user nobody-here"), || {
+            format!("unexpected error: {e}")
+        }),
+        Ok(_) => Err("an unknown user ran".into()),
+    }
+}
+
+pub fn large_stdout_with_stderr(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let chunk = pattern(1 << 20, 1);
+    let mut expected = Sha256::new();
+    for _ in 0..100 {
+        expected.update(&chunk);
+    }
+    let out = vm
+        .exec([
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 100 ]; do cat /tmp/chunk; echo \"err $i\" >&2; i=$((i+1)); done",
+        ])
+        .stage_file("/tmp/chunk", chunk)
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(out.stdout.len() == 100 << 20, || {
+        format!("expected 100 MiB of stdout, got {} bytes", out.stdout.len())
+    })?;
+    ensure(sha256(&out.stdout) == hex(&expected.finalize()), || {
+        "stdout's SHA-256 differs".into()
+    })?;
+    let lines: Vec<String> = (0..100).map(|i| format!("err {i}")).collect();
+    ensure(String::from_utf8_lossy(&out.stderr) == lines.join("\n") + "\n", || {
+        format!("stderr was {} bytes, not the 100 lines", out.stderr.len())
+    })?;
+    println!(
+        "  100 MiB of stdout in {:.2?} ({:.1} MiB/s)",
+        out.duration,
+        100.0 / out.duration.as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn stdin_to_eof(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let data = pattern(8 << 20, 2);
+    let out = vm
+        .exec(["sha256sum"])
+        .stdin(data.clone())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(text.starts_with(&sha256(&data)), || {
+        format!("the guest hashed stdin as {text:?}")
+    })
+}
+
+pub fn timeout_kills_the_tree(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let started = Instant::now();
+    let out = vm
+        .exec(["sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000; echo never"])
+        .timeout(Duration::from_secs(2))
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(out.timed_out && out.status.signal() == Some(9), || {
+        format!("expected a timeout kill, got {} (timed_out {})", out.status, out.timed_out)
+    })?;
+    ensure(out.stdout.is_empty(), || "the shell went on after the timeout".into())?;
+    ensure(started.elapsed() < Duration::from_secs(60), || "the timeout took too long".into())?;
+    let left = run(vm, &["sh", "-c", "pgrep sleep; true"])?;
+    ensure(left.stdout.is_empty(), || {
+        format!(
+            "sleep processes survived: {}",
+            String::from_utf8_lossy(&left.stdout)
+        )
+    })
+}
+
+pub fn fifty_concurrent(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let errors = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for i in 0..50 {
+            let errors = &errors;
+            s.spawn(move || {
+                let script = format!("echo start-{i}; sleep 0.2; echo end-{i} >&2; exit {}", i % 7);
+                match vm.exec(["sh", "-c", &script]).output() {
+                    Ok(o) => {
+                        let ok = o.stdout == format!("start-{i}\n").as_bytes()
+                            && o.stderr == format!("end-{i}\n").as_bytes()
+                            && o.status.code() == Some(i % 7);
+                        if !ok {
+                            errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
+                                "exec {i}: {:?} / {:?} / {}",
+                                String::from_utf8_lossy(&o.stdout),
+                                String::from_utf8_lossy(&o.stderr),
+                                o.status
+                            ));
+                        }
+                    }
+                    Err(e) => errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("exec {i}: {e}")),
+                }
+            });
+        }
+    });
+    let errors = errors.into_inner().unwrap_or_default();
+    ensure(errors.is_empty(), || {
+        format!("{} of 50 failed, first: {}", errors.len(), errors[0])
+    })
+}
+
+pub fn terminal(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let mut p = vm
+        .exec(["sh", "-c", "tty; stty size; read x; stty size; echo got-$x"])
+        .tty(33, 99)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut stdout = p.take_stdout().ok_or("no stdout")?;
+    let mut stdin = p.take_stdin().ok_or("no stdin")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("33 99") {
+        let n = stdout.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("the session ended early: {:?}", String::from_utf8_lossy(&seen)));
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    p.resize(50, 132).map_err(|e| e.to_string())?;
+    stdin.write_all(b"go\n").map_err(|e| e.to_string())?;
+    stdout.read_to_end(&mut seen).map_err(|e| e.to_string())?;
+    let info = p.wait().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&seen);
+    ensure(
+        text.starts_with("/dev/pts/")
+            && text.contains("33 99\r\n")
+            && text.contains("50 132\r\n")
+            && text.contains("got-go"),
+        || format!("terminal session printed {text:?}"),
+    )?;
+    ensure(info.status.success(), || format!("the session ended with {}", info.status))
+}
+
+pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let big = pattern(64 << 20, 3);
+    let started = Instant::now();
+    vm.write_file_from("/tmp/up/big.bin", big.as_slice(), 0o600, (1000, 1000))
+        .map_err(|e| e.to_string())?;
+    let up = started.elapsed();
+    let out = run(vm, &["sh", "-c", "sha256sum /tmp/up/big.bin; stat -c '%a %u %g %s' /tmp/up/big.bin"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        text.starts_with(&sha256(&big)) && text.contains("\n600 1000 1000 67108864"),
+        || format!("the guest sees the staged file as {text:?}"),
+    )?;
+    let out = run(
+        vm,
+        &["sh", "-c", "head -c 67108864 /dev/urandom > /tmp/down.bin && sha256sum /tmp/down.bin"],
+    )?;
+    let guest_sum = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let started = Instant::now();
+    let down = vm.read_file("/tmp/down.bin").map_err(|e| e.to_string())?;
+    let down_time = started.elapsed();
+    ensure(down.len() == 64 << 20 && sha256(&down) == guest_sum, || {
+        format!("read back {} bytes, SHA-256 {} vs the guest's {guest_sum}", down.len(), sha256(&down))
+    })?;
+    println!("  64 MiB up in {up:.2?}, down in {down_time:.2?}");
+    match vm.read_file("/no/such/file") {
+        Err(e) => ensure(e.to_string().contains("No such file"), || format!("unexpected error: {e}")),
+        Ok(_) => Err("a missing file was read".into()),
+    }
+}
+
+pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
+    let vm = vm.get(env)?;
+    let mut server = vm
+        .exec(["tcp-echo", "7070"])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut out = server.take_stdout().ok_or("no stdout")?;
+    let mut line = [0u8; 15];
+    out.read_exact(&mut line).map_err(|e| format!("tcp-echo: {e}"))?;
+    ensure(&line == b"TCP-ECHO-READY\n", || "tcp-echo did not start".into())?;
+    // Several connections at once, each checked both ways.
+    let results: Vec<Check> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|i| {
+                s.spawn(move || -> Check {
+                    let data = pattern(8 << 20, 10 + i);
+                    let mut conn = vm.connect(7070).map_err(|e| e.to_string())?;
+                    let mut reader = conn.try_clone().map_err(|e| e.to_string())?;
+                    let echo = std::thread::spawn(move || {
+                        let mut back = Vec::new();
+                        reader.read_to_end(&mut back).map(|_| back)
+                    });
+                    conn.write_all(&data).map_err(|e| e.to_string())?;
+                    conn.shutdown(std::net::Shutdown::Write)
+                        .map_err(|e| e.to_string())?;
+                    let back = echo
+                        .join()
+                        .map_err(|_| "reader panicked".to_string())?
+                        .map_err(|e| e.to_string())?;
+                    ensure(back.len() == data.len() && sha256(&back) == sha256(&data), || {
+                        format!("connection {i}: {} bytes came back altered", back.len())
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+            .collect()
+    });
+    server.signal(15).map_err(|e| e.to_string())?;
+    let _ = server.wait();
+    for r in results {
+        r?;
+    }
+    match vm.connect(7071) {
+        Err(e) => ensure(e.to_string().contains("connect to guest port 7071"), || {
+            format!("unexpected error: {e}")
+        }),
+        Ok(_) => Err("a closed port connected".into()),
+    }
+}
+
+/// The overlay takes writes anywhere, the image's disk stays as it was,
+/// and stopping the VM leaves nothing behind. Boots its own VM.
+pub fn overlay_and_stop(env: &Env) -> Check {
+    let disk = env.asset("rootfs.erofs");
+    let before = sha256(&std::fs::read(&disk).map_err(|e| e.to_string())?);
+    let vm = Vm::start(&disk, &options(env, "overlay-test")).map_err(|e| e.to_string())?;
+    let out = run(
+        &vm,
+        &["sh", "-c", "echo written > /etc/new-file && cat /etc/new-file && echo 'x:x:5:5::/:/bin/sh' >> /etc/passwd && grep -c . /etc/passwd && rm /bin/true && mount | grep ' / '"],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(out.status.success() && text.starts_with("written\n4\n") && text.contains("overlay on / "), || {
+        format!("writes in the guest: {} {text:?} {:?}", out.status, String::from_utf8_lossy(&out.stderr))
+    })?;
+    let mounts = run(&vm, &["cat", "/proc/mounts"])?;
+    let mounts = String::from_utf8_lossy(&mounts.stdout);
+    for m in [" /proc proc", " /sys sysfs", " /dev devtmpfs", " /dev/pts devpts", " /dev/shm tmpfs", " /run tmpfs", " /tmp tmpfs", " /sys/fs/cgroup cgroup2"] {
+        ensure(mounts.contains(m), || format!("{m:?} is not mounted: {mounts}"))?;
+    }
+    let socket_dir = vm.vsock_socket().parent().map(|p| p.to_path_buf());
+    let reason = vm.stop().map_err(|e| e.to_string())?;
+    ensure(reason == supermachine::ExitReason::PowerOff, || {
+        format!("expected a power-off, got {reason:?}")
+    })?;
+    ensure(socket_dir.is_some_and(|d| !d.exists()), || {
+        "the VM's socket directory was left behind".into()
+    })?;
+    let after = sha256(&std::fs::read(&disk).map_err(|e| e.to_string())?);
+    ensure(before == after, || "the image's EROFS disk changed".into())
+}
+
+/// The shared VM stops cleanly at the end.
+pub fn stop_shared(vm: &mut AgentVm) -> Check {
+    match vm.vm.take() {
+        Some(Ok(vm)) => {
+            let reason = vm.stop().map_err(|e| e.to_string())?;
+            ensure(reason == supermachine::ExitReason::PowerOff, || {
+                format!("expected a power-off, got {reason:?}")
+            })
+        }
+        _ => Ok(()),
+    }
+}

@@ -30,7 +30,10 @@ impl AgentVm {
 
     fn get(&self, env: &Env) -> Result<&Vm, String> {
         self.vm
-            .get_or_init(|| Vm::start(&env.asset("rootfs.erofs"), &options(env, "agent-test")).map_err(|e| format!("starting the VM: {e}")))
+            .get_or_init(|| {
+                Vm::start(&env.asset("rootfs.erofs"), &options(env, "agent-test"))
+                    .map_err(|e| format!("starting the VM: {e}"))
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -58,7 +61,9 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Deterministic bytes that do not compress or repeat within a chunk.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -87,13 +92,16 @@ pub fn exit_statuses(vm: &AgentVm, env: &Env) -> Check {
         (vec!["sh", "-c", "exit 255"], 255),
     ] {
         let out = run(vm, &argv)?;
-        ensure(out.status.code() == Some(code) && out.status.signal().is_none(), || {
-            format!("{argv:?}: expected exit {code}, got {}", out.status)
-        })?;
+        ensure(
+            out.status.code() == Some(code) && out.status.signal().is_none(),
+            || format!("{argv:?}: expected exit {code}, got {}", out.status),
+        )?;
     }
     let out = run(vm, &["sh", "-c", "kill -TERM $$"])?;
     ensure(
-        out.status.signal() == Some(15) && out.status.code().is_none() && out.status.shell_code() == 143,
+        out.status.signal() == Some(15)
+            && out.status.code().is_none()
+            && out.status.shell_code() == 143,
         || format!("expected death by SIGTERM, got {}", out.status),
     )?;
     let out = run(vm, &["sh", "-c", "kill -KILL $$"])?;
@@ -134,9 +142,10 @@ pub fn env_cwd_user(vm: &AgentVm, env: &Env) -> Check {
         format!("uid:gid user gave {text:?}")
     })?;
     match vm.exec(["id"]).user("nobody-here").output() {
-        Err(e) => ensure(e.to_string().contains("unable to find user nobody-here"), || {
-            format!("unexpected error: {e}")
-        }),
+        Err(e) => ensure(
+            e.to_string().contains("unable to find user nobody-here"),
+            || format!("unexpected error: {e}"),
+        ),
         Ok(_) => Err("an unknown user ran".into()),
     }
 }
@@ -164,9 +173,10 @@ pub fn large_stdout_with_stderr(vm: &AgentVm, env: &Env) -> Check {
         "stdout's SHA-256 differs".into()
     })?;
     let lines: Vec<String> = (0..100).map(|i| format!("err {i}")).collect();
-    ensure(String::from_utf8_lossy(&out.stderr) == lines.join("\n") + "\n", || {
-        format!("stderr was {} bytes, not the 100 lines", out.stderr.len())
-    })?;
+    ensure(
+        String::from_utf8_lossy(&out.stderr) == lines.join("\n") + "\n",
+        || format!("stderr was {} bytes, not the 100 lines", out.stderr.len()),
+    )?;
     println!(
         "  100 MiB of stdout in {:.2?} ({:.1} MiB/s)",
         out.duration,
@@ -193,15 +203,26 @@ pub fn timeout_kills_the_tree(vm: &AgentVm, env: &Env) -> Check {
     let vm = vm.get(env)?;
     let started = Instant::now();
     let out = vm
-        .exec(["sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000; echo never"])
+        .exec([
+            "sh",
+            "-c",
+            "sleep 1000 & sleep 1000 & sleep 1000; echo never",
+        ])
         .timeout(Duration::from_secs(2))
         .output()
         .map_err(|e| e.to_string())?;
     ensure(out.timed_out && out.status.signal() == Some(9), || {
-        format!("expected a timeout kill, got {} (timed_out {})", out.status, out.timed_out)
+        format!(
+            "expected a timeout kill, got {} (timed_out {})",
+            out.status, out.timed_out
+        )
     })?;
-    ensure(out.stdout.is_empty(), || "the shell went on after the timeout".into())?;
-    ensure(started.elapsed() < Duration::from_secs(60), || "the timeout took too long".into())?;
+    ensure(out.stdout.is_empty(), || {
+        "the shell went on after the timeout".into()
+    })?;
+    ensure(started.elapsed() < Duration::from_secs(60), || {
+        "the timeout took too long".into()
+    })?;
     let left = run(vm, &["sh", "-c", "pgrep sleep; true"])?;
     ensure(left.stdout.is_empty(), || {
         format!(
@@ -218,19 +239,25 @@ pub fn fifty_concurrent(vm: &AgentVm, env: &Env) -> Check {
         for i in 0..50 {
             let errors = &errors;
             s.spawn(move || {
-                let script = format!("echo start-{i}; sleep 0.2; echo end-{i} >&2; exit {}", i % 7);
+                let script = format!(
+                    "echo start-{i}; sleep 0.2; echo end-{i} >&2; exit {}",
+                    i % 7
+                );
                 match vm.exec(["sh", "-c", &script]).output() {
                     Ok(o) => {
                         let ok = o.stdout == format!("start-{i}\n").as_bytes()
                             && o.stderr == format!("end-{i}\n").as_bytes()
                             && o.status.code() == Some(i % 7);
                         if !ok {
-                            errors.lock().unwrap_or_else(|p| p.into_inner()).push(format!(
-                                "exec {i}: {:?} / {:?} / {}",
-                                String::from_utf8_lossy(&o.stdout),
-                                String::from_utf8_lossy(&o.stderr),
-                                o.status
-                            ));
+                            errors
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(format!(
+                                    "exec {i}: {:?} / {:?} / {}",
+                                    String::from_utf8_lossy(&o.stdout),
+                                    String::from_utf8_lossy(&o.stderr),
+                                    o.status
+                                ));
                         }
                     }
                     Err(e) => errors
@@ -261,7 +288,10 @@ pub fn terminal(vm: &AgentVm, env: &Env) -> Check {
     while !String::from_utf8_lossy(&seen).contains("33 99") {
         let n = stdout.read(&mut buf).map_err(|e| e.to_string())?;
         if n == 0 {
-            return Err(format!("the session ended early: {:?}", String::from_utf8_lossy(&seen)));
+            return Err(format!(
+                "the session ended early: {:?}",
+                String::from_utf8_lossy(&seen)
+            ));
         }
         seen.extend_from_slice(&buf[..n]);
     }
@@ -277,7 +307,9 @@ pub fn terminal(vm: &AgentVm, env: &Env) -> Check {
             && text.contains("got-go"),
         || format!("terminal session printed {text:?}"),
     )?;
-    ensure(info.status.success(), || format!("the session ended with {}", info.status))
+    ensure(info.status.success(), || {
+        format!("the session ended with {}", info.status)
+    })
 }
 
 pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
@@ -287,7 +319,14 @@ pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
     vm.write_file_from("/tmp/up/big.bin", big.as_slice(), 0o600, (1000, 1000))
         .map_err(|e| e.to_string())?;
     let up = started.elapsed();
-    let out = run(vm, &["sh", "-c", "sha256sum /tmp/up/big.bin; stat -c '%a %u %g %s' /tmp/up/big.bin"])?;
+    let out = run(
+        vm,
+        &[
+            "sh",
+            "-c",
+            "sha256sum /tmp/up/big.bin; stat -c '%a %u %g %s' /tmp/up/big.bin",
+        ],
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure(
         text.starts_with(&sha256(&big)) && text.contains("\n600 1000 1000 67108864"),
@@ -295,7 +334,11 @@ pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
     )?;
     let out = run(
         vm,
-        &["sh", "-c", "head -c 67108864 /dev/urandom > /tmp/down.bin && sha256sum /tmp/down.bin"],
+        &[
+            "sh",
+            "-c",
+            "head -c 67108864 /dev/urandom > /tmp/down.bin && sha256sum /tmp/down.bin",
+        ],
     )?;
     let guest_sum = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
@@ -306,11 +349,17 @@ pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
     let down = vm.read_file("/tmp/down.bin").map_err(|e| e.to_string())?;
     let down_time = started.elapsed();
     ensure(down.len() == 64 << 20 && sha256(&down) == guest_sum, || {
-        format!("read back {} bytes, SHA-256 {} vs the guest's {guest_sum}", down.len(), sha256(&down))
+        format!(
+            "read back {} bytes, SHA-256 {} vs the guest's {guest_sum}",
+            down.len(),
+            sha256(&down)
+        )
     })?;
     println!("  64 MiB up in {up:.2?}, down in {down_time:.2?}");
     match vm.read_file("/no/such/file") {
-        Err(e) => ensure(e.to_string().contains("No such file"), || format!("unexpected error: {e}")),
+        Err(e) => ensure(e.to_string().contains("No such file"), || {
+            format!("unexpected error: {e}")
+        }),
         Ok(_) => Err("a missing file was read".into()),
     }
 }
@@ -323,8 +372,11 @@ pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
         .map_err(|e| e.to_string())?;
     let mut out = server.take_stdout().ok_or("no stdout")?;
     let mut line = [0u8; 15];
-    out.read_exact(&mut line).map_err(|e| format!("tcp-echo: {e}"))?;
-    ensure(&line == b"TCP-ECHO-READY\n", || "tcp-echo did not start".into())?;
+    out.read_exact(&mut line)
+        .map_err(|e| format!("tcp-echo: {e}"))?;
+    ensure(&line == b"TCP-ECHO-READY\n", || {
+        "tcp-echo did not start".into()
+    })?;
     // Several connections at once, each checked both ways.
     let results: Vec<Check> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4u64)
@@ -344,9 +396,10 @@ pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
                         .join()
                         .map_err(|_| "reader panicked".to_string())?
                         .map_err(|e| e.to_string())?;
-                    ensure(back.len() == data.len() && sha256(&back) == sha256(&data), || {
-                        format!("connection {i}: {} bytes came back altered", back.len())
-                    })
+                    ensure(
+                        back.len() == data.len() && sha256(&back) == sha256(&data),
+                        || format!("connection {i}: {} bytes came back altered", back.len()),
+                    )
                 })
             })
             .collect();
@@ -376,16 +429,38 @@ pub fn overlay_and_stop(env: &Env) -> Check {
     let vm = Vm::start(&disk, &options(env, "overlay-test")).map_err(|e| e.to_string())?;
     let out = run(
         &vm,
-        &["sh", "-c", "echo written > /etc/new-file && cat /etc/new-file && echo 'x:x:5:5::/:/bin/sh' >> /etc/passwd && grep -c . /etc/passwd && rm /bin/true && mount | grep ' / '"],
+        &[
+            "sh",
+            "-c",
+            "echo written > /etc/new-file && cat /etc/new-file && echo 'x:x:5:5::/:/bin/sh' >> /etc/passwd && grep -c . /etc/passwd && rm /bin/true && mount | grep ' / '",
+        ],
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure(out.status.success() && text.starts_with("written\n4\n") && text.contains("overlay on / "), || {
-        format!("writes in the guest: {} {text:?} {:?}", out.status, String::from_utf8_lossy(&out.stderr))
-    })?;
+    ensure(
+        out.status.success() && text.starts_with("written\n4\n") && text.contains("overlay on / "),
+        || {
+            format!(
+                "writes in the guest: {} {text:?} {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        },
+    )?;
     let mounts = run(&vm, &["cat", "/proc/mounts"])?;
     let mounts = String::from_utf8_lossy(&mounts.stdout);
-    for m in [" /proc proc", " /sys sysfs", " /dev devtmpfs", " /dev/pts devpts", " /dev/shm tmpfs", " /run tmpfs", " /tmp tmpfs", " /sys/fs/cgroup cgroup2"] {
-        ensure(mounts.contains(m), || format!("{m:?} is not mounted: {mounts}"))?;
+    for m in [
+        " /proc proc",
+        " /sys sysfs",
+        " /dev devtmpfs",
+        " /dev/pts devpts",
+        " /dev/shm tmpfs",
+        " /run tmpfs",
+        " /tmp tmpfs",
+        " /sys/fs/cgroup cgroup2",
+    ] {
+        ensure(mounts.contains(m), || {
+            format!("{m:?} is not mounted: {mounts}")
+        })?;
     }
     let socket_dir = vm.vsock_socket().parent().map(|p| p.to_path_buf());
     let reason = vm.stop().map_err(|e| e.to_string())?;

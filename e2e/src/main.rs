@@ -621,7 +621,11 @@ fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     }
     if vm.started() {
         let started = Instant::now();
-        record("agent-vm-powers-off-on-stop", started, agent::stop_shared(&mut vm));
+        record(
+            "agent-vm-powers-off-on-stop",
+            started,
+            agent::stop_shared(&mut vm),
+        );
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

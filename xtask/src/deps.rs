@@ -20,6 +20,9 @@ pub const KERNEL_BUILD: &[&str] = &[
     "xz-utils",
     "dpkg-dev",
 ];
+/// The musl C compiler wrapper (`x86_64-linux-musl-gcc`), for crates that
+/// compile C in static builds.
+pub const MUSL_CC: &[&str] = &["musl-tools"];
 /// Debian packages needed for guest images and the QEMU test host.
 pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static"];
 /// Debian packages the OCI image tests and benchmark drive: a real

@@ -62,7 +62,11 @@ pub fn write_initramfs(agent: &Path, dest: &Path) -> Result<()> {
 pub fn build(agent: &Path) -> Result<GuestImage> {
     let kernel = kernel::build(kernel::Flavor::Guest, None)?;
     let agent_bytes = fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
-    let kernel_id = kernel.dir.file_name().context("kernel dir")?.to_string_lossy();
+    let kernel_id = kernel
+        .dir
+        .file_name()
+        .context("kernel dir")?
+        .to_string_lossy();
     let key = hash_parts(&[RECIPE_VERSION, kernel_id.as_bytes(), &agent_bytes]);
     let root = cache_root()?.join("guest");
     let image = GuestImage {

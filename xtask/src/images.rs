@@ -158,7 +158,9 @@ pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     chown(root.join("home/app"), Some(1000), Some(1000))?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
-    let list = std::process::Command::new(&busybox).arg("--list").output()?;
+    let list = std::process::Command::new(&busybox)
+        .arg("--list")
+        .output()?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         let applet = applet.trim();
         if applet.is_empty() || applet == "busybox" || applet.contains('/') {
@@ -174,7 +176,10 @@ pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
         root.join("etc/group"),
         "root:x:0:\nstaff:x:50:app\napp:x:1000:\nnogroup:x:65534:\n",
     )?;
-    for (name, path) in [("tcp-echo", &bins.tcp_echo), ("bench-peer", &bins.bench_peer)] {
+    for (name, path) in [
+        ("tcp-echo", &bins.tcp_echo),
+        ("bench-peer", &bins.bench_peer),
+    ] {
         let target = root.join("usr/bin").join(name);
         fs::copy(path, &target)?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;

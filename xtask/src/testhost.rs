@@ -63,6 +63,8 @@ pub struct Binaries {
 pub fn build_static_binaries() -> Result<Binaries> {
     const TARGET: &str = crate::guest::MUSL_TARGET;
     deps::ensure_rust_target(TARGET)?;
+    // ring (TLS in the image puller) compiles C for the target.
+    deps::ensure_packages(deps::MUSL_CC)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     crate::util::run(
         Command::new(cargo)

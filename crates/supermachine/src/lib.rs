@@ -15,7 +15,9 @@ mod exec;
 mod guest;
 mod vm;
 
-pub use exec::{ExecBuilder, ExecOutput, ExitInfo, ExitStatus, OutputReader, Process, ProcessStdin};
+pub use exec::{
+    ExecBuilder, ExecOutput, ExitInfo, ExitStatus, OutputReader, Process, ProcessStdin,
+};
 pub use guest::GuestImage;
 pub use vm::{Vm, VmOptions};
 

@@ -345,16 +345,20 @@ impl Vm {
                 return Err(self.not_ready("the VM ended before its agent was ready"));
             }
             if Instant::now() > deadline {
-                return Err(self.not_ready(&format!(
-                    "the agent did not come up within {timeout:?}"
-                )));
+                return Err(
+                    self.not_ready(&format!("the agent did not come up within {timeout:?}"))
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         };
         conn.set_nonblocking(false)
             .map_err(io_err("the agent connection"))?;
-        conn.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))
-            .map_err(io_err("the agent connection"))?;
+        conn.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1)),
+        ))
+        .map_err(io_err("the agent connection"))?;
         proto::expect_handshake(&mut conn)?;
         match proto::read_frame::<_, AgentMessage>(&mut conn)? {
             Some(AgentMessage::Hello { .. }) => {}
@@ -521,13 +525,15 @@ impl Vm {
         (uid, gid): (u32, u32),
     ) -> Result<()> {
         let mut c = self.agent_conn()?;
-        c.send(&HostMessage::Request(Request::WriteFile(WriteFileRequest {
-            path: path.to_string(),
-            mode,
-            uid,
-            gid,
-            create_parents: true,
-        })))?;
+        c.send(&HostMessage::Request(Request::WriteFile(
+            WriteFileRequest {
+                path: path.to_string(),
+                mode,
+                uid,
+                gid,
+                create_parents: true,
+            },
+        )))?;
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = match source.read(&mut buf) {

@@ -63,8 +63,8 @@ pub enum Error {
     /// The guest CID is reserved.
     #[error("vsock guest CID {0} is reserved; use 3 or more")]
     ReservedCid(u64),
-    /// The socket path is taken.
-    #[error("vsock socket {0} already exists")]
+    /// The socket path is taken (by a live socket or another file).
+    #[error("vsock socket {0} already exists and is in use (or is not a socket)")]
     PathExists(PathBuf),
     /// The listening socket could not be made.
     #[error("vsock socket {path}: {source}")]
@@ -120,14 +120,11 @@ impl Vsock {
         if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
             return Err(Error::ReservedCid(cid));
         }
-        if path.symlink_metadata().is_ok() {
-            return Err(Error::PathExists(path.to_path_buf()));
-        }
+        let listener = bind_replacing_stale(path)?;
         let listen_error = |source| Error::Listen {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(listen_error)?;
         let epoll = Epoll::new().map_err(Error::Epoll)?;
         let dev = Self {
             cid,
@@ -308,7 +305,7 @@ impl Vsock {
             return;
         }
         let target = PathBuf::from(format!("{}_{}", self.path.display(), key.host_port));
-        let stream = match UnixStream::connect(&target) {
+        let stream = match connect_nonblocking(&target) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("vsock: guest connect to {}: {e}", target.display());
@@ -792,6 +789,50 @@ fn header_to_guest(cid: u64, key: Key, op: u16) -> Header {
 fn write_header(writer: &mut Writer<'_>, h: &Header) -> Option<u32> {
     std::io::Write::write_all(writer, &h.encode()).ok()?;
     Some(HEADER_SIZE as u32)
+}
+
+/// Connects to a host Unix socket without ever blocking the event loop:
+/// a listener whose backlog is full refuses at once (EAGAIN), and the
+/// guest's connection is reset, as a TCP stack does when its backlog
+/// overflows.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
+/// Binds the device's listening socket at `path`. A socket file left
+/// there by a VMM that was killed (nothing accepts on it any more) is
+/// replaced; a live one, or any other file, is an error.
+fn bind_replacing_stale(path: &Path) -> Result<UnixListener, Error> {
+    let listen_error = |source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    match path.symlink_metadata() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_error(e)),
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            let refused = meta.file_type().is_socket()
+                && matches!(
+                    UnixStream::connect(path),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+                );
+            if !refused {
+                return Err(Error::PathExists(path.to_path_buf()));
+            }
+            log::info!("vsock: replacing the stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(listen_error)?;
+        }
+    }
+    UnixListener::bind(path).map_err(listen_error)
 }
 
 fn parse_connect(line: &[u8]) -> Option<u32> {

@@ -614,3 +614,72 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     assert_eq!(req.dst_port, 6000);
     drop(host.join().unwrap());
 }
+
+#[test]
+fn a_full_host_backlog_resets_the_guest_connection_without_blocking() {
+    let mut g = Guest::new();
+    // A listener that never accepts, its backlog filled by connects that
+    // would block from here on.
+    let listener = listen(&g.path, 5100);
+    let mut fillers = Vec::new();
+    loop {
+        // SAFETY: plain socket calls on descriptors this test owns.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let p = format!("{}_5100", g.path.display());
+        for (d, s) in addr.sun_path.iter_mut().zip(p.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: `addr` is a valid sockaddr_un of the size given.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: `fd` is ours.
+        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+            break;
+        }
+        fillers.push(owned);
+        assert!(fillers.len() < 100_000, "the backlog never filled");
+    }
+    let started = Instant::now();
+    g.send(g.header(5100, 77, op::REQUEST), &[]);
+    assert_eq!(g.expect_op(op::RST).dst_port, 77);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The device goes on: a listener with room gets its connection.
+    drop((fillers, listener));
+    let other = listen(&g.path, 5101);
+    g.send(g.header(5101, 78, op::REQUEST), &[]);
+    assert_eq!(g.expect_op(op::RESPONSE).dst_port, 78);
+    other.accept().unwrap();
+}
+
+#[test]
+fn a_stale_socket_path_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.sock");
+    // A VMM killed without cleaning up leaves its socket file behind.
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let dev = Vsock::new(CID, &path).expect("a stale socket is replaced");
+    // Now the path is live: a second device is refused.
+    let err = Vsock::new(CID, &path).unwrap_err();
+    assert!(
+        err.to_string().contains("already exists and is in use"),
+        "{err}"
+    );
+    drop(dev);
+    assert!(!path.exists());
+    // Nor is a regular file ever removed.
+    std::fs::write(&path, b"not a socket").unwrap();
+    assert!(Vsock::new(CID, &path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+}

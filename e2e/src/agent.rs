@@ -90,6 +90,7 @@ pub fn exit_statuses(vm: &AgentVm, env: &Env) -> Check {
         (vec!["true"], 0),
         (vec!["sh", "-c", "exit 1"], 1),
         (vec!["sh", "-c", "exit 255"], 255),
+        (vec!["sh", "-c", "true | false"], 1),
     ] {
         let out = run(vm, &argv)?;
         ensure(
@@ -128,7 +129,8 @@ pub fn env_cwd_user(vm: &AgentVm, env: &Env) -> Check {
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let expected = "hello there\n/tmp\nuid=1000(app) gid=1000(app) groups=1000(app),50(staff)\n/home/app\nagent-test\n";
+    // busybox `id` lists the groups in the kernel's (sorted) order.
+    let expected = "hello there\n/tmp\nuid=1000(app) gid=1000(app) groups=50(staff),1000(app)\n/home/app\nagent-test\n";
     ensure(text == expected && out.status.success(), || {
         format!("expected {expected:?}, got {text:?} ({})", out.status)
     })?;
@@ -377,37 +379,19 @@ pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
     ensure(&line == b"TCP-ECHO-READY\n", || {
         "tcp-echo did not start".into()
     })?;
-    // Several connections at once, each checked both ways.
-    let results: Vec<Check> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..4u64)
-            .map(|i| {
-                s.spawn(move || -> Check {
-                    let data = pattern(8 << 20, 10 + i);
-                    let mut conn = vm.connect(7070).map_err(|e| e.to_string())?;
-                    let mut reader = conn.try_clone().map_err(|e| e.to_string())?;
-                    let echo = std::thread::spawn(move || {
-                        let mut back = Vec::new();
-                        reader.read_to_end(&mut back).map(|_| back)
-                    });
-                    conn.write_all(&data).map_err(|e| e.to_string())?;
-                    conn.shutdown(std::net::Shutdown::Write)
-                        .map_err(|e| e.to_string())?;
-                    let back = echo
-                        .join()
-                        .map_err(|_| "reader panicked".to_string())?
-                        .map_err(|e| e.to_string())?;
-                    ensure(
-                        back.len() == data.len() && sha256(&back) == sha256(&data),
-                        || format!("connection {i}: {} bytes came back altered", back.len()),
-                    )
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
-            .collect()
-    });
+    // One small exchange first, then several large ones at once, each
+    // checked both ways.
+    let results: Vec<Check> = std::iter::once(echo_through(vm, 0, 5))
+        .chain(std::thread::scope(|s| {
+            let handles: Vec<_> = (1..=4u64)
+                .map(|i| s.spawn(move || echo_through(vm, i, 8 << 20)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect::<Vec<_>>()
+        }))
+        .collect();
     server.signal(15).map_err(|e| e.to_string())?;
     let _ = server.wait();
     for r in results {
@@ -419,6 +403,32 @@ pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
         }),
         Ok(_) => Err("a closed port connected".into()),
     }
+}
+
+/// Sends `len` bytes through `vm.connect` to the guest's echo server and
+/// checks what comes back.
+fn echo_through(vm: &Vm, i: u64, len: usize) -> Check {
+    let data = pattern(len, 10 + i);
+    let mut conn = vm.connect(7070).map_err(|e| e.to_string())?;
+    let timeout = Some(Duration::from_secs(60));
+    conn.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+    conn.set_write_timeout(timeout).map_err(|e| e.to_string())?;
+    let mut reader = conn.try_clone().map_err(|e| e.to_string())?;
+    let echo = std::thread::spawn(move || {
+        let mut back = Vec::new();
+        let r = reader.read_to_end(&mut back);
+        (back, r)
+    });
+    conn.write_all(&data)
+        .map_err(|e| format!("connection {i}: writing: {e}"))?;
+    conn.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let (back, r) = echo.join().map_err(|_| "reader panicked".to_string())?;
+    r.map_err(|e| format!("connection {i}: reading after {} bytes: {e}", back.len()))?;
+    ensure(
+        back.len() == data.len() && sha256(&back) == sha256(&data),
+        || format!("connection {i}: {} bytes came back altered", back.len()),
+    )
 }
 
 /// The overlay takes writes anywhere, the image's disk stays as it was,

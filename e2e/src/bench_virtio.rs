@@ -27,19 +27,19 @@ use crate::bench_proto::{self, BLK_LINE, BLOCK_IO, ECHO, MESSAGE, PORT, QUIT, SI
 use crate::{Env, Scratch, connect_to_guest};
 
 /// Round trips per run (latency percentiles are over all runs' trips).
-const ROUND_TRIPS: usize = 1000;
+pub(crate) const ROUND_TRIPS: usize = 1000;
 /// Bytes per throughput run, each direction.
-const STREAM_BYTES: u64 = 64 << 20;
+pub(crate) const STREAM_BYTES: u64 = 64 << 20;
 /// The guest's disk, written and read whole in each run.
 const DISK_BYTES: u64 = 64 << 20;
 
 /// One side's figures: every round trip, and the duration of each
 /// throughput run.
 #[derive(Default)]
-struct Figures {
-    round_trips: Vec<Duration>,
-    to_peer: Vec<Duration>,
-    from_peer: Vec<Duration>,
+pub(crate) struct Figures {
+    pub(crate) round_trips: Vec<Duration>,
+    pub(crate) to_peer: Vec<Duration>,
+    pub(crate) from_peer: Vec<Duration>,
     blk_write: Vec<Duration>,
     blk_read: Vec<Duration>,
 }
@@ -159,7 +159,7 @@ fn socket_pair_peer(command: u8) -> io::Result<UnixStream> {
 
 /// Round trips and both throughput directions, `runs` times, through
 /// streams that `open` starts with a command byte.
-fn measure_streams(
+pub(crate) fn measure_streams(
     open: &dyn Fn(u8) -> io::Result<UnixStream>,
     runs: usize,
 ) -> io::Result<Figures> {
@@ -235,13 +235,13 @@ fn file_pass(path: &Path) -> io::Result<(Duration, Duration)> {
     Ok((wrote, began.elapsed()))
 }
 
-fn percentile(v: &mut [Duration], p: f64) -> Duration {
+pub(crate) fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v.get(i).copied().unwrap_or_default()
 }
 
-fn mib_per_s(bytes: u64, v: &mut [Duration]) -> f64 {
+pub(crate) fn mib_per_s(bytes: u64, v: &mut [Duration]) -> f64 {
     let median = percentile(v, 0.5).as_secs_f64();
     if median > 0.0 {
         bytes as f64 / (1 << 20) as f64 / median

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod agent;
+mod bench_exec;
 mod bench_proto;
 mod bench_virtio;
 mod exchange;
@@ -746,7 +747,7 @@ fn main() -> ExitCode {
         value("--assets"),
     ) else {
         eprintln!(
-            "usage: supermachine-e2e test|bench-boot|bench-virtio --supermachine BIN --assets DIR [--runs N]"
+            "usage: supermachine-e2e test|bench-boot|bench-virtio|bench-exec --supermachine BIN --assets DIR [--runs N]"
         );
         return ExitCode::from(2);
     };
@@ -766,6 +767,10 @@ fn main() -> ExitCode {
         "bench-boot" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
             bench_boot(&env, runs)
+        }
+        "bench-exec" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
+            bench_exec::run(&env, runs)
         }
         "bench-virtio" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);

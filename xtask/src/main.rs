@@ -87,6 +87,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Exec round trips of `true` against raw vsock round trips, and exec
+    /// stdout throughput against a raw vsock stream, in one VM.
+    Exec {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// A registry image to a root disk: `supermachine pull` against
     /// skopeo copy + umoci unpack + mkfs.erofs, and a cached pull.
     Oci {
@@ -313,6 +319,9 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Virtio { runs },
         } => bench("virtio", runs)?,
+        Task::Bench {
+            which: Bench::Exec { runs },
+        } => bench("exec", runs)?,
         Task::Bench {
             which: Bench::Oci { runs },
         } => bench_oci::bench(runs)?,

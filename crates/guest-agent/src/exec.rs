@@ -98,8 +98,8 @@ fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
     // SAFETY: TIOCSPTLCK reads an int and TIOCGPTN writes an unsigned int,
     // both through valid pointers, on a ptmx descriptor.
     unsafe {
-        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &mut unlock) < 0
-            || libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) < 0
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK as _, &mut unlock) < 0
+            || libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN as _, &mut number) < 0
         {
             return Err(io::Error::last_os_error());
         }
@@ -121,7 +121,7 @@ fn set_window_size(tty: &File, size: WindowSize) -> io::Result<()> {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads a winsize through a valid pointer.
-    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+    if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -243,10 +243,16 @@ fn start(
     // the fork (`groups` is moved in, not allocated there).
     unsafe {
         cmd.pre_exec(move || {
+            // PID 1 blocks the signals it forwards; a process starts with
+            // none blocked and default dispositions.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            if tty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::setgroups(groups.len(), groups.as_ptr()) < 0

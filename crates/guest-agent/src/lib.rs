@@ -209,10 +209,7 @@ impl Agent {
                     }
                 };
             }
-            Request::Connect { port } => {
-                connect(port, conn);
-                return None;
-            }
+            Request::Connect { port } => return connect(port, conn),
             Request::SetClock(clock) => {
                 self.system_op("set the clock", || system::set_clock(clock))
             }
@@ -293,25 +290,26 @@ pub fn message_name(m: &HostMessage) -> &'static str {
 }
 
 /// `Request::Connect`: a TCP connection to a guest port, spliced to the
-/// host's connection both ways until both directions have ended.
-fn connect<S: Conn>(port: u16, mut conn: S) {
+/// host's connection both ways until both directions have ended. When the
+/// port cannot be reached the answer is an error and the connection
+/// serves on.
+fn connect<S: Conn>(port: u16, mut conn: S) -> Option<S> {
     let tcp =
         TcpStream::connect(("127.0.0.1", port)).or_else(|_| TcpStream::connect(("::1", port)));
     let tcp = match tcp {
         Ok(t) => t,
         Err(e) => {
-            let _ = proto::write_frame(
+            proto::write_frame(
                 &mut conn,
                 &AgentMessage::Error(os_error(&format!("connect to guest port {port}"), &e)),
-            );
-            return;
+            )
+            .ok()?;
+            return Some(conn);
         }
     };
-    if proto::write_frame(&mut conn, &AgentMessage::Ok).is_err() {
-        return;
-    }
+    proto::write_frame(&mut conn, &AgentMessage::Ok).ok()?;
     let (Ok(mut tcp_in), Ok(mut conn_out)) = (tcp.try_clone(), conn.duplicate()) else {
-        return;
+        return None;
     };
     let to_guest = std::thread::Builder::new()
         .name(format!("connect-{port}"))
@@ -326,4 +324,5 @@ fn connect<S: Conn>(port: u16, mut conn: S) {
     if let Ok(t) = to_guest {
         let _ = t.join();
     }
+    None
 }

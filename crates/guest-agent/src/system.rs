@@ -233,7 +233,7 @@ fn bring_up_loopback() -> io::Result<()> {
     }
     req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads an ifreq through a valid pointer.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
         let e = io::Error::last_os_error();
         return Err(io::Error::new(e.kind(), format!("bringing up lo: {e}")));
     }
@@ -276,8 +276,8 @@ pub fn set_clock(clock: Clock) -> io::Result<()> {
         ));
     }
     let ts = libc::timespec {
-        tv_sec: clock.secs as libc::time_t,
-        tv_nsec: clock.nanos as libc::c_long,
+        tv_sec: clock.secs as _,
+        tv_nsec: clock.nanos as _,
     };
     // SAFETY: a valid timespec pointer.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {

@@ -81,3 +81,26 @@ fn cache_dir() -> Option<PathBuf> {
         _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_directory_holds_the_kernel_and_the_agent_initramfs() {
+        let dir = Path::new("/opt/guest");
+        assert_eq!(
+            GuestImage::in_dir(dir),
+            GuestImage {
+                kernel: dir.join("vmlinux"),
+                initramfs: dir.join("initramfs.cpio"),
+            }
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        assert!(!GuestImage::in_dir(tmp.path()).exists());
+        std::fs::write(tmp.path().join(KERNEL_FILE), b"k").expect("write");
+        assert!(!GuestImage::in_dir(tmp.path()).exists());
+        std::fs::write(tmp.path().join(INITRAMFS_FILE), b"i").expect("write");
+        assert!(GuestImage::in_dir(tmp.path()).exists());
+    }
+}

@@ -1,5 +1,29 @@
 //! supermachine: Linux microVMs behind one small API.
 //!
+//! Run processes in an image's VM through its guest agent:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use supermachine::{Vm, VmOptions, images};
+//!
+//! let store = images::Store::open_default()?;
+//! let record = store.image("alpine").map_err(supermachine::Error::from)?.expect("pulled");
+//! let vm = Vm::start_image(&store, &record, &VmOptions::default())?;
+//! let out = vm
+//!     .exec(["sh", "-c", "echo $GREETING from $(hostname)"])
+//!     .env("GREETING", "hello")
+//!     .timeout(Duration::from_secs(10))
+//!     .output()?;
+//! assert!(out.status.success());
+//! print!("{}", String::from_utf8_lossy(&out.stdout));
+//! vm.write_file("/tmp/data.txt", b"staged by the host")?;
+//! let back = vm.read_file("/tmp/data.txt")?;
+//! vm.stop()?;
+//! # Ok::<(), supermachine::Error>(())
+//! ```
+//!
+//! Boot a bare kernel and initramfs (no agent):
+//!
 //! ```no_run
 //! use supermachine::{Machine, VmConfig};
 //! let mut config = VmConfig::new("vmlinux");

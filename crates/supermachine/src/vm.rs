@@ -688,13 +688,34 @@ impl IdleHandle {
         }
     }
 
+    /// An idle connection the agent has not closed meanwhile.
     fn pop(&self) -> Option<UnixStream> {
-        self.lock().pop()
+        while let Some(c) = self.lock().pop() {
+            if still_open(&c) {
+                return Some(c);
+            }
+        }
+        None
     }
 
     fn clear(&self) {
         self.lock().clear();
     }
+}
+
+/// True when an idle connection is neither closed nor holding stray bytes.
+fn still_open(c: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: c.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor `c` keeps open; a zero
+    // timeout only samples its state.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    // Readable while idle means closed (or out of step): not reusable.
+    ready == 0
 }
 
 /// A connection to the agent during one request.

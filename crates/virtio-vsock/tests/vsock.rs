@@ -626,6 +626,7 @@ fn a_full_host_backlog_resets_the_guest_connection_without_blocking() {
         // SAFETY: plain socket calls on descriptors this test owns.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
         assert!(fd >= 0);
+        // SAFETY: sockaddr_un is plain data; all zeroes is valid.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         let p = format!("{}_5100", g.path.display());

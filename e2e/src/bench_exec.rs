@@ -1,0 +1,126 @@
+//! `supermachine-e2e bench-exec`: the agent's costs against the raw vsock
+//! path they ride on, in one VM and one run.
+//!
+//! - exec round trip: `vm.exec(["true"]).output()` from request to exit
+//!   status, against a 64-byte vsock echo round trip to a guest program
+//!   (the virtio benchmark's `bench-peer`, started through the agent in
+//!   the same VM);
+//! - stdout throughput: `head -c 64M /dev/zero` read through exec stdout,
+//!   against the same number of bytes sent by the guest program over a
+//!   raw vsock stream.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use supermachine::{GuestImage, Vm, VmOptions};
+
+use crate::Env;
+use crate::bench_proto::{PORT, QUIT};
+use crate::bench_virtio::{ROUND_TRIPS, STREAM_BYTES, measure_streams, mib_per_s, percentile};
+
+/// Execs per run.
+const EXECS: usize = 200;
+
+pub fn run(env: &Env, runs: usize) -> ExitCode {
+    match measure(env, runs) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("bench-exec failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn measure(env: &Env, runs: usize) -> Result<(), String> {
+    let options = VmOptions {
+        guest: Some(GuestImage {
+            kernel: env.asset("vmlinux"),
+            initramfs: env.asset("initramfs.cpio"),
+        }),
+        hostname: "bench".into(),
+        memory_bytes: 512 << 20,
+        ..VmOptions::default()
+    };
+    let vm = Vm::start(&env.asset("rootfs.erofs"), &options).map_err(|e| e.to_string())?;
+    let ready_in = vm.ready_in();
+    let peer = vm
+        .exec(["bench-peer", "--blk-runs", "0"])
+        .spawn()
+        .map_err(|e| format!("starting bench-peer: {e}"))?;
+    let open = |command: u8| -> io::Result<std::os::unix::net::UnixStream> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match vm.connect_vsock(PORT) {
+                Ok(mut s) => {
+                    s.write_all(&[command])?;
+                    return Ok(s);
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+    };
+    let mut raw = measure_streams(&open, runs).map_err(|e| format!("raw vsock: {e}"))?;
+    let _ = open(QUIT);
+    let _ = peer.wait();
+
+    let mut exec_trips = Vec::with_capacity(runs * EXECS);
+    let mut stdout_runs = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        for _ in 0..EXECS {
+            let began = Instant::now();
+            let out = vm.exec(["true"]).output().map_err(|e| e.to_string())?;
+            exec_trips.push(began.elapsed());
+            if !out.status.success() {
+                return Err(format!("true: {}", out.status));
+            }
+        }
+        let began = Instant::now();
+        let mut p = vm
+            .exec(["head", "-c", &STREAM_BYTES.to_string(), "/dev/zero"])
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut stdout = p.take_stdout().ok_or("no stdout")?;
+        let got = io::copy(&mut stdout, &mut io::sink()).map_err(|e| e.to_string())?;
+        let info = p.wait().map_err(|e| e.to_string())?;
+        stdout_runs.push(began.elapsed());
+        if got != STREAM_BYTES || !info.status.success() {
+            return Err(format!("stdout run: {got} bytes, {}", info.status));
+        }
+    }
+    vm.stop().map_err(|e| e.to_string())?;
+
+    println!(
+        "exec: {runs} runs; {} execs of `true` and {} vsock round trips of 64 B; throughput = median of {runs} runs of {} MiB; agent ready {:.0} ms after VM start",
+        runs * EXECS,
+        runs * ROUND_TRIPS,
+        STREAM_BYTES >> 20,
+        ready_in.as_secs_f64() * 1e3
+    );
+    println!("| measure | through the agent | raw vsock, same VM, same run | ratio |");
+    println!("|---|---|---|---|");
+    for (label, p) in [("round trip p50", 0.5), ("round trip p99", 0.99)] {
+        let (a, b) = (
+            percentile(&mut exec_trips, p),
+            percentile(&mut raw.round_trips, p),
+        );
+        println!(
+            "| {label} | {:.1} us (exec `true`) | {:.1} us (64 B echo) | {:.1}x |",
+            a.as_secs_f64() * 1e6,
+            b.as_secs_f64() * 1e6,
+            a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+        );
+    }
+    let (a, b) = (
+        mib_per_s(STREAM_BYTES, &mut stdout_runs),
+        mib_per_s(STREAM_BYTES, &mut raw.from_peer),
+    );
+    println!(
+        "| guest to host throughput | {a:.1} MiB/s (exec stdout) | {b:.1} MiB/s (vsock stream) | {:.2}x |",
+        a / b.max(1e-12)
+    );
+    Ok(())
+}

@@ -219,15 +219,19 @@ impl Agent {
             Request::Signal { pid, signal, group } => exec::send_signal(pid, signal, group)
                 .map_err(|e| os_error(&format!("kill {pid}"), &e)),
             Request::Shutdown { grace_ms } => {
-                if self.owns_system {
+                if !self.owns_system {
+                    Err(not_pid1("power off"))
+                } else {
+                    // Answer first: the power-off may be over before a
+                    // later answer would leave the guest.
+                    proto::write_frame(&mut conn, &AgentMessage::Ok).ok()?;
                     let started = std::thread::Builder::new()
                         .name("shutdown".into())
                         .spawn(move || system::shut_down(grace_ms));
-                    started
-                        .map(|_| ())
-                        .map_err(|e| os_error("starting the shutdown", &e))
-                } else {
-                    Err(not_pid1("power off"))
+                    if let Err(e) = started {
+                        log::error!("starting the shutdown: {e}");
+                    }
+                    return Some(conn);
                 }
             }
         };

@@ -639,20 +639,41 @@ impl Vm {
     /// has not ended a few seconds after that, it is stopped by force.
     pub fn stop(mut self) -> Result<ExitReason> {
         let grace = self.stop_grace;
-        let asked = self.simple_request(Request::Shutdown {
-            grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
-        });
-        if let Err(e) = &asked {
-            log::debug!("asking the agent to shut down: {e}");
-        }
+        let patience = grace + Duration::from_secs(5);
+        let asked = self.request_shutdown(grace, patience);
         let Some(machine) = self.machine.take() else {
             return Err(Error::VmEnded);
         };
-        if asked.is_err() || !machine.wait_ended(grace + Duration::from_secs(5)) {
+        // A connection that ends after the request was sent is the guest
+        // going down, as asked; only a refusal to take it means force.
+        let going_down = matches!(asked, Ok(()) | Err(Error::AgentGone));
+        if let Err(e) = &asked {
+            log::debug!("asking the agent to shut down: {e}");
+        }
+        if !going_down || !machine.wait_ended(patience) {
             machine.stop();
         }
         self.idle.clear();
         machine.wait()
+    }
+
+    /// Sends `Shutdown`, waiting at most `patience` for the answer.
+    fn request_shutdown(&self, grace: Duration, patience: Duration) -> Result<()> {
+        let mut c = self.agent_conn()?;
+        c.stream
+            .set_read_timeout(Some(patience))
+            .map_err(|source| Error::Io {
+                what: "agent connection".into(),
+                source,
+            })?;
+        c.send(&HostMessage::Request(Request::Shutdown {
+            grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
+        }))?;
+        match c.recv()? {
+            AgentMessage::Ok => Ok(()),
+            AgentMessage::Error(e) => Err(Error::Agent(e.message)),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Stops the VM at once, without asking the guest.

@@ -59,19 +59,9 @@ fn sha256(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// Deterministic bytes that do not compress or repeat within a chunk.
+/// Deterministic bytes that do not repeat within a chunk.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    crate::exchange::pattern(seed, len)
 }
 
 fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {

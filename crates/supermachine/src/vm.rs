@@ -482,16 +482,20 @@ impl Vm {
     fn simple_request(&self, request: Request) -> Result<()> {
         let mut c = self.agent_conn()?;
         c.send(&HostMessage::Request(request))?;
-        match c.recv()? {
-            AgentMessage::Ok => {
-                self.idle_push(c.stream);
-                Ok(())
-            }
-            AgentMessage::Error(e) => {
-                self.idle_push(c.stream);
-                Err(Error::Agent(e.message))
-            }
-            other => Err(unexpected(&other)),
+        self.finish_ok(c)
+    }
+
+    /// Reads a request's `Ok` or error answer; the connection is then
+    /// idle again.
+    fn finish_ok(&self, mut c: AgentConn) -> Result<()> {
+        let answer = c.recv()?;
+        match answer {
+            AgentMessage::Ok | AgentMessage::Error(_) => self.idle_push(c.stream),
+            _ => return Err(unexpected(&answer)),
+        }
+        match answer {
+            AgentMessage::Error(e) => Err(Error::Agent(e.message)),
+            _ => Ok(()),
         }
     }
 
@@ -552,17 +556,7 @@ impl Vm {
             c.send(&HostMessage::FileChunk(buf[..n].to_vec()))?;
         }
         c.send(&HostMessage::FileEnd)?;
-        match c.recv()? {
-            AgentMessage::Ok => {
-                self.idle_push(c.stream);
-                Ok(())
-            }
-            AgentMessage::Error(e) => {
-                self.idle_push(c.stream);
-                Err(Error::Agent(e.message))
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.finish_ok(c)
     }
 
     /// Reads a whole file from the guest.

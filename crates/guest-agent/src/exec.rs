@@ -277,13 +277,18 @@ fn start(
         Some(s) => s,
         None => {
             let pipe = |p: Option<OwnedFd>| p.map(File::from);
-            Streams {
+            let streams = Streams {
                 stdin: pipe(child.stdin.take().map(OwnedFd::from)),
                 stdout: pipe(child.stdout.take().map(OwnedFd::from))
                     .ok_or_else(|| invalid("no stdout pipe".into()))?,
                 stderr: pipe(child.stderr.take().map(OwnedFd::from)),
                 tty: None,
+            };
+            prepare_pipe(&streams.stdout);
+            if let Some(e) = &streams.stderr {
+                prepare_pipe(e);
             }
+            streams
         }
     };
     // The reaper, not `child`, collects the exit.
@@ -335,9 +340,15 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
         return (Flow::Close, None);
     }
     let tty_mode = streams.tty.is_some();
-    let mut pumps = vec![pump(streams.stdout, outbox.clone(), AgentMessage::Stdout)];
+    let gather = !tty_mode;
+    let mut pumps = vec![pump(
+        streams.stdout,
+        gather,
+        outbox.clone(),
+        AgentMessage::Stdout,
+    )];
     if let Some(stderr) = streams.stderr {
-        pumps.push(pump(stderr, outbox.clone(), AgentMessage::Stderr));
+        pumps.push(pump(stderr, gather, outbox.clone(), AgentMessage::Stderr));
     }
     let buffered = Arc::new(AtomicU32::new(0));
     let feeder = streams
@@ -432,27 +443,83 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<Joi
         .inspect_err(|e| log::error!("starting a {name} thread: {e}"))
 }
 
-/// Copies one output stream into frames until end of file.
+/// Pipe capacity for a process's stdout and stderr: enough that a
+/// program writing in small pieces runs for a while before it blocks,
+/// and the pump sends full chunks instead of one frame per write.
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// Prepares a pipe's read end for [`pump`]: larger, and non-blocking so
+/// that one wakeup can gather everything written so far. (Only pipes:
+/// a terminal master's file description is shared with the stdin feeder.)
+fn prepare_pipe(pipe: &File) {
+    let fd = pipe.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; failures only lose the
+    // optimisation (the pump then reads as it comes, blocking).
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES);
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
+
+/// Waits until `fd` is readable (or closed).
+fn wait_readable(fd: std::os::fd::RawFd) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; an error or EINTR just means read again.
+    unsafe { libc::poll(&mut p, 1, -1) };
+}
+
+/// Copies one output stream into frames until end of file. A pipe made
+/// non-blocking by [`prepare_pipe`] (`gather`) has everything already
+/// written gathered into one chunk per frame; a terminal is sent as read.
 fn pump<S: Write + Send + 'static>(
     mut from: File,
+    gather: bool,
     outbox: SharedOutbox<S>,
     frame: fn(Vec<u8>) -> AgentMessage,
 ) -> Option<JoinHandle<()>> {
     spawn_thread("exec-pump", move || {
         let mut buf = vec![0u8; CHUNK];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if send(&outbox, &frame(buf[..n].to_vec())).is_err() {
-                        // Keep draining so the process is not stopped by a
-                        // full pipe; its output has nowhere to go.
-                        continue;
+        let mut eof = false;
+        while !eof {
+            let mut filled = 0;
+            while filled < buf.len() {
+                match from.read(&mut buf[filled..]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        filled += n;
+                        if !gather {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if filled > 0 {
+                            break;
+                        }
+                        wait_readable(from.as_raw_fd());
+                    }
+                    // A terminal's master reads EIO once every slave is
+                    // closed: its end of file.
+                    Err(_) => {
+                        eof = true;
+                        break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A terminal's master reads EIO once every slave is closed.
-                Err(_) => return,
+            }
+            // A failed send means the host is gone: keep draining so the
+            // process is not stopped by a full pipe.
+            if filled > 0 {
+                let _ = send(&outbox, &frame(buf[..filled].to_vec()));
             }
         }
     })

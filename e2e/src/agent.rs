@@ -474,6 +474,50 @@ pub fn overlay_and_stop(env: &Env) -> Check {
     ensure(before == after, || "the image's EROFS disk changed".into())
 }
 
+/// With a writable disk, what one VM writes is there for the next one
+/// booted on it, over the same unchanged image.
+pub fn writable_disk_outlives_the_vm(env: &Env) -> Check {
+    let scratch = crate::Scratch::new("upper")?;
+    let upper = scratch.0.join("upper.ext4");
+    std::fs::copy(env.asset("upper.ext4"), &upper).map_err(|e| format!("copying the disk: {e}"))?;
+    let options = VmOptions {
+        writable_disk: Some(upper.clone()),
+        ..options(env, "persist-test")
+    };
+    let disk = env.asset("rootfs.erofs");
+    let first = Vm::start(&disk, &options).map_err(|e| e.to_string())?;
+    let out = run(
+        &first,
+        &[
+            "sh",
+            "-c",
+            "echo kept > /etc/persisted && mkdir -p /root/work && echo data > /root/work/file && rm /etc/group && sync",
+        ],
+    )?;
+    ensure(out.status.success(), || {
+        format!(
+            "writing in the first VM: {} {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    first.stop().map_err(|e| e.to_string())?;
+    let second = Vm::start(&disk, &options).map_err(|e| e.to_string())?;
+    let out = run(
+        &second,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/persisted /root/work/file; test -e /etc/group && echo group-back; grep -c . /etc/passwd",
+        ],
+    )?;
+    second.stop().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(text == "kept\ndata\n3\n", || {
+        format!("the second VM saw {text:?} ({})", out.status)
+    })
+}
+
 /// The shared VM stops cleanly at the end.
 pub fn stop_shared(vm: &mut AgentVm) -> Check {
     match vm.vm.take() {

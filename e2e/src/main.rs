@@ -405,6 +405,10 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             "agent-overlay-takes-writes-and-the-disk-is-unchanged",
             Box::new(move || agent::overlay_and_stop(env)),
         ),
+        (
+            "agent-writable-disk-keeps-writes-for-the-next-vm",
+            Box::new(move || agent::writable_disk_outlives_the_vm(env)),
+        ),
     ]
 }
 

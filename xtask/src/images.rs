@@ -192,3 +192,16 @@ pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
             .arg(root),
     )
 }
+
+/// An empty ext4 file system of `bytes`: the writable disk the agent
+/// tests give a VM for writes that outlive it.
+pub fn build_empty_ext4(dest: &Path, bytes: u64) -> Result<()> {
+    deps::ensure_packages(&["e2fsprogs"])?;
+    let _ = fs::remove_file(dest);
+    fs::File::create(dest)?.set_len(bytes)?;
+    crate::util::run(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(dest),
+    )
+}

@@ -94,13 +94,43 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     fs::copy(guest.bzimage(), dir.join("bzImage"))?;
     crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
     images::build_test_images(dir, bins)?;
-    images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))
+    images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
+    images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)
 }
 
 /// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,
 /// `supermachine-e2e` and the assets there) inside the test host. Streams
 /// the test host's console and returns it with the command's exit status.
 pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(String, i32)> {
+    // Under TCG the emulated timer interrupts lag when this machine is busy
+    // (or the initramfs is large), and the kernel's clocksource watchdog
+    // then finds the TSC "skewed" against jiffies and drops it; KVM guests
+    // inside a test host running on jiffies never get past their own timer
+    // setup. The TSC TCG emulates follows the host's, so the test host is
+    // told to trust it (`tsc=reliable`); should it still come up without
+    // it, that is detected before the command runs, and the test host is
+    // booted again.
+    const ATTEMPTS: usize = 3;
+    for attempt in 1..=ATTEMPTS {
+        match run_once(bins, assets, command)? {
+            Boot::Ran(console, code) => return Ok((console, code)),
+            Boot::BadClock(clock) => eprintln!(
+                "xtask: the test host came up without a TSC clocksource ({clock}); booting it again ({attempt}/{ATTEMPTS})"
+            ),
+        }
+    }
+    bail!("the test host came up without a TSC clocksource {ATTEMPTS} times")
+}
+
+/// How one test host boot went.
+enum Boot {
+    /// The command ran: the console and its exit status.
+    Ran(String, i32),
+    /// The test host's clock was unusable; nothing ran.
+    BadClock(String),
+}
+
+fn run_once(bins: &Binaries, assets: &Path, command: &str) -> Result<Boot> {
     deps::ensure_packages(deps::TEST_HOST)?;
     let host_kernel = kernel::build(kernel::Flavor::TestHost, None)?;
     let work = cache_root()?.join("testhost-run");
@@ -137,6 +167,13 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 cd /e2e
 echo TESTHOST-UP kvm=$(test -c /dev/kvm && echo yes || echo no)
+clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
+case $clock in
+  tsc) ;;
+  *) dmesg | grep -i -E 'tsc|clocksource|calibrat' | tail -5
+     echo TESTHOST-BADCLOCK $clock
+     reboot -f ;;
+esac
 {command}
 echo TESTHOST-EXIT $?
 reboot -f
@@ -161,7 +198,10 @@ reboot -f
         .arg(host_kernel.bzimage())
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -182,11 +222,15 @@ reboot -f
     let started = Instant::now();
     let mut console = String::new();
     let mut exit = None;
+    let mut bad_clock = None;
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
                 if let Some(code) = line.strip_prefix("TESTHOST-EXIT ") {
                     exit = code.trim().parse().ok();
+                }
+                if let Some(clock) = line.strip_prefix("TESTHOST-BADCLOCK ") {
+                    bad_clock = Some(clock.trim().to_string());
                 }
                 console.push_str(&line);
                 console.push('\n');
@@ -202,9 +246,12 @@ reboot -f
     }
     let status = child.wait()?;
     let _ = reader.join();
-    match exit {
-        Some(code) => Ok((console, code)),
-        None => bail!("the test host ended ({status}) without reporting the command's exit status"),
+    match (exit, bad_clock) {
+        (Some(code), _) => Ok(Boot::Ran(console, code)),
+        (None, Some(clock)) => Ok(Boot::BadClock(clock)),
+        (None, None) => {
+            bail!("the test host ended ({status}) without reporting the command's exit status")
+        }
     }
 }
 

@@ -22,8 +22,8 @@ use crate::bench_virtio::{ROUND_TRIPS, STREAM_BYTES, measure_streams, mib_per_s,
 /// Execs per run.
 const EXECS: usize = 200;
 
-pub fn run(env: &Env, runs: usize) -> ExitCode {
-    match measure(env, runs) {
+pub fn run(env: &Env, runs: usize, probe: bool) -> ExitCode {
+    match measure(env, runs, probe) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("bench-exec failed: {e}");
@@ -32,7 +32,7 @@ pub fn run(env: &Env, runs: usize) -> ExitCode {
     }
 }
 
-fn measure(env: &Env, runs: usize) -> Result<(), String> {
+fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
     let options = VmOptions {
         guest: Some(GuestImage {
             kernel: env.asset("vmlinux"),
@@ -90,6 +90,42 @@ fn measure(env: &Env, runs: usize) -> Result<(), String> {
         if got != STREAM_BYTES || !info.status.success() {
             return Err(format!("stdout run: {got} bytes, {}", info.status));
         }
+    }
+    if probe {
+        for script in [
+            "time head -c 67108864 /dev/zero > /dev/null",
+            "time head -c 67108864 /dev/zero | cat > /dev/null",
+            "head -c 67108864 /dev/zero > /tmp/z",
+        ] {
+            let began = Instant::now();
+            let out = vm
+                .exec(["sh", "-c", script])
+                .output()
+                .map_err(|e| e.to_string())?;
+            println!(
+                "probe {script:?}: {:.2?} host; {}",
+                began.elapsed(),
+                String::from_utf8_lossy(&out.stderr).replace('\n', " ")
+            );
+        }
+        let began = Instant::now();
+        let n = vm
+            .read_file_to("/tmp/z", io::sink())
+            .map_err(|e| e.to_string())?;
+        println!(
+            "probe read_file 64 MiB: {n} bytes in {:.2?}",
+            began.elapsed()
+        );
+        let began = Instant::now();
+        let out = vm
+            .exec(["cat", "/tmp/z"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        println!(
+            "probe cat 64 MiB: {} bytes in {:.2?}",
+            out.stdout.len(),
+            began.elapsed()
+        );
     }
     vm.stop().map_err(|e| e.to_string())?;
 

@@ -774,7 +774,7 @@ fn main() -> ExitCode {
         }
         "bench-exec" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
-            bench_exec::run(&env, runs)
+            bench_exec::run(&env, runs, args.iter().any(|a| a == "--probe"))
         }
         "bench-virtio" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);

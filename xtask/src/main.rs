@@ -92,6 +92,10 @@ enum Bench {
     Exec {
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Also time the pieces of the stdout path (guest-side producer
+        /// alone, through a pipe, read_file, cat) once each.
+        #[arg(long)]
+        probe: bool,
     },
     /// A registry image to a root disk: `supermachine pull` against
     /// skopeo copy + umoci unpack + mkfs.erofs, and a cached pull.
@@ -181,9 +185,14 @@ fn e2e() -> Result<()> {
 
 /// Runs the e2e runner's `bench-<name>` mode and prints its table (the
 /// lines from the one starting with `<name>:`).
-fn bench(name: &str, runs: usize) -> Result<()> {
+fn bench(name: &str, runs: usize, extra: &str) -> Result<()> {
     let (mode, bins, assets) = prepare()?;
-    let (out, code) = run_runner(mode, &bins, &assets, &format!("bench-{name} --runs {runs}"))?;
+    let (out, code) = run_runner(
+        mode,
+        &bins,
+        &assets,
+        &format!("bench-{name} --runs {runs} {extra}"),
+    )?;
     if code != 0 {
         bail!("the {name} benchmark failed");
     }
@@ -194,6 +203,9 @@ fn bench(name: &str, runs: usize) -> Result<()> {
         );
     }
     let heading = format!("{name}:");
+    for line in out.lines().filter(|l| l.starts_with("probe ")) {
+        println!("{line}");
+    }
     for line in out.lines().skip_while(|l| !l.starts_with(&heading)) {
         if line.starts_with(&heading) || line.starts_with('|') {
             println!("{line}");
@@ -315,13 +327,13 @@ fn main() -> Result<()> {
         Task::E2e => e2e()?,
         Task::Bench {
             which: Bench::Boot { runs },
-        } => bench("boot", runs)?,
+        } => bench("boot", runs, "")?,
         Task::Bench {
             which: Bench::Virtio { runs },
-        } => bench("virtio", runs)?,
+        } => bench("virtio", runs, "")?,
         Task::Bench {
-            which: Bench::Exec { runs },
-        } => bench("exec", runs)?,
+            which: Bench::Exec { runs, probe },
+        } => bench("exec", runs, if probe { "--probe" } else { "" })?,
         Task::Bench {
             which: Bench::Oci { runs },
         } => bench_oci::bench(runs)?,

@@ -37,8 +37,12 @@ pub const AGENT_PORT: u32 = 1024;
 pub const READY_PORT: u32 = 1025;
 /// Largest frame payload either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
-/// Largest data chunk (stdout, stdin, file contents) in one frame.
-pub const CHUNK: usize = 64 << 10;
+/// Largest data chunk (stdout, stdin, file contents) in one frame: a
+/// little under 64 KiB, so that a whole frame (length, variant, chunk
+/// length, bytes) fits one virtio-vsock packet (at most 64 KiB of payload)
+/// instead of spilling a few bytes into a second packet and a second
+/// queue notification.
+pub const CHUNK: usize = (64 << 10) - 16;
 /// Stdin bytes the host may send beyond what the agent has reported
 /// written to the process ([`AgentMessage::StdinConsumed`]).
 pub const STDIN_WINDOW: u32 = 256 << 10;
@@ -381,8 +385,16 @@ pub enum AgentMessage {
 /// Encodes `msg` as one whole frame (length prefix and payload), so that
 /// writers sharing a stream under a lock never interleave frames.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
-    let mut frame =
-        postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| Error::Encode(e.to_string()))?;
+    encode_frame_into(msg, Vec::new())
+}
+
+/// [`encode_frame`] into `buf`'s allocation (its contents are replaced):
+/// a sender that passes the same buffer back each time allocates nothing
+/// per frame.
+pub fn encode_frame_into<T: Serialize>(msg: &T, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+    buf.clear();
+    buf.extend_from_slice(&[0u8; 4]);
+    let mut frame = postcard::to_extend(msg, buf).map_err(|e| Error::Encode(e.to_string()))?;
     let len = frame.len() - 4;
     let len = u32::try_from(len)
         .ok()
@@ -401,10 +413,17 @@ pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Resul
 /// Reads one frame's payload; `None` at a clean end of stream (before the
 /// first byte of a frame).
 pub fn read_payload<R: Read + ?Sized>(r: &mut R) -> Result<Option<Vec<u8>>> {
+    let mut payload = Vec::new();
+    Ok(read_payload_into(r, &mut payload)?.then_some(payload))
+}
+
+/// [`read_payload`] into `payload`'s allocation; false at a clean end of
+/// stream.
+pub fn read_payload_into<R: Read + ?Sized>(r: &mut R, payload: &mut Vec<u8>) -> Result<bool> {
     let mut len = [0u8; 4];
     let got = read_full(r, &mut len)?;
     if got == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     if got < len.len() {
         return Err(Error::Truncated { expected: 4, got });
@@ -413,15 +432,15 @@ pub fn read_payload<R: Read + ?Sized>(r: &mut R) -> Result<Option<Vec<u8>>> {
     if len > MAX_FRAME {
         return Err(Error::FrameTooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    let got = read_full(r, &mut payload)?;
+    payload.resize(len as usize, 0);
+    let got = read_full(r, payload)?;
     if got < payload.len() {
         return Err(Error::Truncated {
             expected: 4 + payload.len(),
             got: 4 + got,
         });
     }
-    Ok(Some(payload))
+    Ok(true)
 }
 
 /// Decodes one message from a frame's payload; trailing bytes are an error.

@@ -198,8 +198,22 @@ fn every_message_round_trips_through_one_stream() {
 
 #[test]
 fn data_chunks_cost_little_more_than_their_bytes() {
-    let frame = encode_frame(&AgentMessage::Stdout(vec![0; CHUNK])).unwrap();
-    assert!(frame.len() <= CHUNK + 8, "{} bytes", frame.len());
+    for m in [
+        AgentMessage::Stdout(vec![0; CHUNK]),
+        AgentMessage::Stderr(vec![0; CHUNK]),
+        AgentMessage::FileChunk(vec![0; CHUNK]),
+    ] {
+        let frame = encode_frame(&m).unwrap();
+        assert!(frame.len() <= CHUNK + 8, "{} bytes", frame.len());
+        // One vsock packet carries a whole frame.
+        assert!(frame.len() <= 64 << 10, "{} bytes", frame.len());
+    }
+    for m in [
+        HostMessage::Stdin(vec![0; CHUNK]),
+        HostMessage::FileChunk(vec![0; CHUNK]),
+    ] {
+        assert!(encode_frame(&m).unwrap().len() <= 64 << 10);
+    }
 }
 
 #[test]

@@ -1,14 +1,14 @@
 //! `Exec`: one process per request, its output streamed back as it comes.
 //!
 //! A session has these threads: the connection's own thread reads the
-//! host's frames (stdin, close, resize, signal, done); one pump per output
-//! stream reads the process's pipe (or terminal) and writes frames; a
-//! feeder writes stdin to the process; a waiter waits for the exit (and
-//! the timeout), then for both pumps to reach end of file, and sends
-//! `Exit`. Every frame goes through one lock, so frames never interleave,
+//! host's frames (stdin, close, resize, signal, done); one output thread
+//! polls the process's stdout and stderr pipes (or its terminal), writes
+//! frames until both reach end of file, then waits for the exit and sends
+//! `Exit`, killing the process group if the timeout expires first; a
+//! feeder, only when there is stdin, writes it to the process. Every frame goes through one lock, so frames never interleave,
 //! and nothing is buffered beyond one chunk per stream: a host that stops
-//! reading stops the pumps (vsock credit), which stops the process when
-//! its pipe fills. Stdin is bounded by the protocol's window.
+//! reading stops the output thread (vsock credit), which stops the
+//! process when its pipe fills. Stdin is bounded by the protocol's window.
 //!
 //! Each process leads its own session and process group, so a timeout or
 //! a lost host connection kills everything it started.
@@ -47,6 +47,8 @@ struct Outbox<S> {
     /// `Exit` has been sent: nothing more may follow (the connection may
     /// already be serving the next request).
     closed: bool,
+    /// Frames are encoded here, so that sending allocates nothing.
+    scratch: Vec<u8>,
 }
 
 type SharedOutbox<S> = Arc<Mutex<Outbox<S>>>;
@@ -56,10 +58,21 @@ fn send<S: Write>(outbox: &Mutex<Outbox<S>>, message: &AgentMessage) -> io::Resu
     if o.closed {
         return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session over"));
     }
-    proto::write_frame(&mut o.conn, message).map_err(|e| match e {
-        proto::Error::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    })
+    let frame = proto::encode_frame_into(message, std::mem::take(&mut o.scratch))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let written = o.conn.write_all(&frame);
+    o.scratch = frame;
+    written
+}
+
+/// The bytes of a data message, to be filled again (so that a stream of
+/// chunks reuses one allocation, which matters to a guest where every
+/// fresh page is a fault).
+pub(crate) fn into_data(message: AgentMessage) -> Vec<u8> {
+    match message {
+        AgentMessage::Stdout(v) | AgentMessage::Stderr(v) | AgentMessage::FileChunk(v) => v,
+        _ => Vec::with_capacity(CHUNK),
+    }
 }
 
 /// Sends `signal` to `pid`, or to its process group.
@@ -277,18 +290,13 @@ fn start(
         Some(s) => s,
         None => {
             let pipe = |p: Option<OwnedFd>| p.map(File::from);
-            let streams = Streams {
+            Streams {
                 stdin: pipe(child.stdin.take().map(OwnedFd::from)),
                 stdout: pipe(child.stdout.take().map(OwnedFd::from))
                     .ok_or_else(|| invalid("no stdout pipe".into()))?,
                 stderr: pipe(child.stderr.take().map(OwnedFd::from)),
                 tty: None,
-            };
-            prepare_pipe(&streams.stdout);
-            if let Some(e) = &streams.stderr {
-                prepare_pipe(e);
             }
-            streams
         }
     };
     // The reaper, not `child`, collects the exit.
@@ -328,6 +336,7 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
         Ok(c) => Arc::new(Mutex::new(Outbox {
             conn: c,
             closed: false,
+            scratch: Vec::new(),
         })),
         Err(e) => {
             log::warn!("exec: duplicating the connection: {e}");
@@ -340,31 +349,33 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
         return (Flow::Close, None);
     }
     let tty_mode = streams.tty.is_some();
-    let gather = !tty_mode;
-    let mut pumps = vec![pump(
-        streams.stdout,
-        gather,
-        outbox.clone(),
-        AgentMessage::Stdout,
-    )];
+    let mut outputs = vec![Output::new(streams.stdout, tty_mode, AgentMessage::Stdout)];
     if let Some(stderr) = streams.stderr {
-        pumps.push(pump(stderr, gather, outbox.clone(), AgentMessage::Stderr));
+        outputs.push(Output::new(stderr, tty_mode, AgentMessage::Stderr));
     }
     let buffered = Arc::new(AtomicU32::new(0));
     let feeder = streams
         .stdin
         .map(|stdin| feed(stdin, tty_mode, outbox.clone(), buffered.clone()));
-    let timeout = req.timeout_ms.map(Duration::from_millis);
+    let deadline = req
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
     let waiter = {
         let outbox = outbox.clone();
-        spawn_thread("exec-wait", move || {
-            wait(pid, exit_rx, timeout, pumps, &outbox);
+        spawn_thread("exec-output", move || {
+            let timed_out = forward_output(pid, outputs, deadline, &outbox);
+            finish(pid, exit_rx, deadline, timed_out, &outbox);
         })
     };
 
     let mut feeder = feeder;
+    let mut payload = Vec::new();
     let flow = loop {
-        let message = match proto::read_frame::<_, HostMessage>(&mut conn) {
+        let read = proto::read_payload_into(&mut conn, &mut payload).and_then(|more| {
+            more.then(|| proto::decode::<HostMessage>(&payload))
+                .transpose()
+        });
+        let message = match read {
             Ok(Some(m)) => m,
             Ok(None) | Err(_) => {
                 // The host is gone: nothing may outlive its session.
@@ -445,73 +456,113 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<Joi
 
 /// Pipe capacity for a process's stdout and stderr: enough that a
 /// program writing in small pieces runs for a while before it blocks,
-/// and the pump sends full chunks instead of one frame per write.
+/// and its output goes in full chunks instead of one frame per write.
 const PIPE_BYTES: libc::c_int = 1 << 20;
 
-/// Prepares a pipe's read end for [`pump`]: larger, and non-blocking so
-/// that one wakeup can gather everything written so far. (Only pipes:
-/// a terminal master's file description is shared with the stdin feeder.)
-fn prepare_pipe(pipe: &File) {
+/// Prepares a pipe's read end for [`forward_output`]: larger, and
+/// non-blocking so that one wakeup can gather everything written so far
+/// (true when it is). Only pipes: a terminal master's file description
+/// is shared with the stdin feeder, whose writes must block.
+fn prepare_pipe(pipe: &File) -> bool {
     let fd = pipe.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own; failures only lose the
-    // optimisation (the pump then reads as it comes, blocking).
+    // SAFETY: fcntl on a descriptor we own; a failure only loses the
+    // optimisation (the stream is then sent as read).
     unsafe {
         libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES);
         let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    }
+}
+
+/// One of the process's output streams.
+struct Output {
+    file: File,
+    frame: fn(Vec<u8>) -> AgentMessage,
+    /// Non-blocking: read until it would block, then send.
+    gather: bool,
+    open: bool,
+}
+
+impl Output {
+    /// A pipe (made non-blocking here) or, with `tty`, a terminal master.
+    fn new(file: File, tty: bool, frame: fn(Vec<u8>) -> AgentMessage) -> Self {
+        let gather = !tty && prepare_pipe(&file);
+        Self {
+            file,
+            frame,
+            gather,
+            open: true,
         }
     }
 }
 
-/// Waits until `fd` is readable (or closed).
-fn wait_readable(fd: std::os::fd::RawFd) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; an error or EINTR just means read again.
-    unsafe { libc::poll(&mut p, 1, -1) };
-}
-
-/// Copies one output stream into frames until end of file. A pipe made
-/// non-blocking by [`prepare_pipe`] (`gather`) has everything already
-/// written gathered into one chunk per frame; a terminal is sent as read.
-fn pump<S: Write + Send + 'static>(
-    mut from: File,
-    gather: bool,
-    outbox: SharedOutbox<S>,
-    frame: fn(Vec<u8>) -> AgentMessage,
-) -> Option<JoinHandle<()>> {
-    spawn_thread("exec-pump", move || {
-        let mut buf = vec![0u8; CHUNK];
-        let mut eof = false;
-        while !eof {
+/// Forwards the process's output streams until both reach end of file,
+/// killing the process group when the timeout expires first. Pipes have
+/// everything already written sent as one chunk per frame; a terminal is
+/// sent as read. One thread does it all: under emulation, each thread a process
+/// needs is a noticeable part of a short exec. Returns whether it killed
+/// for the timeout.
+fn forward_output<S: Write>(
+    pid: i32,
+    mut outputs: Vec<Output>,
+    deadline: Option<Instant>,
+    outbox: &Mutex<Outbox<S>>,
+) -> bool {
+    let mut timed_out = false;
+    let mut data = Vec::with_capacity(CHUNK);
+    while outputs.iter().any(|o| o.open) {
+        let mut fds: Vec<libc::pollfd> = outputs
+            .iter()
+            .filter(|o| o.open)
+            .map(|o| libc::pollfd {
+                fd: o.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let wait_ms = match deadline {
+            Some(d) if !timed_out => {
+                let left = d.saturating_duration_since(Instant::now());
+                libc::c_int::try_from(left.as_millis().saturating_add(1))
+                    .unwrap_or(libc::c_int::MAX)
+            }
+            _ => -1,
+        };
+        // SAFETY: `fds` is a valid array of pollfds for descriptors the
+        // outputs keep open; its length is passed with it.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        if deadline.is_some_and(|d| Instant::now() >= d) && !timed_out {
+            timed_out = true;
+            let _ = send_signal(pid, libc::SIGKILL, true);
+        }
+        if ready <= 0 {
+            continue;
+        }
+        let mut readable = fds.iter().map(|p| p.revents != 0);
+        for o in outputs.iter_mut().filter(|o| o.open) {
+            if readable.next() != Some(true) {
+                continue;
+            }
+            data.resize(CHUNK, 0);
             let mut filled = 0;
-            while filled < buf.len() {
-                match from.read(&mut buf[filled..]) {
+            while filled < data.len() {
+                match o.file.read(&mut data[filled..]) {
                     Ok(0) => {
-                        eof = true;
+                        o.open = false;
                         break;
                     }
                     Ok(n) => {
                         filled += n;
-                        if !gather {
+                        if !o.gather {
                             break;
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if filled > 0 {
-                            break;
-                        }
-                        wait_readable(from.as_raw_fd());
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // A terminal's master reads EIO once every slave is
                     // closed: its end of file.
                     Err(_) => {
-                        eof = true;
+                        o.open = false;
                         break;
                     }
                 }
@@ -519,11 +570,14 @@ fn pump<S: Write + Send + 'static>(
             // A failed send means the host is gone: keep draining so the
             // process is not stopped by a full pipe.
             if filled > 0 {
-                let _ = send(&outbox, &frame(buf[..filled].to_vec()));
+                data.truncate(filled);
+                let message = (o.frame)(data);
+                let _ = send(outbox, &message);
+                data = into_data(message);
             }
         }
-    })
-    .ok()
+    }
+    timed_out
 }
 
 type Feeder = (mpsc::Sender<Option<Vec<u8>>>, Option<JoinHandle<()>>);
@@ -565,19 +619,17 @@ fn feed<S: Write + Send + 'static>(
     (tx, handle)
 }
 
-/// Waits for the exit (killing the process group at the timeout), then
-/// for the output to end, and sends `Exit`.
-fn wait<S: Write>(
+/// Waits for the exit (killing the process group if the timeout expires
+/// first) and sends `Exit`, the session's last frame.
+fn finish<S: Write>(
     pid: i32,
     exit: mpsc::Receiver<Reaped>,
-    timeout: Option<Duration>,
-    pumps: Vec<Option<JoinHandle<()>>>,
+    deadline: Option<Instant>,
+    mut timed_out: bool,
     outbox: &Mutex<Outbox<S>>,
 ) {
-    let mut timed_out = false;
-    let reaped = match timeout {
-        Some(limit) => {
-            let deadline = Instant::now() + limit;
+    let reaped = match deadline {
+        Some(deadline) if !timed_out => {
             match exit.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(r) => Some(r),
                 Err(RecvTimeoutError::Timeout) => {
@@ -588,16 +640,8 @@ fn wait<S: Write>(
                 Err(RecvTimeoutError::Disconnected) => None,
             }
         }
-        None => exit.recv().ok(),
+        _ => exit.recv().ok(),
     };
-    if timed_out {
-        // Descendants that left the group still hold the pipes only if
-        // they started sessions of their own; the group is gone.
-        let _ = send_signal(pid, libc::SIGKILL, true);
-    }
-    for p in pumps.into_iter().flatten() {
-        let _ = p.join();
-    }
     let status = match reaped {
         Some(r) => ExitStatus {
             code: r.code(),

@@ -96,13 +96,15 @@ pub fn write<S: Read>(req: &WriteFileRequest, conn: &mut S) -> Result<Received, 
         }
         Staged::create(dest, req.mode).map_err(|e| os_error(&format!("writing {}", req.path), &e))
     });
+    let mut payload = Vec::new();
     loop {
-        let Some(message) = proto::read_frame::<_, HostMessage>(conn)? else {
+        if !proto::read_payload_into(conn, &mut payload)? {
             return Err(proto::Error::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the host closed the connection inside a file",
             )));
-        };
+        }
+        let message = proto::decode::<HostMessage>(&payload)?;
         match message {
             HostMessage::FileChunk(bytes) => {
                 if let Ok(s) = &mut staged
@@ -178,11 +180,20 @@ pub fn read<S: Write>(path: &str, conn: &mut S) -> Result<(), proto::Error> {
             gid: meta.gid(),
         },
     )?;
-    let mut buf = vec![0u8; CHUNK];
+    // One data buffer and one frame buffer for the whole file.
+    let mut data = Vec::with_capacity(CHUNK);
+    let mut frame = Vec::new();
     loop {
-        match file.read(&mut buf) {
+        data.resize(CHUNK, 0);
+        match file.read(&mut data) {
             Ok(0) => return proto::write_frame(conn, &AgentMessage::FileEnd),
-            Ok(n) => proto::write_frame(conn, &AgentMessage::FileChunk(buf[..n].to_vec()))?,
+            Ok(n) => {
+                data.truncate(n);
+                let message = AgentMessage::FileChunk(data);
+                frame = proto::encode_frame_into(&message, frame)?;
+                conn.write_all(&frame)?;
+                data = crate::exec::into_data(message);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return proto::write_frame(

@@ -5,6 +5,8 @@
 //!   status, against a 64-byte vsock echo round trip to a guest program
 //!   (the virtio benchmark's `bench-peer`, started through the agent in
 //!   the same VM);
+//! - the same exec round trip against the guest's own cost of starting
+//!   `true` (a shell in the guest forking and exec'ing it in a loop);
 //! - stdout throughput: `head -c 64M /dev/zero` read through exec stdout,
 //!   against the same number of bytes sent by the guest program over a
 //!   raw vsock stream.
@@ -67,6 +69,22 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
     let _ = open(QUIT);
     let _ = peer.wait();
 
+    // The guest's own cost of starting `true`: a shell in the guest
+    // forking and exec'ing it EXECS times (one agent exec amortised).
+    let mut guest_spawns = Vec::with_capacity(runs);
+    let guest_loop = format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done");
+    for _ in 0..runs {
+        let began = Instant::now();
+        let out = vm
+            .exec(["sh", "-c", &guest_loop])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("the guest spawn loop: {}", out.status));
+        }
+        guest_spawns.push(began.elapsed() / EXECS as u32);
+    }
+
     let mut exec_trips = Vec::with_capacity(runs * EXECS);
     let mut stdout_runs = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -92,6 +110,22 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
         }
     }
     if probe {
+        // Where an exec's time goes: request to `Started` (the spawn), and
+        // `Started` to the exit.
+        let (mut to_started, mut to_exit) = (Vec::new(), Vec::new());
+        for _ in 0..100 {
+            let began = Instant::now();
+            let p = vm.exec(["true"]).spawn().map_err(|e| e.to_string())?;
+            let started = began.elapsed();
+            p.wait().map_err(|e| e.to_string())?;
+            to_started.push(started);
+            to_exit.push(began.elapsed() - started);
+        }
+        println!(
+            "probe exec `true` x100: request to Started p50 {:.2?}, Started to exit p50 {:.2?}",
+            percentile(&mut to_started, 0.5),
+            percentile(&mut to_exit, 0.5)
+        );
         for script in [
             "time head -c 67108864 /dev/zero > /dev/null",
             "time head -c 67108864 /dev/zero | cat > /dev/null",
@@ -150,6 +184,16 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
             a.as_secs_f64() / b.as_secs_f64().max(1e-12)
         );
     }
+    let (a, b) = (
+        percentile(&mut exec_trips, 0.5),
+        percentile(&mut guest_spawns, 0.5),
+    );
+    println!(
+        "| starting `true` | {:.1} us (exec round trip p50) | {:.1} us (the guest's shell: fork, exec, wait; mean of {EXECS}) | {:.1}x |",
+        a.as_secs_f64() * 1e6,
+        b.as_secs_f64() * 1e6,
+        a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+    );
     let (a, b) = (
         mib_per_s(STREAM_BYTES, &mut stdout_runs),
         mib_per_s(STREAM_BYTES, &mut raw.from_peer),

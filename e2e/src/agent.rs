@@ -301,6 +301,19 @@ pub fn terminal(vm: &AgentVm, env: &Env) -> Check {
     )?;
     ensure(info.status.success(), || {
         format!("the session ended with {}", info.status)
+    })?;
+    // output() on a terminal closes its input: `cat` sees end of file.
+    let out = vm
+        .exec(["cat"])
+        .tty(24, 80)
+        .timeout(Duration::from_secs(60))
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(out.status.success() && !out.timed_out, || {
+        format!(
+            "cat on a terminal under output(): {} (timed out: {})",
+            out.status, out.timed_out
+        )
     })
 }
 

@@ -230,6 +230,9 @@ impl<'vm> ExecBuilder<'vm> {
     /// Runs the process to its end and collects its output.
     pub fn output(self) -> Result<ExecOutput> {
         let mut process = self.spawn()?;
+        // Nobody writes to a piped stdin here (a terminal's, say): close
+        // it, or a program reading it would wait forever.
+        drop(process.stdin.take());
         let stdout = process.stdout.take();
         let stderr = process.stderr.take();
         let collect = |r: Option<OutputReader>| {

@@ -382,6 +382,44 @@ pub enum AgentMessage {
     FileEnd,
 }
 
+impl HostMessage {
+    /// The message's name (never its contents), for errors about
+    /// messages out of place.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostMessage::Request(_) => "Request",
+            HostMessage::Welcome { .. } => "Welcome",
+            HostMessage::Stdin(_) => "Stdin",
+            HostMessage::CloseStdin => "CloseStdin",
+            HostMessage::Resize(_) => "Resize",
+            HostMessage::Signal { .. } => "Signal",
+            HostMessage::FileChunk(_) => "FileChunk",
+            HostMessage::FileEnd => "FileEnd",
+            HostMessage::Done => "Done",
+        }
+    }
+}
+
+impl AgentMessage {
+    /// The message's name (never its contents: from a hostile guest they
+    /// could be a megabyte), for errors about messages out of place.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentMessage::Hello { .. } => "Hello",
+            AgentMessage::Ok => "Ok",
+            AgentMessage::Error(_) => "Error",
+            AgentMessage::Started { .. } => "Started",
+            AgentMessage::Stdout(_) => "Stdout",
+            AgentMessage::Stderr(_) => "Stderr",
+            AgentMessage::StdinConsumed(_) => "StdinConsumed",
+            AgentMessage::Exit(_) => "Exit",
+            AgentMessage::FileInfo { .. } => "FileInfo",
+            AgentMessage::FileChunk(_) => "FileChunk",
+            AgentMessage::FileEnd => "FileEnd",
+        }
+    }
+}
+
 /// Encodes `msg` as one whole frame (length prefix and payload), so that
 /// writers sharing a stream under a lock never interleave frames.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {

@@ -418,10 +418,7 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
                 break Flow::Continue;
             }
             other => {
-                log::warn!(
-                    "exec {pid}: unexpected {} during a session",
-                    crate::message_name(&other)
-                );
+                log::warn!("exec {pid}: unexpected {} during a session", other.name());
             }
         }
     };

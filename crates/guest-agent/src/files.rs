@@ -15,7 +15,7 @@ use supermachine_agent_protocol::{
     self as proto, AgentError, AgentMessage, CHUNK, ErrorKind, HostMessage, WriteFileRequest,
 };
 
-use crate::{message_name, os_error};
+use crate::os_error;
 
 /// How a write request's stream ended.
 #[derive(Debug)]
@@ -117,7 +117,7 @@ pub fn write<S: Read>(req: &WriteFileRequest, conn: &mut S) -> Result<Received, 
             other => {
                 return Ok(Received::Failed(AgentError {
                     kind: ErrorKind::Protocol,
-                    message: format!("expected a file chunk, got {}", message_name(&other)),
+                    message: format!("expected a file chunk, got {}", other.name()),
                 }));
             }
         }

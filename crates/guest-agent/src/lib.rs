@@ -159,7 +159,7 @@ impl Agent {
             let request = match proto::decode::<HostMessage>(&payload) {
                 Ok(HostMessage::Request(r)) => r,
                 Ok(other) => {
-                    let message = format!("expected a request, got {}", message_name(&other));
+                    let message = format!("expected a request, got {}", other.name());
                     if reply_error(&mut conn, ErrorKind::Protocol, message).is_err() {
                         return;
                     }
@@ -276,21 +276,6 @@ pub fn os_error(what: &str, e: &io::Error) -> AgentError {
 /// Sends an error answer.
 pub fn reply_error<W: Write>(w: &mut W, kind: ErrorKind, message: String) -> proto::Result<()> {
     proto::write_frame(w, &AgentMessage::Error(AgentError { kind, message }))
-}
-
-/// A message's name, for errors about messages out of place.
-pub fn message_name(m: &HostMessage) -> &'static str {
-    match m {
-        HostMessage::Request(_) => "Request",
-        HostMessage::Welcome { .. } => "Welcome",
-        HostMessage::Stdin(_) => "Stdin",
-        HostMessage::CloseStdin => "CloseStdin",
-        HostMessage::Resize(_) => "Resize",
-        HostMessage::Signal { .. } => "Signal",
-        HostMessage::FileChunk(_) => "FileChunk",
-        HostMessage::FileEnd => "FileEnd",
-        HostMessage::Done => "Done",
-    }
 }
 
 /// `Request::Connect`: a TCP connection to a guest port, spliced to the

@@ -362,11 +362,8 @@ impl Vm {
         proto::expect_handshake(&mut conn)?;
         match proto::read_frame::<_, AgentMessage>(&mut conn)? {
             Some(AgentMessage::Hello { .. }) => {}
-            other => {
-                return Err(Error::AgentProtocol(format!(
-                    "expected the agent's Hello, got {other:?}"
-                )));
-            }
+            Some(other) => return Err(unexpected(&other)),
+            None => return Err(Error::AgentGone),
         }
         let mut entropy = vec![0u8; 64];
         getrandom::fill(&mut entropy).map_err(|e| Error::Io {
@@ -768,7 +765,5 @@ pub(crate) fn agent_io(e: proto::Error) -> Error {
 }
 
 pub(crate) fn unexpected(m: &AgentMessage) -> Error {
-    let name = format!("{m:?}");
-    let name: String = name.chars().take(60).collect();
-    Error::AgentProtocol(format!("unexpected answer from the agent: {name}"))
+    Error::AgentProtocol(format!("unexpected answer from the agent: {}", m.name()))
 }

@@ -13,10 +13,9 @@
 //! Each process leads its own session and process group, so a timeout or
 //! a lost host connection kills everything it started.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -33,7 +32,7 @@ use supermachine_agent_protocol::{
 };
 
 use crate::reaper::Reaped;
-use crate::{Agent, Conn, Flow, os_error, user};
+use crate::{Agent, Conn, os_error, user};
 
 /// The `PATH` a process gets when its environment has none (Docker's).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -93,19 +92,12 @@ pub fn send_signal(pid: i32, signal: i32, group: bool) -> io::Result<()> {
 
 /// A new pseudo-terminal pair: (master, slave).
 fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
-    let ptmx = CString::new("/dev/ptmx").map_err(io::Error::other)?;
-    // SAFETY: a valid NUL-terminated path and flags; the result is checked.
-    let master = unsafe {
-        libc::open(
-            ptmx.as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if master < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `master` is a descriptor we just opened and own.
-    let master = unsafe { File::from_raw_fd(master) };
+    // std opens with O_CLOEXEC: no other child inherits the master.
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")?;
     let mut unlock: libc::c_int = 0;
     let mut number: libc::c_uint = 0;
     // SAFETY: TIOCSPTLCK reads an int and TIOCGPTN writes an unsigned int,
@@ -121,7 +113,7 @@ fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOCTTY)
         .open(format!("/dev/pts/{number}"))?;
     Ok((master, slave))
 }
@@ -319,17 +311,14 @@ fn spawn_error(program: &str, e: &io::Error) -> AgentError {
 }
 
 /// Runs an `Exec` request to its end. Gives the connection back for the
-/// next request once the host has acknowledged the exit.
-pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Option<S>) {
+/// next request once the host has acknowledged the exit; `None` when the
+/// connection is lost or out of step.
+pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
     let (pid, streams, exit_rx) = match start(agent, &req) {
         Ok(x) => x,
         Err(e) => {
-            let ok = proto::write_frame(&mut conn, &AgentMessage::Error(e)).is_ok();
-            return if ok {
-                (Flow::Continue, Some(conn))
-            } else {
-                (Flow::Close, None)
-            };
+            proto::write_frame(&mut conn, &AgentMessage::Error(e)).ok()?;
+            return Some(conn);
         }
     };
     let outbox: SharedOutbox<S> = match conn.duplicate() {
@@ -341,12 +330,12 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
         Err(e) => {
             log::warn!("exec: duplicating the connection: {e}");
             let _ = send_signal(pid, libc::SIGKILL, true);
-            return (Flow::Close, None);
+            return None;
         }
     };
     if send(&outbox, &AgentMessage::Started { pid }).is_err() {
         let _ = send_signal(pid, libc::SIGKILL, true);
-        return (Flow::Close, None);
+        return None;
     }
     let tty_mode = streams.tty.is_some();
     let mut outputs = vec![Output::new(streams.stdout, tty_mode, AgentMessage::Stdout)];
@@ -360,7 +349,7 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
     let deadline = req
         .timeout_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms));
-    let waiter = {
+    let output_thread = {
         let outbox = outbox.clone();
         spawn_thread("exec-output", move || {
             let timed_out = forward_output(pid, outputs, deadline, &outbox);
@@ -368,9 +357,10 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
         })
     };
 
-    let mut feeder = feeder;
     let mut payload = Vec::new();
-    let flow = loop {
+    // Whether the session ended cleanly (the host acknowledged the exit),
+    // leaving the connection in step for the next request.
+    let reusable = loop {
         let read = proto::read_payload_into(&mut conn, &mut payload).and_then(|more| {
             more.then(|| proto::decode::<HostMessage>(&payload))
                 .transpose()
@@ -380,12 +370,12 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
             Ok(None) | Err(_) => {
                 // The host is gone: nothing may outlive its session.
                 let _ = send_signal(pid, libc::SIGKILL, true);
-                break Flow::Close;
+                break false;
             }
         };
         match message {
             HostMessage::Stdin(bytes) => {
-                let Some((tx, _)) = &feeder else {
+                let Some(tx) = &feeder else {
                     continue;
                 };
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
@@ -393,12 +383,12 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
                 if before.saturating_add(len) > STDIN_WINDOW {
                     log::warn!("exec {pid}: the host overran the stdin window");
                     let _ = send_signal(pid, libc::SIGKILL, true);
-                    break Flow::Close;
+                    break false;
                 }
                 let _ = tx.send(Some(bytes));
             }
             HostMessage::CloseStdin => {
-                if let Some((tx, _)) = &feeder {
+                if let Some(tx) = &feeder {
                     let _ = tx.send(None);
                 }
             }
@@ -415,31 +405,23 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> (Flow, Opti
                 }
             }
             HostMessage::Done if outbox.lock().map(|o| o.closed).unwrap_or(true) => {
-                break Flow::Continue;
+                break true;
             }
             other => {
                 log::warn!("exec {pid}: unexpected {} during a session", other.name());
             }
         }
     };
-    // The feeder may be stuck writing to a pipe some descendant holds open
-    // and never reads; it sends nothing once the session is closed, so it
-    // is left to finish on its own.
-    if let Some((tx, handle)) = feeder.take() {
-        drop(tx);
-        drop(handle);
-    }
-    match flow {
-        Flow::Continue => {
-            if let Ok(w) = waiter {
-                let _ = w.join();
-            }
-            (Flow::Continue, Some(conn))
+    // Ends the feeder's input; it finishes on its own (see `feed`).
+    drop(feeder);
+    if reusable {
+        if let Ok(t) = output_thread {
+            let _ = t.join();
         }
-        Flow::Close => {
-            let _ = conn.shutdown_write();
-            (Flow::Close, None)
-        }
+        Some(conn)
+    } else {
+        let _ = conn.shutdown_write();
+        None
     }
 }
 
@@ -577,18 +559,18 @@ fn forward_output<S: Write>(
     timed_out
 }
 
-type Feeder = (mpsc::Sender<Option<Vec<u8>>>, Option<JoinHandle<()>>);
-
 /// Writes stdin to the process, acknowledging each piece. `None` closes
-/// stdin (on a terminal: sends the end-of-file character).
+/// stdin (on a terminal: sends the end-of-file character). The thread is
+/// never joined: it may be stuck writing to a pipe some descendant holds
+/// open and never reads, and it sends nothing once the session is closed.
 fn feed<S: Write + Send + 'static>(
     stdin: File,
     tty: bool,
     outbox: SharedOutbox<S>,
     buffered: Arc<AtomicU32>,
-) -> Feeder {
+) -> mpsc::Sender<Option<Vec<u8>>> {
     let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
-    let handle = spawn_thread("exec-stdin", move || {
+    let _ = spawn_thread("exec-stdin", move || {
         let mut stdin = Some(stdin);
         for piece in rx {
             match piece {
@@ -611,9 +593,8 @@ fn feed<S: Write + Send + 'static>(
                 None => stdin = None,
             }
         }
-    })
-    .ok();
-    (tx, handle)
+    });
+    tx
 }
 
 /// Waits for the exit (killing the process group if the timeout expires

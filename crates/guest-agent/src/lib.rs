@@ -88,15 +88,6 @@ pub struct Agent {
     owns_system: bool,
 }
 
-/// What happens to a connection after a request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Flow {
-    /// Serve the next request.
-    Continue,
-    /// The connection is used up (it became a TCP stream, or failed).
-    Close,
-}
-
 impl Agent {
     /// An agent reaping through `reaper`. `owns_system` only for PID 1.
     pub fn new(reaper: Arc<Reaper>, root: PathBuf, hostname: String, owns_system: bool) -> Self {
@@ -183,12 +174,7 @@ impl Agent {
     fn handle<S: Conn>(&self, request: Request, mut conn: S) -> Option<S> {
         let result: Result<(), AgentError> = match request {
             Request::Ping => Ok(()),
-            Request::Exec(req) => {
-                return match exec::run(self, req, conn) {
-                    (Flow::Continue, c) => c,
-                    (Flow::Close, _) => None,
-                };
-            }
+            Request::Exec(req) => return exec::run(self, req, conn),
             Request::WriteFile(req) => {
                 let outcome = files::write(&req, &mut conn);
                 match outcome {

@@ -21,7 +21,7 @@ use supermachine_agent_protocol::{
 };
 
 use crate::vm::{AgentConn, Vm, agent_io, unexpected};
-use crate::{Error, Result};
+use crate::{Error, Result, io_error};
 
 /// Output chunks queued per stream before the reading thread waits.
 const OUTPUT_QUEUE: usize = 16;
@@ -246,10 +246,7 @@ impl<'vm> ExecBuilder<'vm> {
                     all
                 })
         };
-        let err_thread = collect(stderr).map_err(|source| Error::Io {
-            what: "starting a thread".into(),
-            source,
-        })?;
+        let err_thread = collect(stderr).map_err(io_error("starting a thread"))?;
         let mut out = Vec::new();
         if let Some(mut r) = stdout {
             let _ = r.read_to_end(&mut out);
@@ -349,11 +346,10 @@ impl Process {
         started: Instant,
         stdin: StdinSource,
     ) -> Result<Process> {
-        let io_err = |source| Error::Io {
-            what: "agent connection".into(),
-            source,
-        };
-        let writer = conn.stream.try_clone().map_err(io_err)?;
+        let writer = conn
+            .stream
+            .try_clone()
+            .map_err(io_error("agent connection"))?;
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
                 writer,
@@ -370,7 +366,7 @@ impl Process {
             std::thread::Builder::new()
                 .name(format!("exec-{pid}"))
                 .spawn(move || read_session(conn, control, out_tx, err_tx, started, idle))
-                .map_err(io_err)?
+                .map_err(io_error("starting a thread"))?
         };
         let stdin_handle = ProcessStdin {
             control: control.clone(),
@@ -389,7 +385,7 @@ impl Process {
                         let _ = feeder.write_all(&bytes);
                         let _ = feeder.close();
                     })
-                    .map_err(io_err)?;
+                    .map_err(io_error("starting a thread"))?;
                 None
             }
         };

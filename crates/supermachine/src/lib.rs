@@ -111,6 +111,12 @@ pub enum Error {
     ProcessEnded,
 }
 
+/// `map_err` for a host I/O failure while doing `what`.
+pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
 /// The last console line that says something, for one-line errors.
 fn console_excerpt(console: &str) -> String {
     console

@@ -26,7 +26,7 @@ use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, VmConfig, VsockConf
 
 use crate::exec::ExecBuilder;
 use crate::guest::GuestImage;
-use crate::{Error, ExitReason, Machine, Result, images};
+use crate::{Error, ExitReason, Machine, Result, images, io_error};
 
 /// The guest's vsock context id (each VM has its own device).
 const GUEST_CID: u64 = 3;
@@ -123,9 +123,8 @@ static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 
 impl RuntimeDir {
     fn create() -> Result<RuntimeDir> {
-        let io_err = |what: String| move |source| Error::Io { what, source };
         let uid = fs::metadata("/proc/self")
-            .map_err(io_err("reading /proc/self".into()))?
+            .map_err(io_error("reading /proc/self"))?
             .uid();
         let base = match std::env::var_os("XDG_RUNTIME_DIR") {
             Some(d) if !d.is_empty() && Path::new(&d).is_dir() => {
@@ -136,10 +135,10 @@ impl RuntimeDir {
         match fs::DirBuilder::new().mode(0o700).create(&base) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(format!("creating {}", base.display()))(e)),
+            Err(e) => return Err(io_error(format!("creating {}", base.display()))(e)),
         }
         // A shared /tmp: the directory must be ours and private.
-        let meta = fs::symlink_metadata(&base).map_err(io_err(base.display().to_string()))?;
+        let meta = fs::symlink_metadata(&base).map_err(io_error(base.display().to_string()))?;
         if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
             return Err(Error::Io {
                 what: format!("runtime directory {}", base.display()),
@@ -161,7 +160,7 @@ impl RuntimeDir {
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
-            .map_err(io_err(format!("creating {}", dir.display())))?;
+            .map_err(io_error(format!("creating {}", dir.display())))?;
         Ok(RuntimeDir(dir))
     }
 }
@@ -245,20 +244,13 @@ impl Vm {
         let dir = RuntimeDir::create()?;
         let socket = dir.0.join("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{READY_PORT}", socket.display()));
-        let ready = UnixListener::bind(&ready_path).map_err(|source| Error::Io {
-            what: format!("listening on {}", ready_path.display()),
-            source,
-        })?;
+        let ready = UnixListener::bind(&ready_path)
+            .map_err(io_error(format!("listening on {}", ready_path.display())))?;
         let console = ConsoleTail::default();
         let file = options
             .console_file
             .as_ref()
-            .map(|p| {
-                fs::File::create(p).map_err(|source| Error::Io {
-                    what: format!("console file {}", p.display()),
-                    source,
-                })
-            })
+            .map(|p| fs::File::create(p).map_err(io_error(format!("console file {}", p.display()))))
             .transpose()?;
         let mut cmdline = format!(
             "{DEFAULT_CMDLINE} quiet supermachine.root=/dev/vda supermachine.hostname={}",
@@ -328,18 +320,14 @@ impl Vm {
     /// Waits for the agent's ready connection and answers its hello.
     fn await_agent(&self, ready: &UnixListener, timeout: Duration) -> Result<UnixStream> {
         let deadline = Instant::now() + timeout;
-        let io_err = |what: &str| {
-            let what = what.to_string();
-            move |source| Error::Io { what, source }
-        };
         ready
             .set_nonblocking(true)
-            .map_err(io_err("the ready socket"))?;
+            .map_err(io_error("the ready socket"))?;
         let mut conn = loop {
             match ready.accept() {
                 Ok((c, _)) => break c,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(io_err("accepting the agent")(e)),
+                Err(e) => return Err(io_error("accepting the agent")(e)),
             }
             if self.machine.as_ref().is_none_or(Machine::has_ended) {
                 return Err(self.not_ready("the VM ended before its agent was ready"));
@@ -352,13 +340,13 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(2));
         };
         conn.set_nonblocking(false)
-            .map_err(io_err("the agent connection"))?;
+            .map_err(io_error("the agent connection"))?;
         conn.set_read_timeout(Some(
             deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_secs(1)),
         ))
-        .map_err(io_err("the agent connection"))?;
+        .map_err(io_error("the agent connection"))?;
         proto::expect_handshake(&mut conn)?;
         match proto::read_frame::<_, AgentMessage>(&mut conn)? {
             Some(AgentMessage::Hello { .. }) => {}
@@ -379,7 +367,7 @@ impl Vm {
             },
         )?;
         conn.set_read_timeout(None)
-            .map_err(io_err("the agent connection"))?;
+            .map_err(io_error("the agent connection"))?;
         Ok(conn)
     }
 
@@ -414,10 +402,8 @@ impl Vm {
 
     /// A raw vsock connection to guest port `port`.
     pub fn connect_vsock(&self, port: u32) -> Result<UnixStream> {
-        let mut s = UnixStream::connect(&self.socket).map_err(|source| Error::Io {
-            what: format!("connecting to {}", self.socket.display()),
-            source,
-        })?;
+        let mut s = UnixStream::connect(&self.socket)
+            .map_err(io_error(format!("connecting to {}", self.socket.display())))?;
         let refused = || Error::GuestPort(format!("nothing listens on guest vsock port {port}"));
         s.write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(|_| refused())?;
@@ -541,13 +527,10 @@ impl Vm {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
+                Err(e) => {
                     // The agent drops what it has when the stream ends
                     // without FileEnd; this connection is not reused.
-                    return Err(Error::Io {
-                        what: format!("reading the contents for {path}"),
-                        source,
-                    });
+                    return Err(io_error(format!("reading the contents for {path}"))(e));
                 }
             };
             c.send(&HostMessage::FileChunk(buf[..n].to_vec()))?;
@@ -582,10 +565,8 @@ impl Vm {
             match c.recv()? {
                 AgentMessage::FileChunk(bytes) => {
                     total += bytes.len() as u64;
-                    sink.write_all(&bytes).map_err(|source| Error::Io {
-                        what: format!("writing out {path}"),
-                        source,
-                    })?;
+                    sink.write_all(&bytes)
+                        .map_err(io_error(format!("writing out {path}")))?;
                 }
                 AgentMessage::FileEnd => {
                     self.idle_push(c.stream);
@@ -653,18 +634,11 @@ impl Vm {
         let mut c = self.agent_conn()?;
         c.stream
             .set_read_timeout(Some(patience))
-            .map_err(|source| Error::Io {
-                what: "agent connection".into(),
-                source,
-            })?;
+            .map_err(io_error("agent connection"))?;
         c.send(&HostMessage::Request(Request::Shutdown {
             grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
         }))?;
-        match c.recv()? {
-            AgentMessage::Ok => Ok(()),
-            AgentMessage::Error(e) => Err(Error::Agent(e.message)),
-            other => Err(unexpected(&other)),
-        }
+        self.finish_ok(c)
     }
 
     /// Stops the VM at once, without asking the guest.
@@ -759,7 +733,6 @@ impl AgentConn {
 pub(crate) fn agent_io(e: proto::Error) -> Error {
     match e {
         proto::Error::Io(_) | proto::Error::Truncated { .. } => Error::AgentGone,
-        proto::Error::VersionMismatch { .. } => Error::AgentProtocol(e.to_string()),
         other => Error::AgentProtocol(other.to_string()),
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use supermachine::{GuestImage, Vm, VmOptions};
 
+use crate::exchange::pattern;
 use crate::{Check, Env};
 
 /// The agent tests' shared VM, booted by the first test that needs it.
@@ -57,11 +58,6 @@ fn hex(bytes: &[u8]) -> String {
 
 fn sha256(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
-}
-
-/// Deterministic bytes that do not repeat within a chunk.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    crate::exchange::pattern(seed, len)
 }
 
 fn ensure(cond: bool, what: impl FnOnce() -> String) -> Check {
@@ -144,7 +140,7 @@ pub fn env_cwd_user(vm: &AgentVm, env: &Env) -> Check {
 
 pub fn large_stdout_with_stderr(vm: &AgentVm, env: &Env) -> Check {
     let vm = vm.get(env)?;
-    let chunk = pattern(1 << 20, 1);
+    let chunk = pattern(1, 1 << 20);
     let mut expected = Sha256::new();
     for _ in 0..100 {
         expected.update(&chunk);
@@ -179,7 +175,7 @@ pub fn large_stdout_with_stderr(vm: &AgentVm, env: &Env) -> Check {
 
 pub fn stdin_to_eof(vm: &AgentVm, env: &Env) -> Check {
     let vm = vm.get(env)?;
-    let data = pattern(8 << 20, 2);
+    let data = pattern(2, 8 << 20);
     let out = vm
         .exec(["sha256sum"])
         .stdin(data.clone())
@@ -319,7 +315,7 @@ pub fn terminal(vm: &AgentVm, env: &Env) -> Check {
 
 pub fn files_both_ways(vm: &AgentVm, env: &Env) -> Check {
     let vm = vm.get(env)?;
-    let big = pattern(64 << 20, 3);
+    let big = pattern(3, 64 << 20);
     let started = Instant::now();
     vm.write_file_from("/tmp/up/big.bin", big.as_slice(), 0o600, (1000, 1000))
         .map_err(|e| e.to_string())?;
@@ -411,7 +407,7 @@ pub fn tcp_connect(vm: &AgentVm, env: &Env) -> Check {
 /// Sends `len` bytes through `vm.connect` to the guest's echo server and
 /// checks what comes back.
 fn echo_through(vm: &Vm, i: u64, len: usize) -> Check {
-    let data = pattern(len, 10 + i);
+    let data = pattern(10 + i, len);
     let mut conn = vm.connect(7070).map_err(|e| e.to_string())?;
     let timeout = Some(Duration::from_secs(60));
     conn.set_read_timeout(timeout).map_err(|e| e.to_string())?;

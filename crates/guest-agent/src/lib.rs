@@ -149,15 +149,13 @@ impl Agent {
             };
             let request = match proto::decode::<HostMessage>(&payload) {
                 Ok(HostMessage::Request(r)) => r,
-                Ok(other) => {
-                    let message = format!("expected a request, got {}", other.name());
+                // The frame was whole: say what was wrong and serve on.
+                wrong => {
+                    let message = match wrong {
+                        Ok(other) => format!("expected a request, got {}", other.name()),
+                        Err(e) => e.to_string(),
+                    };
                     if reply_error(&mut conn, ErrorKind::Protocol, message).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    if reply_error(&mut conn, ErrorKind::Protocol, e.to_string()).is_err() {
                         return;
                     }
                     continue;

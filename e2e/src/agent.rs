@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use supermachine::{GuestImage, Vm, VmOptions};
+use supermachine::{GuestImage, Vm, VmConfig};
 
 use crate::exchange::pattern;
 use crate::{Check, Env};
@@ -40,15 +40,15 @@ impl AgentVm {
     }
 }
 
-fn options(env: &Env, hostname: &str) -> VmOptions {
-    VmOptions {
+fn options(env: &Env, hostname: &str) -> VmConfig {
+    VmConfig {
         guest: Some(GuestImage {
             kernel: env.asset("vmlinux"),
             initramfs: env.asset("initramfs.cpio"),
         }),
         hostname: hostname.into(),
         memory_bytes: 768 << 20,
-        ..VmOptions::default()
+        ..VmConfig::default()
     }
 }
 
@@ -489,7 +489,7 @@ pub fn writable_disk_outlives_the_vm(env: &Env) -> Check {
     let scratch = crate::Scratch::new("upper")?;
     let upper = scratch.0.join("upper.ext4");
     std::fs::copy(env.asset("upper.ext4"), &upper).map_err(|e| format!("copying the disk: {e}"))?;
-    let options = VmOptions {
+    let options = VmConfig {
         writable_disk: Some(upper.clone()),
         ..options(env, "persist-test")
     };

@@ -16,7 +16,7 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use supermachine::{GuestImage, Vm, VmOptions};
+use supermachine::{GuestImage, Vm, VmConfig};
 
 use crate::Env;
 use crate::bench_proto::{PORT, QUIT};
@@ -36,14 +36,14 @@ pub fn run(env: &Env, runs: usize, probe: bool) -> ExitCode {
 }
 
 fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
-    let options = VmOptions {
+    let options = VmConfig {
         guest: Some(GuestImage {
             kernel: env.asset("vmlinux"),
             initramfs: env.asset("initramfs.cpio"),
         }),
         hostname: "bench".into(),
         memory_bytes: 512 << 20,
-        ..VmOptions::default()
+        ..VmConfig::default()
     };
     let vm = Vm::start(&env.asset("rootfs.erofs"), &options).map_err(|e| e.to_string())?;
     let ready_in = vm.ready_in();

@@ -19,9 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 
 use crate::deps;
+use crate::oci_layout::{self, Layer};
 use crate::util::{run, workspace_root};
 
 /// The host directories each layer above busybox holds (those present).
@@ -240,105 +240,41 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn sha256_file(path: &Path) -> Result<(String, u64)> {
-    let mut file = fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let size = std::io::copy(&mut file, &mut h)?;
-    Ok((format!("sha256:{:x}", h.finalize()), size))
-}
-
 /// Writes an OCI layout of the benchmark image; returns its unpacked and
 /// compressed sizes.
 fn build_layout(layout: &Path) -> Result<(u64, u64)> {
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let staging = layout.join("staging");
-    fs::create_dir_all(staging.join("bin"))?;
-    fs::copy("/bin/busybox", staging.join("bin/busybox"))
+    let staging = tempfile::tempdir()?;
+    fs::create_dir_all(staging.path().join("bin"))?;
+    fs::copy("/bin/busybox", staging.path().join("bin/busybox"))
         .context("/bin/busybox (Debian's busybox-static)")?;
-    std::os::unix::fs::symlink("busybox", staging.join("bin/sh"))?;
-
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
-    let (mut unpacked, mut packed) = (0, 0);
-    let mut sources: Vec<(PathBuf, Vec<&str>)> = vec![(staging.clone(), vec!["bin"])];
+    std::os::unix::fs::symlink("busybox", staging.path().join("bin/sh"))?;
+    let mut layers = vec![Layer::Dir {
+        root: staging.path().to_path_buf(),
+        entries: vec!["bin".into()],
+    }];
     for dirs in LAYER_DIRS {
-        let present: Vec<&str> = dirs
+        let present: Vec<String> = dirs
             .iter()
-            .copied()
             .filter(|d| Path::new("/").join(d).exists())
+            .map(|d| d.to_string())
             .collect();
         if present.is_empty() {
             bail!("none of {dirs:?} exists on this machine");
         }
-        sources.push((PathBuf::from("/"), present));
+        layers.push(Layer::Dir {
+            root: PathBuf::from("/"),
+            entries: present,
+        });
     }
-    for (i, (root, dirs)) in sources.iter().enumerate() {
-        let tar = layout.join(format!("layer{i}.tar"));
-        run(Command::new("tar")
-            .args([
-                "--sort=name",
-                "--mtime=@1700000000",
-                "--owner=0",
-                "--group=0",
-                "--numeric-owner",
-                "-C",
-            ])
-            .arg(root)
-            .arg("-cf")
-            .arg(&tar)
-            .args(dirs))?;
-        let (diff_id, size) = sha256_file(&tar)?;
-        unpacked += size;
-        run(Command::new("gzip").args(["-6", "-n", "-f"]).arg(&tar))?;
-        let gz = tar.with_extension("tar.gz");
-        let (digest, size) = sha256_file(&gz)?;
-        packed += size;
-        fs::rename(&gz, blobs.join(hex(&digest)))?;
-        diff_ids.push(diff_id);
-        layers.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": digest, "size": size,
-        }));
-    }
-    fs::remove_dir_all(&staging)?;
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    })
-    .to_string();
-    let config_digest = put(&blobs, config.as_bytes())?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": config.len()},
-        "layers": layers,
-    })
-    .to_string();
-    let manifest_digest = put(&blobs, manifest.as_bytes())?;
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_digest, "size": manifest.len(),
-        "annotations": {"org.opencontainers.image.ref.name": "v1"},
-    }]});
-    fs::write(layout.join("index.json"), index.to_string())?;
-    Ok((unpacked, packed))
-}
-
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
-}
-
-fn put(blobs: &Path, bytes: &[u8]) -> Result<String> {
-    let digest = format!("sha256:{:x}", Sha256::digest(bytes));
-    fs::write(blobs.join(hex(&digest)), bytes)?;
-    Ok(digest)
+    let written = oci_layout::write(
+        layout,
+        &oci_layout::Image {
+            name: "localhost/bench/image:v1",
+            layers,
+            exec: serde_json::json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"]}),
+        },
+    )?;
+    Ok((written.unpacked, written.packed))
 }
 
 /// Debian's docker-registry on a free loopback port, killed on drop.

@@ -69,6 +69,28 @@ impl Archive {
         Ok(self.file(name, mode, &data))
     }
 
+    /// Adds a host file, symlink or whole directory tree as `name`.
+    pub fn add_path(&mut self, name: &str, path: &Path) -> Result<&mut Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta =
+            fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(path)?;
+            self.symlink(name, &target.to_string_lossy());
+        } else if meta.is_dir() {
+            self.dir(name);
+            let mut entries: Vec<_> = fs::read_dir(path)?.collect::<std::io::Result<_>>()?;
+            entries.sort_by_key(fs::DirEntry::file_name);
+            for entry in entries {
+                let child = format!("{name}/{}", entry.file_name().to_string_lossy());
+                self.add_path(&child, &entry.path())?;
+            }
+        } else {
+            self.file_from(name, meta.permissions().mode() & 0o7777, path)?;
+        }
+        Ok(self)
+    }
+
     pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
         self.entry(name, S_IFLNK | 0o777, target.as_bytes(), (0, 0));
         self

@@ -205,3 +205,117 @@ pub fn build_empty_ext4(dest: &Path, bytes: u64) -> Result<()> {
             .arg(dest),
     )
 }
+
+/// The demo image's name (`supermachine run demo`).
+pub const DEMO_IMAGE: &str = "docker.io/library/demo:latest";
+
+/// What the demo image runs.
+const DEMO_HELLO: &str = r#"#!/bin/sh
+echo "Hello from a supermachine microVM."
+echo "  image:  demo (busybox, as user $(id -un) in $(pwd))"
+echo "  kernel: $(uname -sr)"
+echo "  cpus:   $(nproc)"
+echo "  memory: $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
+echo "  args:   $*"
+"#;
+
+/// The demo image as an OCI layout: Debian's static busybox with every
+/// applet linked, accounts, and a `hello` program as its Cmd.
+pub fn build_demo_layout(dest: &Path) -> Result<()> {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let busybox = busybox()?;
+    let tree = tempfile::tempdir()?;
+    let root = tree.path();
+    for d in ["bin", "etc", "home/demo", "root", "tmp", "usr/local/bin"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    fs::copy(&busybox, root.join("bin/busybox"))?;
+    let list = std::process::Command::new(&busybox)
+        .arg("--list")
+        .output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        symlink("busybox", root.join("bin").join(applet))?;
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\ndemo:x:1000:1000:demo:/home/demo:/bin/sh\n",
+    )?;
+    fs::write(root.join("etc/group"), "root:x:0:\ndemo:x:1000:\n")?;
+    let hello = root.join("usr/local/bin/hello");
+    fs::write(&hello, DEMO_HELLO)?;
+    fs::set_permissions(&hello, fs::Permissions::from_mode(0o755))?;
+    crate::oci_layout::write(
+        dest,
+        &crate::oci_layout::Image {
+            name: DEMO_IMAGE,
+            layers: vec![crate::oci_layout::Layer::Dir {
+                root: root.to_path_buf(),
+                entries: ["bin", "etc", "home", "root", "tmp", "usr"]
+                    .map(String::from)
+                    .to_vec(),
+            }],
+            exec: serde_json::json!({
+                "Cmd": ["hello"],
+                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"],
+                "WorkingDir": "/home/demo",
+            }),
+        },
+    )?;
+    Ok(())
+}
+
+/// The glibc test image's name.
+pub const DEBIAN_IMAGE: &str = "docker.io/library/debian-python:bookworm";
+
+/// What goes into the Debian image besides the minimal base.
+const DEBIAN_PACKAGES: &str = "python3";
+
+/// A Debian bookworm root file system with python3, built by mmdebstrap
+/// from Debian's archive and cached (keyed by suite and packages), as an
+/// OCI layout at `dest`: a real glibc distribution image, the kind users
+/// run.
+pub fn build_debian_layout(dest: &Path) -> Result<()> {
+    deps::ensure_packages(&["mmdebstrap"])?;
+    let key = crate::util::hash_parts(&[b"bookworm minbase", DEBIAN_PACKAGES.as_bytes(), b"v1"]);
+    let cache = crate::util::cache_root()?.join("images");
+    fs::create_dir_all(&cache)?;
+    let entry = cache.join(format!("debian-python-{}", &key[..16]));
+    let tarball = entry.join("rootfs.tar");
+    if !tarball.is_file() {
+        eprintln!(
+            "xtask: building the Debian bookworm + {DEBIAN_PACKAGES} root file system (mmdebstrap)"
+        );
+        let staging = crate::util::Staging::new(&cache, "debian-python")?;
+        crate::util::run(
+            std::process::Command::new("mmdebstrap")
+                .args(["--quiet", "--variant=minbase"])
+                .arg(format!("--include={DEBIAN_PACKAGES}"))
+                // Documentation nobody in a VM reads.
+                .args([
+                    "--dpkgopt=path-exclude=/usr/share/doc/*",
+                    "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*",
+                    "bookworm",
+                ])
+                .arg(staging.path().join("rootfs.tar")),
+        )?;
+        staging.commit(&entry)?;
+    }
+    crate::oci_layout::write(
+        dest,
+        &crate::oci_layout::Image {
+            name: DEBIAN_IMAGE,
+            layers: vec![crate::oci_layout::Layer::Tar(tarball)],
+            exec: serde_json::json!({
+                "Cmd": ["python3"],
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            }),
+        },
+    )?;
+    Ok(())
+}

@@ -7,6 +7,7 @@ mod fuzz;
 mod guest;
 mod images;
 mod kernel;
+mod oci_layout;
 mod testhost;
 mod util;
 
@@ -48,8 +49,22 @@ enum Task {
         #[arg(long, default_value = "target/guest-images")]
         out: PathBuf,
     },
-    /// Boot the demo guest: the guest kernel with a small busybox /init.
+    /// Run the demo image (`supermachine run`), built from Debian's
+    /// busybox-static, end to end (inside the QEMU test host when this
+    /// host's KVM cannot boot Linux).
     Demo,
+    /// Run a command inside the QEMU test host, with `supermachine` on
+    /// PATH, the guest kernel and agent where it finds them, the demo
+    /// image as ./demo-image and the given files in its working directory.
+    Testhost {
+        /// A file or directory (an image archive or OCI layout, say) to
+        /// copy in. Repeatable.
+        #[arg(long = "file", value_name = "PATH")]
+        files: Vec<PathBuf>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Tier-3 end-to-end tests: real guest kernel, real KVM (directly, or
     /// inside the QEMU test host when this host's KVM cannot boot Linux).
     E2e,
@@ -216,50 +231,61 @@ fn bench(name: &str, runs: usize, extra: &str) -> Result<()> {
 
 fn demo() -> Result<()> {
     let mode = testhost::detect_mode()?;
-    let assets = assets_dir();
-    let guest = kernel::build(kernel::Flavor::Guest, None)?;
     match mode {
         Mode::Direct => {
-            std::fs::create_dir_all(&assets)?;
-            images::image(images::DEMO_INIT, &assets.join("demo.cpio"))?;
+            let agent = guest::build_agent()?;
+            guest::build(&agent)?;
+            let layout = workspace_root().join("target/demo-image");
+            images::build_demo_layout(&layout)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo)
                 .current_dir(workspace_root())
-                .args([
-                    "run",
-                    "--release",
-                    "-q",
-                    "-p",
-                    "supermachine",
-                    "--",
-                    "boot",
-                    "--kernel",
-                ])
-                .arg(guest.vmlinux())
-                .arg("--initrd")
-                .arg(assets.join("demo.cpio"))
-                .args(["--append", "quiet"]))
+                .args(["run", "--release", "-q", "-p", "supermachine", "--", "run"])
+                .arg(layout))
         }
         Mode::TestHost => {
             eprintln!(
                 "xtask: this host's KVM cannot boot Linux; the demo runs inside the QEMU test host"
             );
-            let bins = testhost::build_static_binaries()?;
-            if assets.exists() {
-                std::fs::remove_dir_all(&assets)?;
-            }
-            testhost::stage_assets(&assets, &bins)?;
-            let (_, code) = testhost::run_inside(
-                &bins,
-                &assets,
-                "./supermachine boot --kernel vmlinux --initrd demo.cpio --append quiet",
-            )?;
+            let code = testhost_command(&[], &["supermachine", "run", "./demo-image"])?;
             if code != 0 {
-                bail!("the demo VM failed (exit status {code})");
+                bail!("the demo failed (exit status {code})");
             }
             Ok(())
         }
     }
+}
+
+/// Runs `command` in the test host with `files` beside it; its status.
+fn testhost_command<S: AsRef<str>>(files: &[PathBuf], command: &[S]) -> Result<i32> {
+    let bins = testhost::build_static_binaries()?;
+    let assets = assets_dir();
+    if assets.exists() {
+        std::fs::remove_dir_all(&assets)?;
+    }
+    testhost::stage_assets(&assets, &bins)?;
+    let mut extra = Vec::new();
+    for f in files {
+        if !f.exists() {
+            bail!("{}: no such file or directory", f.display());
+        }
+        extra.push(f.clone());
+    }
+    let line: Vec<String> = command.iter().map(|a| shell_quote(a.as_ref())).collect();
+    let (_, code) = testhost::run_inside_with(&bins, &assets, &extra, &line.join(" "))?;
+    Ok(code)
+}
+
+/// `arg` as one shell word.
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b))
+    {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
 }
 
 fn ci() -> Result<()> {
@@ -324,6 +350,10 @@ fn main() -> Result<()> {
             println!("{}", out.display());
         }
         Task::Demo => demo()?,
+        Task::Testhost { files, command } => {
+            let code = testhost_command(&files, &command)?;
+            std::process::exit(code);
+        }
         Task::E2e => e2e()?,
         Task::Bench {
             which: Bench::Boot { runs },

@@ -95,6 +95,8 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
     images::build_test_images(dir, bins)?;
     images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
+    images::build_demo_layout(&dir.join("demo-image"))?;
+    images::build_debian_layout(&dir.join("debian-image"))?;
     images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)
 }
 
@@ -102,6 +104,16 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
 /// `supermachine-e2e` and the assets there) inside the test host. Streams
 /// the test host's console and returns it with the command's exit status.
 pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(String, i32)> {
+    run_inside_with(bins, assets, &[], command)
+}
+
+/// [`run_inside`] with more files or directories copied into `/e2e`.
+pub fn run_inside_with(
+    bins: &Binaries,
+    assets: &Path,
+    extra: &[PathBuf],
+    command: &str,
+) -> Result<(String, i32)> {
     // Under TCG the emulated timer interrupts lag when this machine is busy
     // (or the initramfs is large), and the kernel's clocksource watchdog
     // then finds the TSC "skewed" against jiffies and drops it; KVM guests
@@ -112,7 +124,7 @@ pub fn run_inside(bins: &Binaries, assets: &Path, command: &str) -> Result<(Stri
     // booted again.
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
-        match run_once(bins, assets, command)? {
+        match run_once(bins, assets, extra, command)? {
             Boot::Ran(console, code) => return Ok((console, code)),
             Boot::BadClock(clock) => eprintln!(
                 "xtask: the test host came up without a TSC clocksource ({clock}); booting it again ({attempt}/{ATTEMPTS})"
@@ -130,7 +142,7 @@ enum Boot {
     BadClock(String),
 }
 
-fn run_once(bins: &Binaries, assets: &Path, command: &str) -> Result<Boot> {
+fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) -> Result<Boot> {
     deps::ensure_packages(deps::TEST_HOST)?;
     let host_kernel = kernel::build(kernel::Flavor::TestHost, None)?;
     let work = cache_root()?.join("testhost-run");
@@ -156,7 +168,23 @@ fn run_once(bins: &Binaries, assets: &Path, command: &str) -> Result<Boot> {
             .context("asset without a name")?
             .to_string_lossy()
             .into_owned();
-        a.file_from(&format!("e2e/{name}"), 0o644, &path)?;
+        a.add_path(&format!("e2e/{name}"), &path)?;
+    }
+    // The host tools `supermachine` runs (building root disks).
+    for program in HOST_PROGRAMS {
+        add_dynamic_program(&mut a, program)?;
+    }
+    // Where `supermachine` finds the guest kernel and agent by itself.
+    a.dir("e2e/supermachine-guest");
+    a.symlink("e2e/supermachine-guest/vmlinux", "../vmlinux");
+    a.symlink("e2e/supermachine-guest/initramfs.cpio", "../initramfs.cpio");
+    for path in extra {
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} has no file name", path.display()))?
+            .to_string_lossy()
+            .into_owned();
+        a.add_path(&format!("e2e/{name}"), path)?;
     }
     let init = format!(
         "#!/bin/sh
@@ -165,6 +193,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+ifconfig lo 127.0.0.1 up
+export HOME=/root PATH=/e2e:$PATH
+mkdir -p $HOME
 cd /e2e
 echo TESTHOST-UP kvm=$(test -c /dev/kvm && echo yes || echo no)
 clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
@@ -191,7 +222,7 @@ reboot -f
     eprintln!("xtask: starting the QEMU test host (TCG, emulated AMD SVM)");
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "3072", "-smp", "1"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "4096", "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
@@ -253,6 +284,55 @@ reboot -f
             bail!("the test host ended ({status}) without reporting the command's exit status")
         }
     }
+}
+
+/// Dynamically linked host programs the test host gets, with their
+/// libraries, at the paths they have here.
+const HOST_PROGRAMS: &[&str] = &["/usr/bin/mkfs.erofs"];
+
+/// Adds `program` and every library `ldd` names for it.
+fn add_dynamic_program(a: &mut Archive, program: &str) -> Result<()> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .with_context(|| format!("running ldd {program}"))?;
+    if !out.status.success() {
+        bail!("ldd {program} failed (is it installed?)");
+    }
+    let mut files = vec![PathBuf::from(program)];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for file in files {
+        let name = file.to_string_lossy().trim_start_matches('/').to_string();
+        let mut parent = String::new();
+        for part in name
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, d)| d)
+        {
+            parent = if parent.is_empty() {
+                part.to_string()
+            } else {
+                format!("{parent}/{part}")
+            };
+            a.dir(&parent);
+        }
+        // The real file (libraries are symlinks to versioned names).
+        let real = fs::canonicalize(&file)?;
+        a.file_from(&name, 0o755, &real)?;
+    }
+    Ok(())
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -94,11 +94,19 @@ pub async fn pull_async(
     // The process-wide TLS provider, unless the embedding program chose
     // one already (then this fails harmlessly).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = Client::new(ClientConfig {
+    // `Client::new` would fall back to a default client, which panics
+    // where the system has no CA certificates; this says so instead.
+    let client = Client::try_from(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure),
         extra_root_certificates: ca.into_iter().collect(),
         ..ClientConfig::default()
-    });
+    })
+    .map_err(|e| {
+        Error::Registry(format!(
+            "{registry}: cannot set up the HTTPS client: {} (Debian: apt-get install ca-certificates)",
+            with_causes(&e)
+        ))
+    })?;
     let auth = match &options.credentials {
         Some((user, pass)) => RegistryAuth::Basic(user.clone(), pass.clone()),
         None => docker_config_auth(options.docker_config.clone(), image.registry(), &registry)?,

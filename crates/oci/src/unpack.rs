@@ -400,7 +400,9 @@ impl Unpacker {
                     .map_err(|e| layer.error(&raw_path, e))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
-                log::warn!(
+                // Common in images made by debootstrap-like tools; nothing
+                // the user needs to hear about.
+                log::debug!(
                     "layer {}: skipping device node {} (devices come from the guest's devtmpfs)",
                     layer.name,
                     raw_path.display()

@@ -180,6 +180,13 @@ impl<'vm> ExecBuilder<'vm> {
         self
     }
 
+    /// Whom to run as, by numeric ids used as given (no lookup in the
+    /// guest).
+    pub fn user_ids(mut self, uid: u32, gid: u32, groups: Vec<u32>) -> Self {
+        self.request.user = Some(User::Ids { uid, gid, groups });
+        self
+    }
+
     /// Feeds these bytes to stdin, then closes it.
     pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = StdinSource::Bytes(bytes.into());
@@ -277,7 +284,11 @@ impl<'vm> ExecBuilder<'vm> {
             AgentMessage::Started { pid } => pid,
             AgentMessage::Error(e) => {
                 self.vm.idle_push(conn.stream);
-                return Err(Error::Exec(e.message));
+                return Err(Error::Exec {
+                    not_found: e.kind == proto::ErrorKind::NotFound,
+                    permission_denied: e.kind == proto::ErrorKind::PermissionDenied,
+                    message: e.message,
+                });
             }
             other => return Err(unexpected(&other)),
         };
@@ -422,24 +433,23 @@ impl Process {
 
     /// Sends a signal to the process.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        self.control.send(&HostMessage::Signal {
-            signal,
-            group: false,
-        })
+        self.controller().signal(signal)
     }
 
     /// Sends a signal to its whole process group.
     pub fn signal_group(&self, signal: i32) -> Result<()> {
-        self.control.send(&HostMessage::Signal {
-            signal,
-            group: true,
-        })
+        self.controller().signal_group(signal)
     }
 
     /// Resizes its terminal.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
-        self.control
-            .send(&HostMessage::Resize(WindowSize { rows, cols }))
+        self.controller().resize(rows, cols)
+    }
+
+    /// A handle that signals and resizes the process from another thread
+    /// while this one waits.
+    pub fn controller(&self) -> ProcessController {
+        ProcessController(self.control.clone())
     }
 
     /// Waits for the exit. Output handles not taken are discarded; taken
@@ -462,6 +472,40 @@ impl Drop for Process {
             // not outlive its owner's interest in it.
             let _ = self.signal_group(9);
         }
+    }
+}
+
+/// Signals and resizes a spawned process; clones share it. Once the
+/// process has ended, each call fails with [`Error::ProcessEnded`].
+#[derive(Clone)]
+pub struct ProcessController(Arc<Control>);
+
+impl std::fmt::Debug for ProcessController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProcessController")
+    }
+}
+
+impl ProcessController {
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.0.send(&HostMessage::Signal {
+            signal,
+            group: false,
+        })
+    }
+
+    /// Sends a signal to its whole process group.
+    pub fn signal_group(&self, signal: i32) -> Result<()> {
+        self.0.send(&HostMessage::Signal {
+            signal,
+            group: true,
+        })
+    }
+
+    /// Resizes its terminal.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.0.send(&HostMessage::Resize(WindowSize { rows, cols }))
     }
 }
 

@@ -4,11 +4,11 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use supermachine::{Vm, VmOptions, images};
+//! use supermachine::{Vm, VmConfig, images};
 //!
 //! let store = images::Store::open_default()?;
 //! let record = store.image("alpine").map_err(supermachine::Error::from)?.expect("pulled");
-//! let vm = Vm::start_image(&store, &record, &VmOptions::default())?;
+//! let vm = Vm::start_image(&store, &record, &VmConfig::default())?;
 //! let out = vm
 //!     .exec(["sh", "-c", "echo $GREETING from $(hostname)"])
 //!     .env("GREETING", "hello")
@@ -25,8 +25,8 @@
 //! Boot a bare kernel and initramfs (no agent):
 //!
 //! ```no_run
-//! use supermachine::{Machine, VmConfig};
-//! let mut config = VmConfig::new("vmlinux");
+//! use supermachine::{Machine, MachineConfig};
+//! let mut config = MachineConfig::new("vmlinux");
 //! config.initrd = Some("initramfs.cpio".into());
 //! let exit = Machine::start(config)?.wait()?;
 //! println!("guest ended: {exit:?}");
@@ -37,20 +37,25 @@ use std::sync::Arc;
 
 mod exec;
 mod guest;
+mod image;
+mod ports;
 mod vm;
 
 pub use exec::{
-    ExecBuilder, ExecOutput, ExitInfo, ExitStatus, OutputReader, Process, ProcessStdin,
+    ExecBuilder, ExecOutput, ExitInfo, ExitStatus, OutputReader, Process, ProcessController,
+    ProcessStdin,
 };
 pub use guest::GuestImage;
-pub use vm::{Vm, VmOptions};
+pub use image::Image;
+pub use ports::{PortForward, PortMapping};
+pub use vm::{Vm, VmConfig, runtime_dir};
 
 pub use supermachine_hypervisor::Hypervisor;
 /// OCI images: pull, load, the content store, root file system disks.
 pub use supermachine_oci as images;
-pub use supermachine_vmm::{
-    Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VmConfig, VsockConfig,
-};
+/// A bare VM: kernel, initrd, command line, devices (no image, no agent).
+pub use supermachine_vmm::VmConfig as MachineConfig;
+pub use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VsockConfig};
 
 /// Errors from the library API.
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +106,15 @@ pub enum Error {
     #[error("{0}")]
     Agent(String),
     /// A process could not be started.
-    #[error("{0}")]
-    Exec(String),
+    #[error("{message}")]
+    Exec {
+        /// Why, in one line.
+        message: String,
+        /// The program (or its working directory or user) does not exist.
+        not_found: bool,
+        /// The guest refused to run it.
+        permission_denied: bool,
+    },
     /// A guest port could not be reached.
     #[error("{0}")]
     GuestPort(String),
@@ -161,12 +173,12 @@ pub struct Machine {
 
 impl Machine {
     /// Boots `config` on this platform's hypervisor.
-    pub fn start(config: VmConfig) -> Result<Self> {
+    pub fn start(config: MachineConfig) -> Result<Self> {
         Self::start_on(default_hypervisor()?, config)
     }
 
     /// Boots `config` on the given hypervisor.
-    pub fn start_on(hypervisor: Arc<dyn Hypervisor>, config: VmConfig) -> Result<Self> {
+    pub fn start_on(hypervisor: Arc<dyn Hypervisor>, config: MachineConfig) -> Result<Self> {
         let running = supermachine_vmm::start(hypervisor.as_ref(), config)?;
         Ok(Self {
             running,

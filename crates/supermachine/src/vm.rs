@@ -22,7 +22,9 @@ use supermachine_agent_protocol::{
     self as proto, AGENT_PORT, AgentMessage, CHUNK, Clock, HostMessage, READY_PORT, Request,
     WriteFileRequest,
 };
-use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, VmConfig, VsockConfig};
+use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, VsockConfig};
+
+use crate::MachineConfig;
 
 use crate::exec::ExecBuilder;
 use crate::guest::GuestImage;
@@ -37,7 +39,7 @@ const CONSOLE_TAIL: usize = 16 << 10;
 
 /// How to start a VM.
 #[derive(Clone, Debug)]
-pub struct VmOptions {
+pub struct VmConfig {
     /// vCPUs.
     pub cpus: u32,
     /// Guest RAM in bytes.
@@ -58,7 +60,7 @@ pub struct VmOptions {
     pub stop_grace: Duration,
 }
 
-impl Default for VmOptions {
+impl Default for VmConfig {
     fn default() -> Self {
         Self {
             cpus: 1,
@@ -123,31 +125,7 @@ static NEXT_VM: AtomicU64 = AtomicU64::new(0);
 
 impl RuntimeDir {
     fn create() -> Result<RuntimeDir> {
-        let uid = fs::metadata("/proc/self")
-            .map_err(io_error("reading /proc/self"))?
-            .uid();
-        let base = match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(d) if !d.is_empty() && Path::new(&d).is_dir() => {
-                PathBuf::from(d).join("supermachine")
-            }
-            _ => std::env::temp_dir().join(format!("supermachine-{uid}")),
-        };
-        match fs::DirBuilder::new().mode(0o700).create(&base) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_error(format!("creating {}", base.display()))(e)),
-        }
-        // A shared /tmp: the directory must be ours and private.
-        let meta = fs::symlink_metadata(&base).map_err(io_error(base.display().to_string()))?;
-        if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
-            return Err(Error::Io {
-                what: format!("runtime directory {}", base.display()),
-                source: io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "not a private directory owned by this user",
-                ),
-            });
-        }
+        let base = runtime_dir()?;
         remove_stale(&base);
         let dir = base.join(format!(
             "vm-{}-{}",
@@ -163,6 +141,37 @@ impl RuntimeDir {
             .map_err(io_error(format!("creating {}", dir.display())))?;
         Ok(RuntimeDir(dir))
     }
+}
+
+/// This user's private directory for VM sockets and state:
+/// `$XDG_RUNTIME_DIR/supermachine`, else `/tmp/supermachine-<uid>`
+/// (created mode 0700; refused unless it is a directory only this user
+/// can enter).
+pub fn runtime_dir() -> Result<PathBuf> {
+    let uid = fs::metadata("/proc/self")
+        .map_err(io_error("reading /proc/self"))?
+        .uid();
+    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d).join("supermachine"),
+        _ => std::env::temp_dir().join(format!("supermachine-{uid}")),
+    };
+    match fs::DirBuilder::new().mode(0o700).create(&base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error(format!("creating {}", base.display()))(e)),
+    }
+    // A shared /tmp: the directory must be ours and private.
+    let meta = fs::symlink_metadata(&base).map_err(io_error(base.display().to_string()))?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(Error::Io {
+            what: format!("runtime directory {}", base.display()),
+            source: io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "not a private directory owned by this user",
+            ),
+        });
+    }
+    Ok(base)
 }
 
 /// Removes `vm-<pid>-<n>` directories whose process no longer exists.
@@ -195,21 +204,21 @@ impl Drop for RuntimeDir {
 /// A running VM whose agent has answered.
 pub struct Vm {
     machine: Option<Machine>,
-    socket: PathBuf,
-    idle: IdleHandle,
+    dialer: AgentDialer,
     console: ConsoleTail,
     stop_grace: Duration,
     hostname: String,
     ready_in: Duration,
-    // Last: the sockets live in it.
-    _dir: RuntimeDir,
+    // Last: the sockets live in it (`None` when another process owns the
+    // VM and its directory).
+    _dir: Option<RuntimeDir>,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
             .field("hostname", &self.hostname)
-            .field("socket", &self.socket)
+            .field("socket", &self.dialer.socket)
             .finish_non_exhaustive()
     }
 }
@@ -217,7 +226,7 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Boots a VM whose root file system is `rootfs` (an EROFS disk, as
     /// [`images::rootfs`] builds) and waits until its agent is ready.
-    pub fn start(rootfs: &Path, options: &VmOptions) -> Result<Vm> {
+    pub fn start(rootfs: &Path, options: &VmConfig) -> Result<Vm> {
         let started = Instant::now();
         let guest = match &options.guest {
             Some(g) => g.clone(),
@@ -267,7 +276,7 @@ impl Vm {
                 read_only: false,
             });
         }
-        let config = VmConfig {
+        let config = MachineConfig {
             kernel: guest.kernel.clone(),
             initrd: Some(guest.initramfs.clone()),
             cmdline,
@@ -288,13 +297,15 @@ impl Vm {
         let machine = Machine::start(config)?;
         let mut vm = Vm {
             machine: Some(machine),
-            socket,
-            idle: IdleHandle::default(),
+            dialer: AgentDialer {
+                socket,
+                idle: IdleHandle::default(),
+            },
             console,
             stop_grace: options.stop_grace,
             hostname: options.hostname.clone(),
             ready_in: Duration::ZERO,
-            _dir: dir,
+            _dir: Some(dir),
         };
         let conn = vm.await_agent(&ready, options.ready_timeout)?;
         drop(ready);
@@ -308,7 +319,7 @@ impl Vm {
     pub fn start_image(
         store: &images::Store,
         record: &images::ImageRecord,
-        options: &VmOptions,
+        options: &VmConfig,
     ) -> Result<Vm> {
         let disk = match images::rootfs::built_disk(store, record)? {
             Some(d) => d,
@@ -397,68 +408,76 @@ impl Vm {
     /// The Unix socket of the guest's vsock device (connect, then send
     /// `CONNECT <port>\n`).
     pub fn vsock_socket(&self) -> &Path {
-        &self.socket
+        &self.dialer.socket
     }
 
     /// A raw vsock connection to guest port `port`.
     pub fn connect_vsock(&self, port: u32) -> Result<UnixStream> {
-        let mut s = UnixStream::connect(&self.socket)
-            .map_err(io_error(format!("connecting to {}", self.socket.display())))?;
-        let refused = || Error::GuestPort(format!("nothing listens on guest vsock port {port}"));
-        s.write_all(format!("CONNECT {port}\n").as_bytes())
-            .map_err(|_| refused())?;
-        let mut line = Vec::with_capacity(16);
-        let mut byte = [0u8; 1];
-        loop {
-            match s.read(&mut byte) {
-                Ok(1) if byte[0] == b'\n' => break,
-                Ok(1) if line.len() < 32 => line.push(byte[0]),
-                _ => return Err(refused()),
-            }
-        }
-        if !line.starts_with(b"OK ") {
-            return Err(refused());
-        }
-        Ok(s)
+        self.dialer.connect_vsock(port)
     }
 
     /// An agent connection: an idle one, or a new one (handshake sent; the
     /// agent's is read with the first answer).
     pub(crate) fn agent_conn(&self) -> Result<AgentConn> {
-        if let Some(c) = self.idle.pop() {
-            return Ok(AgentConn {
-                stream: c,
-                handshake_pending: false,
-            });
-        }
         if self.has_ended() {
             return Err(Error::VmEnded);
         }
-        let mut stream = self.connect_vsock(AGENT_PORT).map_err(|e| match e {
-            Error::GuestPort(_) if self.has_ended() => Error::VmEnded,
-            Error::GuestPort(_) => Error::AgentProtocol("the agent is not listening".into()),
+        self.dialer.agent_conn().map_err(|e| match e {
+            Error::AgentProtocol(_) if self.has_ended() => Error::VmEnded,
             other => other,
-        })?;
-        proto::send_handshake(&mut stream)?;
-        Ok(AgentConn {
-            stream,
-            handshake_pending: true,
         })
+    }
+
+    /// What opens connections into this VM, for threads that outlive a
+    /// borrow of it.
+    pub(crate) fn dialer(&self) -> AgentDialer {
+        self.dialer.clone()
     }
 
     /// Keeps a connection whose last request completed.
     pub(crate) fn idle_push(&self, c: UnixStream) {
-        self.idle.push(c);
+        self.dialer.idle.push(c);
     }
 
     /// The idle pool, for threads that finish requests on their own.
     pub(crate) fn idle_handle(&self) -> IdleHandle {
-        self.idle.clone()
+        self.dialer.idle.clone()
     }
 
     /// True once the VM has ended.
     pub fn has_ended(&self) -> bool {
-        self.machine.as_ref().is_none_or(Machine::has_ended)
+        match (&self.machine, &self._dir) {
+            (Some(m), _) => m.has_ended(),
+            // Attached: its VMM removes the socket when the VM ends (or
+            // the socket stops answering when the VMM was killed).
+            (None, None) => !self.dialer.socket.exists(),
+            (None, Some(_)) => true,
+        }
+    }
+
+    /// A VM that another process runs (a `run -d` VM's VMM), reached
+    /// through the Unix socket of its vsock device. Exec, files and ports
+    /// work as on an own VM; ending it is its owner's job (`stop` asks
+    /// the guest to power off, then, like `kill`, returns
+    /// [`Error::VmEnded`]).
+    pub fn attach(vsock_socket: &Path) -> Result<Vm> {
+        let vm = Vm {
+            machine: None,
+            dialer: AgentDialer {
+                socket: vsock_socket.to_path_buf(),
+                idle: IdleHandle::default(),
+            },
+            console: ConsoleTail::default(),
+            stop_grace: VmConfig::default().stop_grace,
+            hostname: String::new(),
+            ready_in: Duration::ZERO,
+            _dir: None,
+        };
+        vm.ping().map_err(|e| match e {
+            Error::Io { .. } | Error::AgentGone => Error::VmEnded,
+            other => other,
+        })?;
+        Ok(vm)
     }
 
     /// One request answered with `Ok` or an error.
@@ -584,16 +603,7 @@ impl Vm {
     /// A byte stream to TCP port `port` on the guest's loopback (the agent
     /// connects to 127.0.0.1, then ::1). Needs no guest network.
     pub fn connect(&self, port: u16) -> Result<UnixStream> {
-        let mut c = self.agent_conn()?;
-        c.send(&HostMessage::Request(Request::Connect { port }))?;
-        match c.recv()? {
-            AgentMessage::Ok => Ok(c.stream),
-            AgentMessage::Error(e) => {
-                self.idle_push(c.stream);
-                Err(Error::GuestPort(e.message))
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.dialer.connect_tcp(port)
     }
 
     /// Sends `signal` to guest process `pid` (or its process group).
@@ -625,7 +635,7 @@ impl Vm {
         if !going_down || !machine.wait_ended(patience) {
             machine.stop();
         }
-        self.idle.clear();
+        self.dialer.idle.clear();
         machine.wait()
     }
 
@@ -641,6 +651,15 @@ impl Vm {
         self.finish_ok(c)
     }
 
+    /// Ends the VM at once, from any thread (a watchdog, say): the guest
+    /// is not asked, processes and connections in it fail, and the
+    /// owner's `stop`, `kill` or drop then returns at once.
+    pub fn force_stop(&self) {
+        if let Some(m) = &self.machine {
+            m.stop();
+        }
+    }
+
     /// Stops the VM at once, without asking the guest.
     pub fn kill(mut self) -> Result<ExitReason> {
         let machine = self.machine.take().ok_or(Error::VmEnded)?;
@@ -654,6 +673,69 @@ impl Drop for Vm {
         if let Some(m) = self.machine.take() {
             m.stop();
             let _ = m.wait();
+        }
+    }
+}
+
+/// Opens connections into a VM: raw vsock ones, agent ones, TCP ones
+/// through the agent.
+#[derive(Clone, Debug)]
+pub(crate) struct AgentDialer {
+    socket: PathBuf,
+    idle: IdleHandle,
+}
+
+impl AgentDialer {
+    fn connect_vsock(&self, port: u32) -> Result<UnixStream> {
+        let mut s = UnixStream::connect(&self.socket)
+            .map_err(io_error(format!("connecting to {}", self.socket.display())))?;
+        let refused = || Error::GuestPort(format!("nothing listens on guest vsock port {port}"));
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(|_| refused())?;
+        let mut line = Vec::with_capacity(16);
+        let mut byte = [0u8; 1];
+        loop {
+            match s.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) if line.len() < 32 => line.push(byte[0]),
+                _ => return Err(refused()),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(refused());
+        }
+        Ok(s)
+    }
+
+    fn agent_conn(&self) -> Result<AgentConn> {
+        if let Some(c) = self.idle.pop() {
+            return Ok(AgentConn {
+                stream: c,
+                handshake_pending: false,
+            });
+        }
+        let mut stream = self.connect_vsock(AGENT_PORT).map_err(|e| match e {
+            Error::GuestPort(_) => Error::AgentProtocol("the agent is not listening".into()),
+            other => other,
+        })?;
+        proto::send_handshake(&mut stream)?;
+        Ok(AgentConn {
+            stream,
+            handshake_pending: true,
+        })
+    }
+
+    /// A stream to TCP `port` on the guest's loopback, through the agent.
+    pub(crate) fn connect_tcp(&self, port: u16) -> Result<UnixStream> {
+        let mut c = self.agent_conn()?;
+        c.send(&HostMessage::Request(Request::Connect { port }))?;
+        match c.recv()? {
+            AgentMessage::Ok => Ok(c.stream),
+            AgentMessage::Error(e) => {
+                self.idle.push(c.stream);
+                Err(Error::GuestPort(e.message))
+            }
+            other => Err(unexpected(&other)),
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The `supermachine` command-line tool.
 
+mod detached;
+mod run;
+mod session;
+mod terminal;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use supermachine::images::{self as oci, ImageRecord, LoadOptions, PullOptions, Store};
-use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, VmConfig, VsockConfig};
+use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, MachineConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(name = "supermachine", version, about = "Run Linux microVMs")]
@@ -16,6 +21,49 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run an image's program in a new VM (as `docker run` does).
+    Run(run::RunArgs),
+    /// List detached VMs (running ones; -a for all).
+    Ps {
+        /// Also VMs that have exited.
+        #[arg(short = 'a', long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a detached VM's workload output.
+    Logs {
+        /// Keep printing new output until the VM exits.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The VM's name or ID.
+        name: String,
+    },
+    /// Run a command in a running detached VM.
+    Exec(detached::ExecArgs),
+    /// Stop detached VMs: their workload gets its stop signal, then the VM
+    /// is ended after the timeout.
+    Stop {
+        /// Seconds to wait before ending the VM.
+        #[arg(short = 't', long = "time", value_name = "SECONDS")]
+        time: Option<u64>,
+        /// VM names or IDs.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove stopped detached VMs (their logs and state).
+    Rm {
+        /// Also stop running ones, at once.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// VM names or IDs.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// The VMM process of a detached VM (started by `run -d`).
+    #[command(name = "__vmm", hide = true)]
+    Vmm { dir: PathBuf },
     /// Boot a kernel directly (low level): no image, no agent.
     Boot {
         /// Kernel: an ELF vmlinux or a bzImage.
@@ -94,7 +142,7 @@ enum Command {
     },
 }
 
-fn parse_platform(s: &str) -> Result<oci::manifest::Platform, String> {
+pub(crate) fn parse_platform(s: &str) -> Result<oci::manifest::Platform, String> {
     let mut parts = s.split('/');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(os), Some(arch), variant, None) if !os.is_empty() && !arch.is_empty() => {
@@ -110,7 +158,7 @@ fn parse_platform(s: &str) -> Result<oci::manifest::Platform, String> {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, shift) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 10),
@@ -169,6 +217,35 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Run(args) => {
+            let result = if args.detach {
+                let argv: Vec<String> = std::env::args().skip(2).collect();
+                detached::start(&args, argv).map(|()| 0)
+            } else {
+                run::foreground(&args)
+            };
+            return match result {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => {
+                    eprintln!("supermachine: {e}");
+                    ExitCode::from(run::failure_status(&e))
+                }
+            };
+        }
+        Command::Exec(args) => {
+            return match detached::exec(&args) {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => {
+                    eprintln!("supermachine: {e}");
+                    ExitCode::from(run::failure_status(&e))
+                }
+            };
+        }
+        Command::Vmm { dir } => return ExitCode::from(detached::serve(&dir)),
+        Command::Ps { all, json } => detached::ps(all, json),
+        Command::Logs { follow, name } => detached::logs(&name, follow),
+        Command::Stop { time, names } => detached::stop(&names, time),
+        Command::Rm { force, names } => detached::rm(&names, force),
         Command::Boot {
             kernel,
             initrd,
@@ -182,7 +259,7 @@ fn main() -> ExitCode {
             vsock,
             vsock_cid,
         } => {
-            let mut config = VmConfig::new(kernel);
+            let mut config = MachineConfig::new(kernel);
             config.initrd = initrd;
             config.cmdline = match append {
                 Some(extra) => format!("{cmdline} {extra}"),
@@ -324,17 +401,7 @@ fn images(json: bool) -> supermachine::Result<()> {
             human_age(now.saturating_sub(r.stored_at)),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
-        .collect();
-    for row in &table {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print_table(&table);
     Ok(())
 }
 
@@ -366,8 +433,38 @@ fn human_size(bytes: u64) -> String {
 fn human_age(seconds: u64) -> String {
     match seconds {
         0..60 => "just now".into(),
-        60..3600 => format!("{} minutes ago", seconds / 60),
-        3600..86400 => format!("{} hours ago", seconds / 3600),
-        _ => format!("{} days ago", seconds / 86400),
+        _ => format!("{} ago", human_duration(seconds)),
+    }
+}
+
+/// "5 seconds", "3 minutes", "2 hours", "4 days".
+pub(crate) fn human_duration(seconds: u64) -> String {
+    let (n, unit) = match seconds {
+        0..60 => (seconds, "second"),
+        60..3600 => (seconds / 60, "minute"),
+        3600..86400 => (seconds / 3600, "hour"),
+        _ => (seconds / 86400, "day"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Prints rows in columns, the first row being the heading.
+pub(crate) fn print_table<const N: usize>(table: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| {
+            table
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
 }

@@ -1,0 +1,290 @@
+//! `supermachine run IMAGE [COMMAND...]`: an image's program in a fresh
+//! VM, behaving as `docker run` does.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use supermachine::images::{Overrides, PullOptions, manifest::Platform};
+use supermachine::{Error, Image, PortMapping, Result, Vm, VmConfig};
+
+use crate::{parse_platform, parse_size, session, terminal};
+
+/// Exit status for a failure of supermachine itself (as Docker's 125).
+pub const EXIT_OWN_FAILURE: u8 = 125;
+/// The program exists but could not be run.
+pub const EXIT_CANNOT_RUN: u8 = 126;
+/// The program does not exist.
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Set an environment variable (NAME=VALUE, or NAME for this
+    /// shell's value). Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read environment variables from a file (NAME=VALUE lines; `#`
+    /// comments). Repeatable.
+    #[arg(long = "env-file", value_name = "PATH")]
+    pub env_files: Vec<PathBuf>,
+    /// Working directory inside the VM.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run as USER[:GROUP] (names or ids of the image's accounts).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
+    /// Replace the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "PROGRAM")]
+    pub entrypoint: Option<String>,
+    /// Keep stdin open and feed it to the workload.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the workload a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Publish a guest TCP port on the host. Repeatable.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
+    )]
+    pub publish: Vec<PortMapping>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest RAM, e.g. 512M or 2G.
+    #[arg(short = 'm', long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// The VM's name (for `ps`, `logs`, `exec`, `stop`, `rm`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The guest's hostname (default: the VM's ID).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Remove the VM when it exits (a foreground run always leaves
+    /// nothing behind; with -d, the stopped VM is removed too).
+    #[arg(long)]
+    pub rm: bool,
+    /// Run in the background and print the VM's name.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Seconds the workload gets to exit after SIGINT/SIGTERM (or `stop`)
+    /// before the VM is stopped.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub stop_timeout: u64,
+    /// The platform to pick from a multi-platform image, as os/arch.
+    #[arg(long, value_parser = parse_platform)]
+    pub platform: Option<Platform>,
+    /// Talk plain HTTP to this registry when pulling. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// The image: a name, an image ID, or a path to an archive or OCI
+    /// layout directory.
+    pub image: String,
+    /// The command, replacing the image's Cmd.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// Everything checked and gathered before any VM exists.
+pub struct Prepared {
+    pub image: Image,
+    pub spec: supermachine::images::ProcessSpec,
+    pub listeners: Vec<(TcpListener, u16)>,
+    pub config: VmConfig,
+}
+
+/// `run`'s arguments alone, for the VMM process to read them back.
+#[derive(clap::Parser)]
+#[command(name = "run")]
+struct RunOnly {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+impl RunArgs {
+    /// Parses `run`'s arguments (without the `run` word).
+    pub fn parse_from_argv(argv: &[String]) -> Result<RunArgs> {
+        use clap::Parser;
+        RunOnly::try_parse_from(std::iter::once("run".to_string()).chain(argv.iter().cloned()))
+            .map(|r| r.args)
+            .map_err(|e| Error::InvalidOption(format!("run arguments: {e}")))
+    }
+
+    /// How to pull the image when it is not stored.
+    pub fn pull_options(&self) -> PullOptions {
+        PullOptions {
+            platform: self.platform.clone(),
+            insecure_registries: self.insecure_registries.clone(),
+            progress: true,
+            ..PullOptions::default()
+        }
+    }
+
+    /// The user's overrides of the image config.
+    pub fn overrides(&self) -> Result<Overrides> {
+        let mut env = Vec::new();
+        for file in &self.env_files {
+            env.extend(read_env_file(file)?);
+        }
+        for item in &self.env {
+            env.extend(env_item(item));
+        }
+        Ok(Overrides {
+            entrypoint: self.entrypoint.as_ref().map(|e| {
+                if e.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![e.clone()]
+                }
+            }),
+            args: self.command.clone(),
+            env,
+            working_dir: self.workdir.clone(),
+            user: self.user.clone(),
+        })
+    }
+
+    /// Checks the arguments, binds the published ports, resolves the image
+    /// (pulling or loading it) and its command.
+    pub fn prepare(&self, id: &str) -> Result<Prepared> {
+        if self.interactive && self.tty && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return Err(Error::InvalidOption(
+                "-it needs a terminal on stdin (use -i alone to pipe input)".into(),
+            ));
+        }
+        let overrides = self.overrides()?;
+        let listeners = self
+            .publish
+            .iter()
+            .map(|m| m.bind().map(|l| (l, m.guest_port)))
+            .collect::<Result<Vec<_>>>()?;
+        let image = Image::resolve(&self.image, &self.pull_options())?;
+        let spec = image.command(&overrides)?;
+        let config = VmConfig {
+            cpus: self.cpus,
+            memory_bytes: self.memory,
+            hostname: self.hostname.clone().unwrap_or_else(|| id.to_string()),
+            stop_grace: Duration::from_secs(self.stop_timeout),
+            ..VmConfig::default()
+        };
+        Ok(Prepared {
+            image,
+            spec,
+            listeners,
+            config,
+        })
+    }
+}
+
+/// `NAME=VALUE` as given; `NAME` alone takes this process's value (and is
+/// skipped when unset, as Docker does).
+fn env_item(item: &str) -> Option<String> {
+    if item.contains('=') {
+        return Some(item.to_string());
+    }
+    std::env::var(item).ok().map(|v| format!("{item}={v}"))
+}
+
+fn read_env_file(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        what: format!("env file {}", path.display()),
+        source: e,
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name = line.split('=').next().unwrap_or("");
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(Error::InvalidOption(format!(
+                "env file {} line {}: {line:?} is not NAME=VALUE",
+                path.display(),
+                n + 1
+            )));
+        }
+        out.extend(env_item(line));
+    }
+    Ok(out)
+}
+
+/// A new VM's ID: 12 hex digits (also its default hostname).
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = getrandom::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs in the foreground; returns the exit status to exit with.
+pub fn foreground(args: &RunArgs) -> Result<u8> {
+    let id = new_id();
+    let prepared = args.prepare(&id)?;
+    let vm = Arc::new(prepared.image.start(&prepared.config)?);
+    let mut forwards = Vec::new();
+    for (listener, guest_port) in prepared.listeners {
+        forwards.push(vm.forward_port(listener, guest_port)?);
+    }
+    let status = run_workload(&vm, &prepared.spec, args);
+    drop(forwards);
+    // Nothing of the guest outlives its workload: its writable layer is
+    // RAM, so no shutdown is owed to it.
+    if let Ok(vm) = Arc::try_unwrap(vm) {
+        let _ = vm.kill();
+    }
+    status
+}
+
+/// Spawns the workload, attaches to it, and maps how it ended to an exit
+/// status.
+pub fn run_workload(
+    vm: &Arc<Vm>,
+    spec: &supermachine::images::ProcessSpec,
+    args: &RunArgs,
+) -> Result<u8> {
+    let mut exec = vm.exec_spec(spec);
+    if args.interactive {
+        exec = exec.pipe_stdin();
+    }
+    let _raw = if args.tty {
+        let (rows, cols) = terminal::size();
+        exec = exec.tty(rows, cols);
+        args.interactive.then(terminal::RawMode::enter).flatten()
+    } else {
+        None
+    };
+    let process = exec.spawn()?;
+    let watchdog = {
+        let vm = Arc::downgrade(vm);
+        let grace = Duration::from_secs(args.stop_timeout);
+        move || {
+            // The workload was asked to stop; if it has not within the
+            // grace period, the VM goes (and the workload with it).
+            std::thread::spawn(move || {
+                std::thread::sleep(grace);
+                if let Some(vm) = vm.upgrade() {
+                    vm.force_stop();
+                }
+            });
+        }
+    };
+    match session::attach(process, args.interactive, args.tty, watchdog) {
+        Ok(info) => Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX)),
+        // Stopped by the watchdog: as if SIGKILLed.
+        Err(Error::AgentGone | Error::VmEnded) if vm.has_ended() => Ok(128 + 9),
+        Err(e) => Err(e),
+    }
+}
+
+/// The exit status for a failure before or around the workload.
+pub fn failure_status(e: &Error) -> u8 {
+    match e {
+        Error::Exec {
+            not_found: true, ..
+        } => EXIT_NOT_FOUND,
+        Error::Exec { .. } => EXIT_CANNOT_RUN,
+        _ => EXIT_OWN_FAILURE,
+    }
+}

@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 mod agent;
 mod bench_exec;
 mod bench_proto;
+mod bench_run;
 mod bench_virtio;
 mod exchange;
+mod run;
 
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
@@ -409,6 +411,54 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             "agent-writable-disk-keeps-writes-for-the-next-vm",
             Box::new(move || agent::writable_disk_outlives_the_vm(env)),
         ),
+        (
+            "run-demo-image-by-path",
+            Box::new(move || run::demo_image_runs_by_path(env)),
+        ),
+        (
+            "run-exit-codes-and-signals-propagate",
+            Box::new(move || run::exit_codes_and_signals_propagate(env)),
+        ),
+        (
+            "run-env-workdir-user-entrypoint-apply",
+            Box::new(move || run::env_workdir_user_and_entrypoint_apply(env)),
+        ),
+        (
+            "run-i-pipes-stdin",
+            Box::new(move || run::stdin_is_piped_with_i(env)),
+        ),
+        (
+            "run-t-gives-a-terminal",
+            Box::new(move || run::tty_gives_a_terminal(env)),
+        ),
+        (
+            "run-ctrl-c-reaches-the-workload",
+            Box::new(move || run::ctrl_c_reaches_the_workload(env)),
+        ),
+        (
+            "run-glibc-image-runs-python",
+            Box::new(move || run::glibc_image_runs_python(env)),
+        ),
+        (
+            "run-v-shares-host-directories",
+            Box::new(move || run::volumes_share_host_directories(env)),
+        ),
+        (
+            "run-bad-volumes-are-one-line-and-leave-nothing",
+            Box::new(move || run::bad_volumes_are_one_line_and_leave_nothing(env)),
+        ),
+        (
+            "run-detached-server-lifecycle",
+            Box::new(move || run::detached_server_lifecycle(env)),
+        ),
+        (
+            "run-killed-vmm-shows-exited-and-rm-cleans",
+            Box::new(move || run::killed_vmm_shows_exited_and_rm_cleans(env)),
+        ),
+        (
+            "run-bad-input-is-one-line-and-leaves-nothing",
+            Box::new(move || run::bad_input_is_one_line_and_leaves_nothing(env)),
+        ),
     ]
 }
 
@@ -751,7 +801,7 @@ fn main() -> ExitCode {
         value("--assets"),
     ) else {
         eprintln!(
-            "usage: supermachine-e2e test|bench-boot|bench-virtio|bench-exec --supermachine BIN --assets DIR [--runs N]"
+            "usage: supermachine-e2e test|bench-boot|bench-virtio|bench-exec|bench-run --supermachine BIN --assets DIR [--runs N]"
         );
         return ExitCode::from(2);
     };
@@ -775,6 +825,10 @@ fn main() -> ExitCode {
         "bench-exec" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
             bench_exec::run(&env, runs, args.iter().any(|a| a == "--probe"))
+        }
+        "bench-run" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(10);
+            bench_run::run(&env, runs)
         }
         "bench-virtio" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);

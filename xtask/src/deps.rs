@@ -116,3 +116,32 @@ pub fn ensure_cargo_subcommand(subcommand: &str, package: &str) -> Result<()> {
     eprintln!("xtask: installing {package}");
     run(Command::new(&cargo).args(["install", "--locked", package]))
 }
+
+/// The virtiofsd release `-v` is tested with (crates.io).
+const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// virtiofsd, built once by `cargo install` into the cache (it needs
+/// libseccomp and libcap-ng to build and run).
+pub fn virtiofsd() -> Result<std::path::PathBuf> {
+    let root = crate::util::cache_root()?.join(format!("virtiofsd-{VIRTIOFSD_VERSION}"));
+    let binary = root.join("bin/virtiofsd");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    ensure_packages(&["libseccomp-dev", "libcap-ng-dev", "pkg-config"])?;
+    eprintln!("xtask: installing virtiofsd {VIRTIOFSD_VERSION} (cargo install)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let staging = crate::util::Staging::new(&crate::util::cache_root()?, "virtiofsd")?;
+    run(Command::new(&cargo)
+        .args([
+            "install",
+            "--locked",
+            "--version",
+            VIRTIOFSD_VERSION,
+            "--root",
+        ])
+        .arg(staging.path())
+        .arg("virtiofsd"))?;
+    staging.commit(&root)?;
+    Ok(binary)
+}

@@ -222,10 +222,61 @@ echo "  args:   $*"
 /// The demo image as an OCI layout: Debian's static busybox with every
 /// applet linked, accounts, and a `hello` program as its Cmd.
 pub fn build_demo_layout(dest: &Path) -> Result<()> {
-    use std::os::unix::fs::{PermissionsExt, symlink};
-    let busybox = busybox()?;
     let tree = tempfile::tempdir()?;
     let root = tree.path();
+    demo_tree(root)?;
+    crate::oci_layout::write(
+        dest,
+        &crate::oci_layout::Image {
+            name: DEMO_IMAGE,
+            layers: vec![crate::oci_layout::Layer::Dir {
+                root: root.to_path_buf(),
+                entries: DEMO_TOP.map(String::from).to_vec(),
+            }],
+            exec: serde_json::json!({
+                "Cmd": ["hello"],
+                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"],
+                "WorkingDir": "/home/demo",
+            }),
+        },
+    )?;
+    Ok(())
+}
+
+/// The demo image's top-level directories.
+const DEMO_TOP: [&str; 6] = ["bin", "etc", "home", "root", "tmp", "usr"];
+
+/// The demo image unpacked as an OCI runtime bundle (`rootfs/` and the
+/// `config.json` of `crun spec`, running `true`): the container baseline
+/// of `cargo xtask bench run`. Skipped (Ok(false)) without crun.
+pub fn build_demo_bundle(dest: &Path) -> Result<bool> {
+    if !crate::util::have("crun") {
+        return Ok(false);
+    }
+    if dest.exists() {
+        fs::remove_dir_all(dest)?;
+    }
+    let rootfs = dest.join("rootfs");
+    fs::create_dir_all(&rootfs)?;
+    demo_tree(&rootfs)?;
+    crate::util::run(
+        std::process::Command::new("crun")
+            .arg("spec")
+            .current_dir(dest),
+    )?;
+    let path = dest.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&fs::read(&path)?)?;
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["cwd"] = serde_json::json!("/home/demo");
+    fs::write(&path, serde_json::to_vec_pretty(&spec)?)?;
+    Ok(true)
+}
+
+/// The demo image's files, written under `root`.
+fn demo_tree(root: &Path) -> Result<()> {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let busybox = busybox()?;
     for d in ["bin", "etc", "home/demo", "root", "tmp", "usr/local/bin"] {
         fs::create_dir_all(root.join(d))?;
     }
@@ -249,23 +300,6 @@ pub fn build_demo_layout(dest: &Path) -> Result<()> {
     let hello = root.join("usr/local/bin/hello");
     fs::write(&hello, DEMO_HELLO)?;
     fs::set_permissions(&hello, fs::Permissions::from_mode(0o755))?;
-    crate::oci_layout::write(
-        dest,
-        &crate::oci_layout::Image {
-            name: DEMO_IMAGE,
-            layers: vec![crate::oci_layout::Layer::Dir {
-                root: root.to_path_buf(),
-                entries: ["bin", "etc", "home", "root", "tmp", "usr"]
-                    .map(String::from)
-                    .to_vec(),
-            }],
-            exec: serde_json::json!({
-                "Cmd": ["hello"],
-                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"],
-                "WorkingDir": "/home/demo",
-            }),
-        },
-    )?;
     Ok(())
 }
 

@@ -35,8 +35,14 @@ impl Flavor {
     fn fragments(self) -> Vec<PathBuf> {
         let dir = workspace_root().join("guest/kernel");
         match self {
-            Flavor::Guest => vec![dir.join("guest.config")],
-            Flavor::TestHost => vec![dir.join("guest.config"), dir.join("testhost.config")],
+            Flavor::Guest => vec![dir.join("guest.config"), dir.join("container.config")],
+            // The test host runs container tools too (crun, for the `run`
+            // benchmark's baseline).
+            Flavor::TestHost => vec![
+                dir.join("guest.config"),
+                dir.join("container.config"),
+                dir.join("testhost.config"),
+            ],
         }
     }
 }

@@ -112,6 +112,13 @@ enum Bench {
         #[arg(long)]
         probe: bool,
     },
+    /// `supermachine run demo true` with a warm cache, phase by phase,
+    /// against `supermachine boot` of the same kernel and `crun run` of
+    /// the same image.
+    Run {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// A registry image to a root disk: `supermachine pull` against
     /// skopeo copy + umoci unpack + mkfs.erofs, and a cached pull.
     Oci {
@@ -153,6 +160,7 @@ fn run_runner(
     match mode {
         Mode::Direct => {
             let out = Command::new(&bins.e2e)
+                .env("SUPERMACHINE_VIRTIOFSD", deps::virtiofsd()?)
                 .args(args.split_whitespace())
                 .args(["--supermachine"])
                 .arg(&bins.supermachine)
@@ -364,6 +372,13 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Exec { runs, probe },
         } => bench("exec", runs, if probe { "--probe" } else { "" })?,
+        Task::Bench {
+            which: Bench::Run { runs },
+        } => {
+            // The container baseline.
+            deps::ensure_packages(&["crun"])?;
+            bench("run", runs, "")?
+        }
         Task::Bench {
             which: Bench::Oci { runs },
         } => bench_oci::bench(runs)?,

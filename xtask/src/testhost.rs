@@ -97,6 +97,7 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
     images::build_demo_layout(&dir.join("demo-image"))?;
     images::build_debian_layout(&dir.join("debian-image"))?;
+    images::build_demo_bundle(&dir.join("crun-bundle"))?;
     images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)
 }
 
@@ -172,8 +173,19 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
     }
     // The host tools `supermachine` runs (building root disks).
     for program in HOST_PROGRAMS {
-        add_dynamic_program(&mut a, program)?;
+        add_dynamic_program(&mut a, program, program)?;
     }
+    for program in OPTIONAL_HOST_PROGRAMS {
+        if Path::new(program).exists() {
+            add_dynamic_program(&mut a, program, program)?;
+        }
+    }
+    // virtio-fs shares (`run -v`) are served by virtiofsd.
+    add_dynamic_program(
+        &mut a,
+        &deps::virtiofsd()?.to_string_lossy(),
+        "/usr/libexec/virtiofsd",
+    )?;
     // Where `supermachine` finds the guest kernel and agent by itself.
     a.dir("e2e/supermachine-guest");
     a.symlink("e2e/supermachine-guest/vmlinux", "../vmlinux");
@@ -186,9 +198,22 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
             .into_owned();
         a.add_path(&format!("e2e/{name}"), path)?;
     }
+    // The initramfs root cannot be pivoted away from, which virtiofsd's
+    // sandbox does: everything moves to a tmpfs root first, as a real
+    // host's root is a real file system.
     let init = format!(
         "#!/bin/sh
 /bin/busybox --install -s /bin
+if [ ! -e /.switched ]; then
+  mkdir -p /newroot
+  mount -t tmpfs -o size=90% root /newroot
+  for entry in /* /.[!.]*; do
+    case $entry in /newroot|/proc|/sys|/dev|'/.[!.]*') ;; *) cp -a $entry /newroot/ ;; esac
+  done
+  mkdir -p /newroot/proc /newroot/sys /newroot/dev
+  touch /newroot/.switched
+  exec switch_root /newroot /init
+fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -290,8 +315,11 @@ reboot -f
 /// libraries, at the paths they have here.
 const HOST_PROGRAMS: &[&str] = &["/usr/bin/mkfs.erofs"];
 
-/// Adds `program` and every library `ldd` names for it.
-fn add_dynamic_program(a: &mut Archive, program: &str) -> Result<()> {
+/// Host programs copied in when installed (crun: `bench run`'s baseline).
+const OPTIONAL_HOST_PROGRAMS: &[&str] = &["/usr/bin/crun"];
+
+/// Adds `program` as `dest` and every library `ldd` names for it.
+fn add_dynamic_program(a: &mut Archive, program: &str, dest: &str) -> Result<()> {
     let out = Command::new("ldd")
         .arg(program)
         .output()
@@ -299,7 +327,7 @@ fn add_dynamic_program(a: &mut Archive, program: &str) -> Result<()> {
     if !out.status.success() {
         bail!("ldd {program} failed (is it installed?)");
     }
-    let mut files = vec![PathBuf::from(program)];
+    let mut files = vec![(PathBuf::from(program), dest.to_string())];
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
         // "/lib64/ld-linux-x86-64.so.2 (0x...)".
@@ -309,11 +337,11 @@ fn add_dynamic_program(a: &mut Archive, program: &str) -> Result<()> {
             .and_then(|rest| rest.split_whitespace().next())
             .filter(|p| p.starts_with('/'));
         if let Some(p) = path {
-            files.push(PathBuf::from(p));
+            files.push((PathBuf::from(p), p.to_string()));
         }
     }
-    for file in files {
-        let name = file.to_string_lossy().trim_start_matches('/').to_string();
+    for (file, dest) in files {
+        let name = dest.trim_start_matches('/').to_string();
         let mut parent = String::new();
         for part in name
             .split('/')

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The first field of every [`Handshake`]: `SMAG`.
 pub const MAGIC: u32 = u32::from_be_bytes(*b"SMAG");
 /// The guest vsock port the agent listens on.
@@ -347,6 +347,12 @@ pub enum AgentMessage {
     Hello {
         /// The agent's build (crate version).
         agent_version: String,
+        /// Guest time from the kernel's start until the agent ran as
+        /// PID 1 (the kernel's own boot), in microseconds.
+        kernel_boot_us: u64,
+        /// Guest time the agent then spent setting up the machine (mounts,
+        /// network, hostname) before this message, in microseconds.
+        setup_us: u64,
     },
     /// The request succeeded.
     Ok,

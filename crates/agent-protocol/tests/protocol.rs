@@ -81,6 +81,8 @@ fn agent_messages() -> Vec<AgentMessage> {
     vec![
         AgentMessage::Hello {
             agent_version: "0.1.0".into(),
+            kernel_boot_us: 123_456,
+            setup_us: 7_890,
         },
         AgentMessage::Ok,
         AgentMessage::Error(AgentError {

@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use supermachine_agent_protocol::{
     self as proto, AGENT_PORT, AgentMessage, HostMessage, READY_PORT,
@@ -76,7 +77,7 @@ fn forward_signals(reaper: Arc<Reaper>) {
 /// Tells the host the agent is ready: handshake, `Hello`, then the host's
 /// `Welcome` (its clock and entropy). The connection then serves requests
 /// like any other.
-fn announce(agent: &Agent) -> Result<VsockStream, String> {
+fn announce(agent: &Agent, started_at: Duration) -> Result<VsockStream, String> {
     let mut conn = VsockStream::connect_with_cid_port(VMADDR_CID_HOST, READY_PORT)
         .map_err(|e| format!("connecting to the host's ready port: {e}"))?;
     proto::send_handshake(&mut conn).map_err(|e| e.to_string())?;
@@ -84,6 +85,8 @@ fn announce(agent: &Agent) -> Result<VsockStream, String> {
         &mut conn,
         &AgentMessage::Hello {
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel_boot_us: micros(started_at),
+            setup_us: micros(since_boot().saturating_sub(started_at)),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -104,7 +107,21 @@ fn announce(agent: &Agent) -> Result<VsockStream, String> {
     }
 }
 
+/// Time since the guest kernel started (CLOCK_BOOTTIME: needs no /proc).
+fn since_boot() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn main() {
+    let started_at = since_boot();
     let pid1 = std::process::id() == 1;
     let _ = log::set_logger(&ConsoleLog);
     log::set_max_level(log::LevelFilter::Warn);
@@ -147,7 +164,7 @@ fn main() {
             system::power_off();
         }
     };
-    match announce(&agent) {
+    match announce(&agent, started_at) {
         Ok(conn) => {
             let a = agent.clone();
             let _ = std::thread::Builder::new()

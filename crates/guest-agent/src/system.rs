@@ -22,6 +22,46 @@ pub struct BootParams {
     pub upper: Option<String>,
     /// The guest's hostname.
     pub hostname: Option<String>,
+    /// virtio-fs shares to mount.
+    pub shares: Vec<ShareMount>,
+}
+
+/// A virtio-fs share: `supermachine.share=TAG,ro|rw,PATH` with the guest
+/// path hex-encoded (so any path survives the command line's word
+/// splitting).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareMount {
+    /// The device's tag.
+    pub tag: String,
+    /// Where it is mounted (absolute).
+    pub path: String,
+    /// Mounted read-only (the host enforces it too).
+    pub read_only: bool,
+}
+
+impl ShareMount {
+    fn parse(value: &str) -> Option<ShareMount> {
+        let mut parts = value.splitn(3, ',');
+        let (tag, mode, hex) = (parts.next()?, parts.next()?, parts.next()?);
+        let read_only = match mode {
+            "ro" => true,
+            "rw" => false,
+            _ => return None,
+        };
+        if hex.len() % 2 != 0 {
+            return None;
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        let path = String::from_utf8(bytes).ok()?;
+        (!tag.is_empty() && path.starts_with('/') && path != "/").then(|| ShareMount {
+            tag: tag.to_string(),
+            path,
+            read_only,
+        })
+    }
 }
 
 impl BootParams {
@@ -36,6 +76,11 @@ impl BootParams {
                 p.upper = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("supermachine.hostname=") {
                 p.hostname = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("supermachine.share=") {
+                match ShareMount::parse(v) {
+                    Some(share) => p.shares.push(share),
+                    None => log::warn!("ignoring malformed supermachine.share={v}"),
+                }
             }
         }
         p
@@ -113,6 +158,11 @@ pub fn boot() -> io::Result<String> {
         mkdir("/sys", 0o555)?;
     }
     mount_kernel_filesystems()?;
+    for share in &params.shares {
+        mkdir(&share.path, 0o755)?;
+        let flags = if share.read_only { libc::MS_RDONLY } else { 0 };
+        mount(&share.tag, &share.path, "virtiofs", flags, None)?;
+    }
     bring_up_loopback()?;
     let hostname = params
         .hostname
@@ -354,5 +404,29 @@ mod tests {
         assert_eq!(p.hostname.as_deref(), Some("box-1"));
         assert_eq!(p.upper, None);
         assert_eq!(BootParams::parse(""), BootParams::default());
+    }
+
+    #[test]
+    fn shares_come_hex_encoded_and_bad_ones_are_dropped() {
+        // "/data dir" and "/ro".
+        let p = BootParams::parse(
+            "supermachine.share=fs0,rw,2f646174612064697220 supermachine.share=fs1,ro,2f726f \
+             supermachine.share=fs2,xx,2f78 supermachine.share=fs3,ro,2f7 supermachine.share=fs4,ro,2f",
+        );
+        assert_eq!(
+            p.shares,
+            vec![
+                ShareMount {
+                    tag: "fs0".into(),
+                    path: "/data dir ".into(),
+                    read_only: false
+                },
+                ShareMount {
+                    tag: "fs1".into(),
+                    path: "/ro".into(),
+                    read_only: true
+                },
+            ]
+        );
     }
 }

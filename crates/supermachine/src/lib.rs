@@ -39,6 +39,7 @@ mod exec;
 mod guest;
 mod image;
 mod ports;
+mod shares;
 mod vm;
 
 pub use exec::{
@@ -48,7 +49,8 @@ pub use exec::{
 pub use guest::GuestImage;
 pub use image::Image;
 pub use ports::{PortForward, PortMapping};
-pub use vm::{Vm, VmConfig, runtime_dir};
+pub use shares::{Share, find_virtiofsd};
+pub use vm::{StartTimings, Vm, VmConfig, runtime_dir};
 
 pub use supermachine_hypervisor::Hypervisor;
 /// OCI images: pull, load, the content store, root file system disks.

@@ -22,12 +22,13 @@ use supermachine_agent_protocol::{
     self as proto, AGENT_PORT, AgentMessage, CHUNK, Clock, HostMessage, READY_PORT, Request,
     WriteFileRequest,
 };
-use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, VsockConfig};
+use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, FsConfig, VsockConfig};
 
 use crate::MachineConfig;
 
 use crate::exec::ExecBuilder;
 use crate::guest::GuestImage;
+use crate::shares::{Share, Virtiofsd, find_virtiofsd};
 use crate::{Error, ExitReason, Machine, Result, images, io_error};
 
 /// The guest's vsock context id (each VM has its own device).
@@ -53,6 +54,9 @@ pub struct VmConfig {
     pub writable_disk: Option<PathBuf>,
     /// Also write the guest console to this file.
     pub console_file: Option<PathBuf>,
+    /// Host directories shared live into the guest (virtio-fs, each
+    /// served by a virtiofsd this VM starts and stops).
+    pub shares: Vec<Share>,
     /// How long the agent may take to come up.
     pub ready_timeout: Duration,
     /// How long processes get to exit on [`Vm::stop`] before they are
@@ -69,6 +73,7 @@ impl Default for VmConfig {
             guest: None,
             writable_disk: None,
             console_file: None,
+            shares: Vec::new(),
             ready_timeout: Duration::from_secs(120),
             stop_grace: Duration::from_secs(5),
         }
@@ -201,6 +206,21 @@ impl Drop for RuntimeDir {
     }
 }
 
+/// Where the time from [`Vm::start`] to a ready agent went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartTimings {
+    /// Host: checking the options and creating the VM (memory, devices,
+    /// kernel loaded, vCPUs started).
+    pub create: Duration,
+    /// Guest clock: the kernel's start until the agent ran as PID 1.
+    pub kernel_boot: Duration,
+    /// Guest clock: the agent's setup (mounts, hostname) until it said
+    /// hello.
+    pub agent_setup: Duration,
+    /// Host: the whole of `start`, until the agent was answered.
+    pub ready: Duration,
+}
+
 /// A running VM whose agent has answered.
 pub struct Vm {
     machine: Option<Machine>,
@@ -208,7 +228,10 @@ pub struct Vm {
     console: ConsoleTail,
     stop_grace: Duration,
     hostname: String,
-    ready_in: Duration,
+    timings: StartTimings,
+    /// After the machine (which `Drop` stops first): each exits once the
+    /// VMM's connection closes.
+    _virtiofsd: Vec<Virtiofsd>,
     // Last: the sockets live in it (`None` when another process owns the
     // VM and its directory).
     _dir: Option<RuntimeDir>,
@@ -250,7 +273,35 @@ impl Vm {
                 options.hostname
             )));
         }
+        // Shares are checked before anything is made.
+        let share_dirs = options
+            .shares
+            .iter()
+            .map(Share::host_dir)
+            .collect::<Result<Vec<_>>>()?;
+        let virtiofsd = if options.shares.is_empty() {
+            None
+        } else {
+            Some(find_virtiofsd()?)
+        };
         let dir = RuntimeDir::create()?;
+        let mut daemons = Vec::new();
+        let mut filesystems = Vec::new();
+        for (i, (share, host_dir)) in options.shares.iter().zip(&share_dirs).enumerate() {
+            let socket = dir.0.join(format!("fs{i}.sock"));
+            if let Some(program) = &virtiofsd {
+                daemons.push(Virtiofsd::start(
+                    program,
+                    host_dir,
+                    &socket,
+                    share.read_only,
+                )?);
+            }
+            filesystems.push(FsConfig {
+                tag: format!("fs{i}"),
+                socket,
+            });
+        }
         let socket = dir.0.join("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{READY_PORT}", socket.display()));
         let ready = UnixListener::bind(&ready_path)
@@ -269,6 +320,10 @@ impl Vm {
             path: rootfs.to_path_buf(),
             read_only: true,
         }];
+        for (share, fs) in options.shares.iter().zip(&filesystems) {
+            cmdline.push(' ');
+            cmdline.push_str(&share.agent_param(&fs.tag));
+        }
         if let Some(upper) = &options.writable_disk {
             cmdline.push_str(" supermachine.upper=/dev/vdb");
             disks.push(DiskConfig {
@@ -293,8 +348,10 @@ impl Vm {
                 cid: GUEST_CID,
                 socket: socket.clone(),
             }),
+            filesystems,
         };
         let machine = Machine::start(config)?;
+        let created = started.elapsed();
         let mut vm = Vm {
             machine: Some(machine),
             dialer: AgentDialer {
@@ -304,14 +361,20 @@ impl Vm {
             console,
             stop_grace: options.stop_grace,
             hostname: options.hostname.clone(),
-            ready_in: Duration::ZERO,
+            timings: StartTimings::default(),
+            _virtiofsd: daemons,
             _dir: Some(dir),
         };
-        let conn = vm.await_agent(&ready, options.ready_timeout)?;
+        let (conn, kernel_boot, agent_setup) = vm.await_agent(&ready, options.ready_timeout)?;
         drop(ready);
         let _ = fs::remove_file(&ready_path);
         vm.idle_push(conn);
-        vm.ready_in = started.elapsed();
+        vm.timings = StartTimings {
+            create: created,
+            kernel_boot,
+            agent_setup,
+            ready: started.elapsed(),
+        };
         Ok(vm)
     }
 
@@ -328,8 +391,13 @@ impl Vm {
         Vm::start(&disk, options)
     }
 
-    /// Waits for the agent's ready connection and answers its hello.
-    fn await_agent(&self, ready: &UnixListener, timeout: Duration) -> Result<UnixStream> {
+    /// Waits for the agent's ready connection and answers its hello;
+    /// returns it with the guest's kernel boot and agent setup times.
+    fn await_agent(
+        &self,
+        ready: &UnixListener,
+        timeout: Duration,
+    ) -> Result<(UnixStream, Duration, Duration)> {
         let deadline = Instant::now() + timeout;
         ready
             .set_nonblocking(true)
@@ -359,11 +427,18 @@ impl Vm {
         ))
         .map_err(io_error("the agent connection"))?;
         proto::expect_handshake(&mut conn)?;
-        match proto::read_frame::<_, AgentMessage>(&mut conn)? {
-            Some(AgentMessage::Hello { .. }) => {}
+        let (kernel_boot, setup) = match proto::read_frame::<_, AgentMessage>(&mut conn)? {
+            Some(AgentMessage::Hello {
+                kernel_boot_us,
+                setup_us,
+                ..
+            }) => (
+                Duration::from_micros(kernel_boot_us),
+                Duration::from_micros(setup_us),
+            ),
             Some(other) => return Err(unexpected(&other)),
             None => return Err(Error::AgentGone),
-        }
+        };
         let mut entropy = vec![0u8; 64];
         getrandom::fill(&mut entropy).map_err(|e| Error::Io {
             what: "reading host entropy".into(),
@@ -379,7 +454,7 @@ impl Vm {
         )?;
         conn.set_read_timeout(None)
             .map_err(io_error("the agent connection"))?;
-        Ok(conn)
+        Ok((conn, kernel_boot, setup))
     }
 
     fn not_ready(&self, why: &str) -> Error {
@@ -391,7 +466,12 @@ impl Vm {
 
     /// How long the VM took from `start` until its agent answered.
     pub fn ready_in(&self) -> Duration {
-        self.ready_in
+        self.timings.ready
+    }
+
+    /// Where the time to a ready VM went.
+    pub fn start_timings(&self) -> StartTimings {
+        self.timings
     }
 
     /// The guest's hostname.
@@ -470,7 +550,8 @@ impl Vm {
             console: ConsoleTail::default(),
             stop_grace: VmConfig::default().stop_grace,
             hostname: String::new(),
-            ready_in: Duration::ZERO,
+            timings: StartTimings::default(),
+            _virtiofsd: Vec::new(),
             _dir: None,
         };
         vm.ping().map_err(|e| match e {

@@ -84,6 +84,20 @@ pub struct VmConfig {
     pub entropy: bool,
     /// A virtio-vsock device and its host-side Unix socket.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares, each served by a vhost-user backend (virtiofsd)
+    /// already listening on its socket. With any, guest RAM is a shared
+    /// memfd mapping the backends map too.
+    pub filesystems: Vec<FsConfig>,
+}
+
+/// A virtio-fs share: the tag the guest mounts and the vhost-user
+/// backend's socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    /// What the guest mounts by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The listening vhost-user socket of the backend.
+    pub socket: PathBuf,
 }
 
 /// A virtio-vsock device: the guest's CID and the host Unix socket that
@@ -121,6 +135,7 @@ impl VmConfig {
             disks: Vec::new(),
             entropy: true,
             vsock: None,
+            filesystems: Vec::new(),
         }
     }
 }
@@ -148,6 +163,12 @@ pub enum Error {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] supermachine_virtio_blk::Error),
+    /// A virtio-fs device could not be set up.
+    #[error(transparent)]
+    Fs(#[from] supermachine_virtio_fs::Error),
+    /// The shared memory file for guest RAM could not be made.
+    #[error("creating shared guest memory: {0}")]
+    SharedMemory(#[source] std::io::Error),
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] supermachine_virtio_vsock::Error),
@@ -319,7 +340,13 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         cmdline.push_str(&supermachine_virtio_mmio::kernel_cmdline_arg(d.base, d.irq));
     }
     let layout = MemoryLayout::x86_64(config.memory_bytes)?;
-    let ram = Arc::new(GuestRam::anonymous(&layout)?);
+    let ram = Arc::new(if config.filesystems.is_empty() {
+        GuestRam::anonymous(&layout)?
+    } else {
+        // vhost-user backends map guest RAM themselves: it must be a
+        // file they can be handed.
+        GuestRam::file_backed(&layout, shared_memory_file()?)?
+    });
     let mem = ram.memory();
     let kernel = boot::load_kernel(mem, &mut kernel_image)?;
     let initrd = config
@@ -492,6 +519,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
             Box::new(vsock),
         )?;
     }
+    for fs in &config.filesystems {
+        let device = supermachine_virtio_fs::Fs::new(&fs.tag, &fs.socket)?;
+        place(format!("virtio-fs {}", fs.tag), Box::new(device))?;
+    }
     if config.entropy {
         place(
             "virtio-rng".into(),
@@ -499,4 +530,11 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
         )?;
     }
     Ok(devices)
+}
+
+/// An anonymous shared-memory file (memfd) for guest RAM, closed on exec.
+fn shared_memory_file() -> Result<std::fs::File> {
+    rustix::fs::memfd_create("supermachine-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+        .map(std::fs::File::from)
+        .map_err(|e| Error::SharedMemory(e.into()))
 }

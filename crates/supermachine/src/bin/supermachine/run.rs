@@ -4,10 +4,10 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use supermachine::images::{Overrides, PullOptions, manifest::Platform};
-use supermachine::{Error, Image, PortMapping, Result, Vm, VmConfig};
+use supermachine::{Error, Image, PortMapping, Result, Share, Vm, VmConfig};
 
 use crate::{parse_platform, parse_size, session, terminal};
 
@@ -50,6 +50,10 @@ pub struct RunArgs {
         value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT"
     )]
     pub publish: Vec<PortMapping>,
+    /// Share a host directory live with the guest (virtio-fs, served by
+    /// virtiofsd); `:ro` makes it read-only. Repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "HOST_DIR:GUEST_DIR[:ro]")]
+    pub volumes: Vec<Share>,
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -155,6 +159,17 @@ impl RunArgs {
             ));
         }
         let overrides = self.overrides()?;
+        // Shares resolve against this directory, and must exist.
+        let mut shares = Vec::new();
+        for share in &self.volumes {
+            shares.push(Share {
+                host: share.host_dir()?,
+                ..share.clone()
+            });
+        }
+        if !shares.is_empty() {
+            supermachine::find_virtiofsd()?;
+        }
         let listeners = self
             .publish
             .iter()
@@ -167,6 +182,7 @@ impl RunArgs {
             memory_bytes: self.memory,
             hostname: self.hostname.clone().unwrap_or_else(|| id.to_string()),
             stop_grace: Duration::from_secs(self.stop_timeout),
+            shares,
             ..VmConfig::default()
         };
         Ok(Prepared {
@@ -220,14 +236,35 @@ pub fn new_id() -> String {
 
 /// Runs in the foreground; returns the exit status to exit with.
 pub fn foreground(args: &RunArgs) -> Result<u8> {
+    let started = Instant::now();
     let id = new_id();
     let prepared = args.prepare(&id)?;
+    // The root disk too: building it (first run only) is resolving.
+    prepared.image.rootfs()?;
+    let resolved = started.elapsed();
     let vm = Arc::new(prepared.image.start(&prepared.config)?);
     let mut forwards = Vec::new();
     for (listener, guest_port) in prepared.listeners {
         forwards.push(vm.forward_port(listener, guest_port)?);
     }
+    let workload_started = Instant::now();
     let status = run_workload(&vm, &prepared.spec, args);
+    let workload = workload_started.elapsed();
+    if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
+        let t = vm.start_timings();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        eprintln!(
+            "supermachine: timings resolve_ms={:.1} create_ms={:.1} kernel_boot_ms={:.1} agent_ready_ms={:.1} workload_ms={:.1} total_ms={:.1}",
+            ms(resolved),
+            ms(t.create),
+            ms(t.kernel_boot),
+            ms(t.ready
+                .saturating_sub(t.create)
+                .saturating_sub(t.kernel_boot)),
+            ms(workload),
+            ms(started.elapsed()),
+        );
+    }
     drop(forwards);
     // Nothing of the guest outlives its workload: its writable layer is
     // RAM, so no shutdown is owed to it.

@@ -143,6 +143,16 @@ impl Cli {
             .spawn()
     }
 
+    /// Runs `test`; when it fails, removes the detached VM `name` it may
+    /// have left, so later tests start clean.
+    fn cleaning_up(&self, name: &str, test: impl FnOnce() -> Check) -> Check {
+        let result = test();
+        if result.is_err() {
+            let _ = self.run(&["rm", "-f", name]);
+        }
+        result
+    }
+
     fn runtime(&self) -> PathBuf {
         self.home.join("run/supermachine")
     }
@@ -480,6 +490,10 @@ pub fn glibc_image_runs_python(env: &Env) -> Check {
 /// port, `ps`, `exec`, `logs -f`, `stop`, `exec` refused, `rm`.
 pub fn detached_server_lifecycle(env: &Env) -> Check {
     let cli = Cli::with_debian(env)?;
+    cli.cleaning_up("web", || server_lifecycle(cli))
+}
+
+fn server_lifecycle(cli: &Cli) -> Check {
     let port = free_port()?;
     let publish = format!("127.0.0.1:{port}:8000");
     let r = cli.run(&[
@@ -510,15 +524,25 @@ pub fn detached_server_lifecycle(env: &Env) -> Check {
     let clients: Vec<_> = (0..200)
         .map(|i| std::thread::spawn(move || http_get(port, &format!("/?client={i}"))))
         .collect();
-    let answered = clients
+    let results: Vec<Result<String, String>> = clients
         .into_iter()
-        .map(|c| c.join().ok().and_then(Result::ok))
-        .filter(|status| status.as_deref().is_some_and(|s| s.contains(" 200 ")))
+        .map(|c| c.join().unwrap_or_else(|_| Err("client panicked".into())))
+        .collect();
+    let answered = results
+        .iter()
+        .filter(|r| r.as_deref().is_ok_and(|s| s.contains(" 200 ")))
         .count();
+    let first_failure = results
+        .iter()
+        .find(|r| !r.as_deref().is_ok_and(|s| s.contains(" 200 ")))
+        .map(|r| format!("{r:?}"))
+        .unwrap_or_default();
     let ps = cli.run(&["ps"]);
     expect(
         answered == 200,
-        &format!("expected 200 concurrent requests answered, {answered} were"),
+        &format!(
+            "expected 200 concurrent requests answered, {answered} were (first failure: {first_failure})"
+        ),
         &ps,
     )?;
     expect(
@@ -575,6 +599,10 @@ pub fn detached_server_lifecycle(env: &Env) -> Check {
 
 pub fn killed_vmm_shows_exited_and_rm_cleans(env: &Env) -> Check {
     let cli = Cli::get(env)?;
+    cli.cleaning_up("victim", || killed_vmm(cli))
+}
+
+fn killed_vmm(cli: &Cli) -> Check {
     ok_with(
         &cli.run(&["run", "-d", "--name", "victim", "demo", "sleep", "1000"]),
         0,
@@ -611,6 +639,10 @@ pub fn killed_vmm_shows_exited_and_rm_cleans(env: &Env) -> Check {
 
 pub fn bad_input_is_one_line_and_leaves_nothing(env: &Env) -> Check {
     let cli = Cli::get(env)?;
+    cli.cleaning_up("taken", || bad_input(cli))
+}
+
+fn bad_input(cli: &Cli) -> Check {
     // Unknown image: a loopback registry where nothing listens (no
     // traffic leaves the machine).
     let r = cli.run(&["run", "127.0.0.1:1/no/such:image", "true"]);

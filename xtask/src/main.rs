@@ -300,11 +300,16 @@ fn ci() -> Result<()> {
     deps::ensure_packages(deps::KERNEL_BUILD)?;
     deps::ensure_packages(deps::TEST_HOST)?;
     deps::ensure_packages(deps::OCI_TOOLS)?;
+    // The virtio-fs tests (tier 1 and 3) talk to a real virtiofsd.
+    let virtiofsd = deps::virtiofsd()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = workspace_root();
     let step = |name: &str, args: &[&str]| -> Result<()> {
         eprintln!("xtask: == {name} ==");
-        run(Command::new(&cargo).current_dir(&root).args(args))
+        run(Command::new(&cargo)
+            .current_dir(&root)
+            .env("SUPERMACHINE_VIRTIOFSD", &virtiofsd)
+            .args(args))
     };
     step("format", &["fmt", "--all", "--check"])?;
     step(

@@ -107,6 +107,9 @@ fn announce(agent: &Agent, started_at: Duration) -> Result<VsockStream, String> 
     }
 }
 
+/// Pending host connections the agent's listener queues.
+const AGENT_BACKLOG: i32 = 4096;
+
 /// Time since the guest kernel started (CLOCK_BOOTTIME: needs no /proc).
 fn since_boot() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
@@ -164,6 +167,12 @@ fn main() {
             system::power_off();
         }
     };
+    // A burst of host connections (a published port under load opens
+    // one per client) must queue, not be refused: the vsock crate
+    // listens with a backlog of 128.
+    if let Err(e) = rustix::net::listen(&listener, AGENT_BACKLOG) {
+        log::warn!("raising the vsock backlog: {e}");
+    }
     match announce(&agent, started_at) {
         Ok(conn) => {
             let a = agent.clone();

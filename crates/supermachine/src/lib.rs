@@ -4,11 +4,10 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use supermachine::{Vm, VmConfig, images};
+//! use supermachine::{Image, VmConfig};
 //!
-//! let store = images::Store::open_default()?;
-//! let record = store.image("alpine").map_err(supermachine::Error::from)?.expect("pulled");
-//! let vm = Vm::start_image(&store, &record, &VmConfig::default())?;
+//! let image = Image::open("demo")?; // or Image::pull("alpine"), Image::load(path)
+//! let vm = image.start(&VmConfig::default())?;
 //! let out = vm
 //!     .exec(["sh", "-c", "echo $GREETING from $(hostname)"])
 //!     .env("GREETING", "hello")
@@ -16,6 +15,9 @@
 //!     .output()?;
 //! assert!(out.status.success());
 //! print!("{}", String::from_utf8_lossy(&out.stdout));
+//! // The image's own command, as `supermachine run` starts it:
+//! let spec = image.command(&Default::default())?;
+//! let status = vm.exec_spec(&spec).output()?.status;
 //! vm.write_file("/tmp/data.txt", b"staged by the host")?;
 //! let back = vm.read_file("/tmp/data.txt")?;
 //! vm.stop()?;

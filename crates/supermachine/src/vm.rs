@@ -35,6 +35,8 @@ use crate::{Error, ExitReason, Machine, Result, images, io_error};
 const GUEST_CID: u64 = 3;
 /// Idle agent connections kept for reuse.
 const MAX_IDLE_CONNECTIONS: usize = 16;
+/// How long a refused agent connection is retried.
+const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(2);
 /// Console bytes kept for error messages.
 const CONSOLE_TAIL: usize = 16 << 10;
 
@@ -795,10 +797,23 @@ impl AgentDialer {
                 handshake_pending: false,
             });
         }
-        let mut stream = self.connect_vsock(AGENT_PORT).map_err(|e| match e {
-            Error::GuestPort(_) => Error::AgentProtocol("the agent is not listening".into()),
-            other => other,
-        })?;
+        // The agent always listens: a refusal is its backlog overflowing
+        // under a burst of connections, which clears in moments.
+        let mut delay = Duration::from_millis(1);
+        let deadline = Instant::now() + AGENT_CONNECT_PATIENCE;
+        let mut stream = loop {
+            match self.connect_vsock(AGENT_PORT) {
+                Ok(s) => break s,
+                Err(Error::GuestPort(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(100));
+                }
+                Err(Error::GuestPort(_)) => {
+                    return Err(Error::AgentProtocol("the agent is not listening".into()));
+                }
+                Err(other) => return Err(other),
+            }
+        };
         proto::send_handshake(&mut stream)?;
         Ok(AgentConn {
             stream,

@@ -21,7 +21,7 @@ use supermachine_virtio_mmio::{
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// virtio device ID of a file system device.
@@ -161,6 +161,17 @@ impl Fs {
         self.frontend
             .set_mem_table(&regions)
             .map_err(self.backend_error("SET_MEM_TABLE"))?;
+        // Ring addresses go to the backend as addresses in this process
+        // (vhost-user's rule); it translates them through the memory
+        // table's `userspace_addr`. The transport has checked that each
+        // ring lies in guest RAM.
+        let host_address = |guest: u64| {
+            device
+                .mem
+                .get_host_address(GuestAddress(guest))
+                .map(|p| p as u64)
+                .map_err(|e| MmioError::Activate(format!("virtio-fs ring at {guest:#x}: {e}")))
+        };
         for (index, queue) in device.queues.iter().enumerate() {
             let state = queue.state();
             self.queue_sizes[index] = state.size;
@@ -168,9 +179,9 @@ impl Fs {
                 queue_max_size: state.max_size,
                 queue_size: state.size,
                 flags: 0,
-                desc_table_addr: queue.desc_table(),
-                used_ring_addr: queue.used_ring(),
-                avail_ring_addr: queue.avail_ring(),
+                desc_table_addr: host_address(queue.desc_table())?,
+                used_ring_addr: host_address(queue.used_ring())?,
+                avail_ring_addr: host_address(queue.avail_ring())?,
                 log_addr: None,
             };
             self.frontend

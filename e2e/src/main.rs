@@ -55,7 +55,7 @@ impl Env {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn();
-        let mut child = match child {
+        let child = match child {
             Ok(c) => c,
             Err(e) => {
                 return Run {
@@ -66,54 +66,9 @@ impl Env {
                 };
             }
         };
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut text = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut text);
-                }
-                String::from_utf8_lossy(&text).replace('\r', "")
-            })
-        };
-        let out = drain(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let err = drain(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let mut timed_out = None;
-        let code = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status.code(),
-                Ok(None) if started.elapsed() > boot_timeout() => {
-                    timed_out = Some(where_threads_wait(child.id()));
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => break None,
-            }
-        };
-        let mut stderr = err.join().unwrap_or_default();
-        if let Some(threads) = timed_out {
-            stderr.push_str(&format!(
-                "\n(killed after {:?}; its threads were in: {threads})",
-                boot_timeout()
-            ));
-        }
-        Run {
-            code,
-            stdout: out.join().unwrap_or_default(),
-            stderr,
-            elapsed: started.elapsed(),
-        }
+        finish_within(child, started, boot_timeout(), |pid| {
+            format!("its threads were in: {}", where_threads_wait(pid))
+        })
     }
 
     /// Boots asset `kernel` with asset `image` as its initrd, the `extra`
@@ -128,6 +83,61 @@ impl Env {
 
     fn path(&self, name: &str) -> String {
         self.asset(name).display().to_string()
+    }
+}
+
+/// Collects a child's output and exit status, killing it after `timeout`
+/// (`on_timeout(pid)`, asked first, says where it was stuck).
+fn finish_within(
+    mut child: std::process::Child,
+    started: Instant,
+    timeout: Duration,
+    on_timeout: impl FnOnce(u32) -> String,
+) -> Run {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).replace('\r', "")
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut timed_out = None;
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code(),
+            Ok(None) if started.elapsed() > timeout => {
+                timed_out = Some(on_timeout(child.id()));
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => break None,
+        }
+    };
+    let mut stderr = err.join().unwrap_or_default();
+    if let Some(where_) = timed_out {
+        stderr.push_str(&format!("\n(killed after {timeout:?}; {where_})"));
+    }
+    Run {
+        code,
+        stdout: out.join().unwrap_or_default(),
+        stderr,
+        elapsed: started.elapsed(),
     }
 }
 

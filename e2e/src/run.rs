@@ -91,29 +91,30 @@ impl Cli {
 
     /// Runs `supermachine ARGS` with `SUPERMACHINE_TIMINGS` set.
     pub fn run_timed(&self, args: &[&str]) -> Run {
-        let started = Instant::now();
-        let mut command = self.command(args);
-        command
-            .env("SUPERMACHINE_TIMINGS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        match command.spawn() {
-            Ok(child) => finish(child, started),
-            Err(e) => failed_to_start(&self.bin, &e, started),
-        }
+        self.run_full(args, None, &[("SUPERMACHINE_TIMINGS", "1")])
+    }
+
+    /// [`Cli::run`] with the port forwarder's debug log on (a detached
+    /// VM's goes to its `vmm.err`).
+    fn run_logged(&self, args: &[&str]) -> Run {
+        self.run_full(args, None, &[("RUST_LOG", "supermachine::ports=debug")])
     }
 
     /// Runs `supermachine ARGS` to its end with no stdin.
     pub fn run(&self, args: &[&str]) -> Run {
-        self.run_with_input(args, None)
+        self.run_full(args, None, &[])
     }
 
     /// Runs `supermachine ARGS`, feeding `input` to its stdin.
     pub fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Run {
+        self.run_full(args, input, &[])
+    }
+
+    fn run_full(&self, args: &[&str], input: Option<&[u8]>, vars: &[(&str, &str)]) -> Run {
         let started = Instant::now();
         let mut command = self.command(args);
         command
+            .envs(vars.iter().copied())
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
@@ -210,46 +211,8 @@ fn failed_to_start(bin: &Path, e: &std::io::Error, started: Instant) -> Run {
 
 /// Collects a child's output and status, killing it after
 /// [`COMMAND_TIMEOUT`].
-fn finish(mut child: Child, started: Instant) -> Run {
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code(),
-            Ok(None) if started.elapsed() > COMMAND_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => break None,
-        }
-    };
-    Run {
-        code,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-        elapsed: started.elapsed(),
-    }
+fn finish(child: Child, started: Instant) -> Run {
+    crate::finish_within(child, started, COMMAND_TIMEOUT, |_| "it hung".into())
 }
 
 /// The run is a clean one-line failure: non-zero, one line on stderr
@@ -496,7 +459,7 @@ pub fn detached_server_lifecycle(env: &Env) -> Check {
 fn server_lifecycle(cli: &Cli) -> Check {
     let port = free_port()?;
     let publish = format!("127.0.0.1:{port}:8000");
-    let r = cli.run(&[
+    let r = cli.run_logged(&[
         "run",
         "-d",
         "--name",
@@ -510,6 +473,7 @@ fn server_lifecycle(cli: &Cli) -> Check {
         "8000",
     ]);
     ok_with(&r, 0, "web")?;
+    println!("  run -d web: started");
     // The server takes a moment to listen; until then connections close.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -521,6 +485,7 @@ fn server_lifecycle(cli: &Cli) -> Check {
             _ => std::thread::sleep(Duration::from_millis(250)),
         }
     }
+    println!("  web answers; 200 clients");
     let clients: Vec<_> = (0..200)
         .map(|i| std::thread::spawn(move || http_get(port, &format!("/?client={i}"))))
         .collect();
@@ -537,6 +502,34 @@ fn server_lifecycle(cli: &Cli) -> Check {
         .find(|r| !r.as_deref().is_ok_and(|s| s.contains(" 200 ")))
         .map(|r| format!("{r:?}"))
         .unwrap_or_default();
+    println!("  clients done: {answered} answered");
+    if answered != 200 {
+        let stats = cli.run(&["exec", "web", "sh", "-c", "grep TcpExt /proc/net/netstat"]);
+        let lines: Vec<&str> = stats.stdout.lines().collect();
+        if let [names, values, ..] = lines.as_slice() {
+            let nonzero: Vec<String> = names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .filter(|(_, v)| *v != "0")
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+            println!("  guest TCP stats: {}", nonzero.join(" "));
+        }
+        let logs = cli.run(&["logs", "web"]);
+        let unusual: Vec<&str> = logs
+            .stderr
+            .lines()
+            .filter(|l| !l.contains("\"GET /"))
+            .take(20)
+            .collect();
+        println!("  server stderr besides requests: {}", unusual.join(" | "));
+        let err =
+            std::fs::read_to_string(cli.runtime().join("vms/web/vmm.err")).unwrap_or_default();
+        println!(
+            "  vmm.err: {}",
+            err.lines().rev().take(20).collect::<Vec<_>>().join(" | ")
+        );
+    }
     let ps = cli.run(&["ps"]);
     expect(
         answered == 200,

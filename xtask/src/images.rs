@@ -144,9 +144,8 @@ pub fn build_test_images(dir: &Path, bins: &Binaries) -> Result<()> {
 /// (root, and `app` in the extra group `staff`), a home for `app`, and
 /// the tests' guest programs.
 pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
-    use std::os::unix::fs::{PermissionsExt, chown, symlink};
+    use std::os::unix::fs::{PermissionsExt, chown};
     deps::ensure_packages(&["erofs-utils"])?;
-    let busybox = busybox()?;
     let tree = tempfile::tempdir()?;
     let root = tree.path();
     for d in [
@@ -157,17 +156,7 @@ pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     chown(root.join("home/app"), Some(1000), Some(1000))?;
-    fs::copy(&busybox, root.join("bin/busybox"))?;
-    let list = std::process::Command::new(&busybox)
-        .arg("--list")
-        .output()?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        symlink("busybox", root.join("bin").join(applet))?;
-    }
+    install_busybox(root)?;
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
@@ -273,14 +262,11 @@ pub fn build_demo_bundle(dest: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// The demo image's files, written under `root`.
-fn demo_tree(root: &Path) -> Result<()> {
-    use std::os::unix::fs::{PermissionsExt, symlink};
+/// Debian's static busybox as `root/bin/busybox`, every applet a symlink
+/// to it in `root/bin`.
+fn install_busybox(root: &Path) -> Result<()> {
     let busybox = busybox()?;
-    for d in ["bin", "etc", "home/demo", "root", "tmp", "usr/local/bin"] {
-        fs::create_dir_all(root.join(d))?;
-    }
-    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    fs::create_dir_all(root.join("bin"))?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
     let list = std::process::Command::new(&busybox)
         .arg("--list")
@@ -290,8 +276,19 @@ fn demo_tree(root: &Path) -> Result<()> {
         if applet.is_empty() || applet == "busybox" || applet.contains('/') {
             continue;
         }
-        symlink("busybox", root.join("bin").join(applet))?;
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
+    Ok(())
+}
+
+/// The demo image's files, written under `root`.
+fn demo_tree(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["bin", "etc", "home/demo", "root", "tmp", "usr/local/bin"] {
+        fs::create_dir_all(root.join(d))?;
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    install_busybox(root)?;
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\ndemo:x:1000:1000:demo:/home/demo:/bin/sh\n",

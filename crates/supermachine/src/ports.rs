@@ -6,13 +6,15 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::vm::AgentDialer;
 use crate::{Error, Result, Vm, io_error};
+
+/// Connections a published port queues before accepting them.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// `[HOST_IP:]HOST_PORT:GUEST_PORT` as `run -p` takes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +59,7 @@ impl PortMapping {
     /// Binds the host side now, so a port in use is reported before any
     /// VM starts.
     pub fn bind(&self) -> Result<TcpListener> {
-        TcpListener::bind(self.host).map_err(|e| match e.kind() {
+        let listener = TcpListener::bind(self.host).map_err(|e| match e.kind() {
             io::ErrorKind::AddrInUse => Error::InvalidOption(format!(
                 "host port {} is already in use (-p {}:{})",
                 self.host.port(),
@@ -65,7 +67,12 @@ impl PortMapping {
                 self.guest_port
             )),
             _ => io_error(format!("listening on {}", self.host))(e),
-        })
+        })?;
+        // Bursts of clients queue rather than meet resets: std listens
+        // with a backlog of 128; the kernel caps this at somaxconn.
+        rustix::net::listen(&listener, LISTEN_BACKLOG)
+            .map_err(|e| io_error(format!("listening on {}", self.host))(e.into()))?;
+        Ok(listener)
     }
 }
 
@@ -152,7 +159,8 @@ fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
 }
 
 /// Splices one client connection to the guest port until both directions
-/// have ended.
+/// have ended. Each side's one descriptor serves both directions (no
+/// clones): a burst of clients costs two descriptors each.
 fn serve(client: TcpStream, guest_port: u16, dialer: &AgentDialer) {
     let _ = client.set_nonblocking(false);
     let _ = client.set_nodelay(true);
@@ -163,24 +171,29 @@ fn serve(client: TcpStream, guest_port: u16, dialer: &AgentDialer) {
             return;
         }
     };
-    let (Ok(client_r), Ok(guest_w)) = (client.try_clone(), guest.try_clone()) else {
-        return;
-    };
-    let upstream = std::thread::Builder::new()
-        .name("port-up".into())
-        .spawn(move || {
-            pump(client_r, guest_w, |g: &UnixStream| {
-                g.shutdown(Shutdown::Write)
+    let client = Arc::new(client);
+    let guest = Arc::new(guest);
+    let upstream = {
+        let (client, guest) = (client.clone(), guest.clone());
+        std::thread::Builder::new()
+            .name("port-up".into())
+            .spawn(move || {
+                pump(&*client, &*guest);
+                let _ = guest.shutdown(Shutdown::Write);
             })
-        });
-    pump(guest, client, |c: &TcpStream| c.shutdown(Shutdown::Write));
-    if let Ok(t) = upstream {
-        let _ = t.join();
+    };
+    match upstream {
+        Ok(upstream) => {
+            pump(&*guest, &*client);
+            let _ = client.shutdown(Shutdown::Write);
+            let _ = upstream.join();
+        }
+        Err(e) => log::warn!("port {guest_port}: starting a thread: {e}"),
     }
 }
 
-/// Copies until end of stream, then half-closes the destination.
-fn pump<R: Read, W: Write>(mut from: R, mut to: W, close: impl Fn(&W) -> io::Result<()>) {
+/// Copies until end of stream (or an error on either side).
+fn pump(mut from: impl Read, mut to: impl Write) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf) {
@@ -192,7 +205,6 @@ fn pump<R: Read, W: Write>(mut from: R, mut to: W, close: impl Fn(&W) -> io::Res
             }
         }
     }
-    let _ = close(&to);
 }
 
 #[cfg(test)]

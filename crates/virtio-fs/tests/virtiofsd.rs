@@ -99,7 +99,8 @@ fn request(
     request: &[u8],
 ) -> (i32, Vec<u8>) {
     let req = alloc.alloc(request.len() as u64);
-    mem.write_slice(request, GuestAddress(req)).expect("request in guest memory");
+    mem.write_slice(request, GuestAddress(req))
+        .expect("request in guest memory");
     let reply = alloc.alloc(4096);
     queue
         .add(
@@ -130,7 +131,8 @@ fn request(
         }
     };
     let mut out = vec![0u8; len as usize];
-    mem.read_slice(&mut out, GuestAddress(reply)).expect("reply in guest memory");
+    mem.read_slice(&mut out, GuestAddress(reply))
+        .expect("reply in guest memory");
     assert!(out.len() >= OUT_HEADER, "short reply");
     let error = i32::from_le_bytes(out[4..8].try_into().expect("4 bytes"));
     (error, out[OUT_HEADER..].to_vec())

@@ -188,7 +188,21 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     })
 }
 
+/// Lets this process use as many descriptors as the hard limit allows: a
+/// published port holds two per client connection, and a burst of clients
+/// must not be cut short by the 1024 soft default (Go's runtime does the
+/// same for the same reason).
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
 fn main() -> ExitCode {
+    raise_descriptor_limit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();

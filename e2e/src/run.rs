@@ -172,8 +172,26 @@ impl Cli {
                 })
                 .unwrap_or_default()
         };
+        // A kept VM's VMM process, and the socket directory it owns.
+        let mut kept_pids = Vec::new();
+        for pid in list(Path::new("/proc")) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            if cmdline.split(|b| *b == 0).any(|a| a == b"__vmm") {
+                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                if keep.iter().any(|k| text.contains(&format!("/vms/{k}"))) {
+                    kept_pids.push(pid);
+                } else {
+                    found.push(format!("VMM process {pid}: {text}"));
+                }
+            }
+        }
         for name in list(&self.runtime()) {
-            if name.starts_with("vm-") {
+            let owner = name.strip_prefix("vm-").and_then(|r| r.split('-').next());
+            if let Some(pid) = owner
+                && !kept_pids.iter().any(|k| k == pid)
+            {
                 found.push(format!("socket directory {name}"));
             }
         }
@@ -184,17 +202,6 @@ impl Cli {
         }
         for name in list(&self.home.join("cache/supermachine/oci/tmp")) {
             found.push(format!("store temporary {name}"));
-        }
-        for pid in list(Path::new("/proc")) {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            if cmdline.split(|b| *b == 0).any(|a| a == b"__vmm") {
-                let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                if !keep.iter().any(|k| text.contains(&format!("/vms/{k}"))) {
-                    found.push(format!("VMM process {pid}: {text}"));
-                }
-            }
         }
         found
     }

@@ -218,6 +218,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ifconfig lo 127.0.0.1 up
 export HOME=/root PATH=/e2e:$PATH
 mkdir -p $HOME

@@ -56,7 +56,77 @@ pub const DOCKER_CERTS_DIR: &str = "/etc/docker/certs.d";
 /// Normalizes a user's reference: `alpine` →
 /// `docker.io/library/alpine:latest`.
 pub fn normalize(reference: &str) -> Result<String, Error> {
+    // The full grammar is a large regular expression whose compilation
+    // costs tens of milliseconds per process; every `run` normalizes, and
+    // the common shapes need none of it.
+    if let Some(whole) = normalize_common(reference) {
+        return Ok(whole);
+    }
     parse_reference(reference).map(|r| r.whole())
+}
+
+/// `[DOMAIN/]PATH[:TAG]` in its plain form, normalized as Docker does;
+/// `None` for anything else (digests, unusual characters), which the full
+/// parser then judges.
+fn normalize_common(reference: &str) -> Option<String> {
+    let (rest, tag) = match reference.rsplit_once(':') {
+        Some((rest, tag)) if !tag.contains('/') => (rest, tag),
+        _ => (reference, "latest"),
+    };
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && (b == b'.' || b == b'-'))
+        });
+    let (domain, path) = match rest.split_once('/') {
+        Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => (first, path),
+        _ => ("docker.io", rest),
+    };
+    let domain_ok = domain.split(':').next().is_some_and(|host| {
+        !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    }) && domain
+        .split_once(':')
+        .is_none_or(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
+    // Path components: lowercase alphanumerics joined by single `.`, `_`,
+    // `__` or runs of `-`.
+    let component_ok = |c: &str| {
+        let b = c.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_lowercase() | b[0].is_ascii_digit()
+            && b[b.len() - 1].is_ascii_lowercase() | b[b.len() - 1].is_ascii_digit()
+            && b.iter()
+                .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
+            && !c.contains("..")
+            && !c.contains("._")
+            && !c.contains("_.")
+            && !c.contains("___")
+            && !c.contains(".-")
+            && !c.contains("-.")
+            && !c.contains("_-")
+            && !c.contains("-_")
+    };
+    let path_ok = path.split('/').all(component_ok);
+    // Docker's aliases of its own registry are left to the full parser.
+    let alias = domain == "index.docker.io" || domain == "registry-1.docker.io";
+    if !(tag_ok && domain_ok && path_ok)
+        || alias
+        || reference.contains('@')
+        || reference.len() > 255
+    {
+        return None;
+    }
+    let path = if domain == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path.to_string()
+    };
+    Some(format!("{domain}/{path}:{tag}"))
 }
 
 fn parse_reference(reference: &str) -> Result<Reference, Error> {
@@ -454,6 +524,50 @@ mod tests {
             Some("127.0.0.1:5000/t/busybox:v1")
         );
         assert!(normalize("Not A Ref").is_err());
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_full_grammar() {
+        for r in [
+            "alpine",
+            "alpine:3.20",
+            "library/alpine",
+            "docker.io/alpine",
+            "docker.io/library/alpine:latest",
+            "index.docker.io/library/alpine",
+            "user/repo_name.x-y:v1.0-rc_2",
+            "localhost/demo",
+            "localhost:5000/a/b/c:tag",
+            "127.0.0.1:5000/t/busybox:v1",
+            "ghcr.io/owner/image",
+            "registry.example.com:443/team/app:2024.01",
+            "a__b/c--d",
+            "debian-python:bookworm",
+        ] {
+            let full = parse_reference(r).map(|x| x.whole()).ok();
+            let fast = normalize_common(r);
+            assert!(
+                fast.is_none() || fast == full,
+                "{r}: fast {fast:?} vs full {full:?}"
+            );
+            assert!(
+                fast.is_some() || r.starts_with("index."),
+                "{r}: expected the fast path"
+            );
+        }
+        for r in [
+            "Not A Ref",
+            "UPPER/case",
+            "a..b",
+            "x:",
+            ":tag",
+            "a@sha256:00",
+            "-a",
+            "a-",
+            "a//b",
+        ] {
+            assert_eq!(normalize_common(r), None, "{r}");
+        }
         assert!(
             is_loopback("127.0.0.1:5000") && is_loopback("localhost") && !is_loopback("ghcr.io")
         );

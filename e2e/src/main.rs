@@ -664,15 +664,60 @@ fn vsock_exchange(env: &Env) -> Check {
     )
 }
 
+/// Ends the whole run when one test hangs: a test that has not finished
+/// within `SUPERMACHINE_E2E_TEST_TIMEOUT` seconds (default 300) is
+/// reported as failed, with where each of this process's threads waits,
+/// and the runner exits (taking any stuck VM with it) instead of holding
+/// CI until the test host's own deadline.
+struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+/// Tests passed and failed so far (the watchdog reports them too).
+static PASSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static FAILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Watchdog {
+    fn arm(name: &'static str) -> Watchdog {
+        let limit = Duration::from_secs(
+            std::env::var("SUPERMACHINE_E2E_TEST_TIMEOUT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(300),
+        );
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+                println!(
+                    "FAIL {name}: still running after {limit:?}; threads: {}",
+                    where_threads_wait(std::process::id())
+                );
+                println!(
+                    "{} passed, {} failed",
+                    PASSED.load(Ordering::SeqCst),
+                    FAILED.load(Ordering::SeqCst) + 1
+                );
+                std::process::exit(1);
+            }
+        });
+        Watchdog(Some(done))
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
 fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
-    let (mut passed, mut failed) = (0, 0);
-    let mut record = |name: &str, started: Instant, result: Check| match result {
+    let record = |name: &str, started: Instant, result: Check| match result {
         Ok(()) => {
-            passed += 1;
+            PASSED.fetch_add(1, Ordering::SeqCst);
             println!("PASS {name} ({:.1?})", started.elapsed());
         }
         Err(why) => {
-            failed += 1;
+            FAILED.fetch_add(1, Ordering::SeqCst);
             println!("FAIL {name}: {why}");
         }
     };
@@ -682,7 +727,10 @@ fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
             continue;
         }
         let started = Instant::now();
-        record(name, started, test());
+        let watchdog = Watchdog::arm(name);
+        let result = test();
+        drop(watchdog);
+        record(name, started, result);
     }
     if vm.started() {
         let started = Instant::now();
@@ -692,6 +740,7 @@ fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
             agent::stop_shared(&mut vm),
         );
     }
+    let (passed, failed) = (PASSED.load(Ordering::SeqCst), FAILED.load(Ordering::SeqCst));
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS

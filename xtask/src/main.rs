@@ -241,6 +241,8 @@ fn demo() -> Result<()> {
     let mode = testhost::detect_mode()?;
     match mode {
         Mode::Direct => {
+            // `run` builds the image's root disk with mkfs.erofs.
+            deps::ensure_packages(&["erofs-utils"])?;
             let agent = guest::build_agent()?;
             guest::build(&agent)?;
             let layout = workspace_root().join("target/demo-image");

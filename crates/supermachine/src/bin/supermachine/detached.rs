@@ -729,21 +729,7 @@ pub fn exec(args: &ExecArgs) -> Result<u8> {
         Some(u) => builder.user(u.clone()),
         None => builder.user_ids(state.uid, state.gid, state.groups.clone()),
     };
-    if args.interactive {
-        builder = builder.pipe_stdin();
-    }
-    let _raw = if args.tty {
-        let (rows, cols) = crate::terminal::size();
-        builder = builder.tty(rows, cols);
-        args.interactive
-            .then(crate::terminal::RawMode::enter)
-            .flatten()
-    } else {
-        None
-    };
-    let process = builder.spawn()?;
-    let info = session::attach(process, args.interactive, args.tty, || {})?;
-    Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX))
+    session::run(builder, args.interactive, args.tty, || {})
 }
 
 /// `stop [-t SECONDS] NAME...`: asks each VM's workload to stop, ending

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use supermachine::images::{Overrides, PullOptions, manifest::Platform};
 use supermachine::{Error, Image, PortMapping, Result, Share, Vm, VmConfig};
 
-use crate::{parse_platform, parse_size, session, terminal};
+use crate::{parse_platform, parse_size, session};
 
 /// Exit status for a failure of supermachine itself (as Docker's 125).
 pub const EXIT_OWN_FAILURE: u8 = 125;
@@ -281,18 +281,6 @@ pub fn run_workload(
     spec: &supermachine::images::ProcessSpec,
     args: &RunArgs,
 ) -> Result<u8> {
-    let mut exec = vm.exec_spec(spec);
-    if args.interactive {
-        exec = exec.pipe_stdin();
-    }
-    let _raw = if args.tty {
-        let (rows, cols) = terminal::size();
-        exec = exec.tty(rows, cols);
-        args.interactive.then(terminal::RawMode::enter).flatten()
-    } else {
-        None
-    };
-    let process = exec.spawn()?;
     let watchdog = {
         let vm = Arc::downgrade(vm);
         let grace = Duration::from_secs(args.stop_timeout);
@@ -307,8 +295,8 @@ pub fn run_workload(
             });
         }
     };
-    match session::attach(process, args.interactive, args.tty, watchdog) {
-        Ok(info) => Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX)),
+    match session::run(vm.exec_spec(spec), args.interactive, args.tty, watchdog) {
+        Ok(status) => Ok(status),
         // Stopped by the watchdog: as if SIGKILLed.
         Err(Error::AgentGone | Error::VmEnded) if vm.has_ended() => Ok(128 + 9),
         Err(e) => Err(e),

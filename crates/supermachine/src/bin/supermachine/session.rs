@@ -6,17 +6,40 @@ use std::io::{self, Read, Write};
 
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook::iterator::Signals;
-use supermachine::{ExitInfo, OutputReader, Process, ProcessController};
+use supermachine::{ExecBuilder, ExitInfo, OutputReader, Process, ProcessController};
 
 use crate::terminal;
 
 /// Signals passed on to the workload (SIGWINCH becomes a resize).
 const FORWARDED: [i32; 7] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH];
 
+/// Spawns `exec` with our stdin (`interactive`) and a terminal of our
+/// size (`tty`; raw mode on ours while it runs with both), streams it with
+/// [`attach`] and returns its exit status as a shell reports it.
+pub fn run(
+    mut exec: ExecBuilder<'_>,
+    interactive: bool,
+    tty: bool,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> supermachine::Result<u8> {
+    if interactive {
+        exec = exec.pipe_stdin();
+    }
+    let _raw = if tty {
+        let (rows, cols) = terminal::size();
+        exec = exec.tty(rows, cols);
+        interactive.then(terminal::RawMode::enter).flatten()
+    } else {
+        None
+    };
+    let info = attach(exec.spawn()?, interactive, tty, on_stop)?;
+    Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX))
+}
+
 /// Streams `process` to this terminal until it exits. `on_stop` runs once,
 /// on the first SIGINT or SIGTERM after it has been passed on (`run` uses
 /// it to stop the VM if the workload ignores it).
-pub fn attach(
+fn attach(
     mut process: Process,
     interactive: bool,
     tty: bool,

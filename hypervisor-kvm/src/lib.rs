@@ -7,6 +7,7 @@
 
 mod cpuid;
 mod kick;
+mod state;
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config}
 use kvm_ioctls::{Cap, Kvm, NoDatamatch, VcpuFd, VmFd};
 use supermachine_hypervisor::{
     self as hv, Datamatch, FpuState, Hypervisor, InterruptLine, IoAddress, IoNotifier, MsrEntry,
-    Regs, SpecialRegs, Vcpu, VcpuExit, VcpuKicker, Vm, VmSpec,
+    Regs, SpecialRegs, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmSpec, VmState,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -74,6 +75,8 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// The host's `/dev/kvm`.
 pub struct KvmHypervisor {
     kvm: Kvm,
+    support: Arc<state::StateSupport>,
+    supported_cpuid: kvm_bindings::CpuId,
 }
 
 impl fmt::Debug for KvmHypervisor {
@@ -104,7 +107,15 @@ impl KvmHypervisor {
             }
         }
         kick::install_signal_handler()?;
-        Ok(Self { kvm })
+        let support = Arc::new(state::StateSupport::probe(&kvm)?);
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(Self {
+            kvm,
+            support,
+            supported_cpuid,
+        })
     }
 }
 
@@ -138,15 +149,29 @@ impl Hypervisor for KvmHypervisor {
             ..Default::default()
         })
         .map_err(ioctl("KVM_CREATE_PIT2"))?;
-        let supported_cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(Arc::new(KvmVm {
             vm,
             vcpu_count: spec.vcpu_count,
-            supported_cpuid,
+            supported_cpuid: self.supported_cpuid.clone(),
+            support: self.support.clone(),
         }))
+    }
+
+    fn check_restorable(&self, vcpus: &[VcpuState]) -> hv::Result<()> {
+        let Some(first) = vcpus.first() else {
+            return Err(hv::Error::Invalid("the snapshot has no vCPUs".into()));
+        };
+        state::check_cpu_model(&first.cpuid, &self.supported_cpuid)?;
+        for v in vcpus {
+            if v.xsave.len() > self.support.xsave_bytes {
+                return Err(hv::Error::Invalid(format!(
+                    "the snapshot's XSAVE area is {} bytes; this host's KVM takes {}",
+                    v.xsave.len(),
+                    self.support.xsave_bytes
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -155,6 +180,7 @@ pub struct KvmVm {
     vm: VmFd,
     vcpu_count: u32,
     supported_cpuid: kvm_bindings::CpuId,
+    support: Arc<state::StateSupport>,
 }
 
 impl fmt::Debug for KvmVm {
@@ -204,6 +230,7 @@ impl Vm for KvmVm {
             fd,
             index,
             kick: Arc::new(kick::KickState::default()),
+            support: self.support.clone(),
         }))
     }
 
@@ -240,6 +267,14 @@ impl Vm for KvmVm {
         };
         registered.map_err(ioctl("KVM_IOEVENTFD"))?;
         Ok(Box::new(KvmIoNotifier { evt }))
+    }
+
+    fn save_state(&self) -> hv::Result<VmState> {
+        state::save_vm(&self.vm)
+    }
+
+    fn restore_state(&self, saved: &VmState) -> hv::Result<()> {
+        state::restore_vm(&self.vm, saved)
     }
 }
 
@@ -310,6 +345,31 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     index: u32,
     kick: Arc<kick::KickState>,
+    support: Arc<state::StateSupport>,
+}
+
+impl KvmVcpu {
+    /// Re-enters KVM_RUN with `immediate_exit` set: KVM finishes the exit
+    /// userspace just answered (the data of a port or MMIO read goes into
+    /// the guest's registers) and returns before running any instruction.
+    /// Until then that completion lives only inside KVM, where no state
+    /// ioctl sees it.
+    fn complete_pending_exit(&mut self) -> hv::Result<()> {
+        let run_ptr: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run_ptr` is this vCPU's kvm_run mapping, alive as long
+        // as `self.fd`; this thread owns the vCPU and it is not running.
+        unsafe { std::ptr::write_volatile(&raw mut (*run_ptr).immediate_exit, 1) };
+        let result = self.fd.run().map(|_| ());
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(&raw mut (*run_ptr).immediate_exit, 0) };
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(ioctl("KVM_RUN (completing the last exit)")(e)),
+            Ok(()) => Err(hv::Error::Invalid(
+                "KVM ran the guest although immediate_exit was set".into(),
+            )),
+        }
+    }
 }
 
 impl fmt::Debug for KvmVcpu {
@@ -416,27 +476,9 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_regs(&mut self, r: &Regs) -> hv::Result<()> {
-        let k = kvm_bindings::kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
-        self.fd.set_regs(&k).map_err(ioctl("KVM_SET_REGS"))
+        self.fd
+            .set_regs(&regs_to_kvm(r))
+            .map_err(ioctl("KVM_SET_REGS"))
     }
 
     fn special_regs(&self) -> hv::Result<SpecialRegs> {
@@ -472,26 +514,36 @@ impl Vcpu for KvmVcpu {
         // Start from the current state so fields this interface does not
         // model (the pending-interrupt bitmap) keep their values.
         let mut k = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        k.cs = segment_to_kvm(&s.cs);
-        k.ds = segment_to_kvm(&s.ds);
-        k.es = segment_to_kvm(&s.es);
-        k.fs = segment_to_kvm(&s.fs);
-        k.gs = segment_to_kvm(&s.gs);
-        k.ss = segment_to_kvm(&s.ss);
-        k.tr = segment_to_kvm(&s.tr);
-        k.ldt = segment_to_kvm(&s.ldt);
-        k.gdt.base = s.gdt.base;
-        k.gdt.limit = s.gdt.limit;
-        k.idt.base = s.idt.base;
-        k.idt.limit = s.idt.limit;
-        k.cr0 = s.cr0;
-        k.cr2 = s.cr2;
-        k.cr3 = s.cr3;
-        k.cr4 = s.cr4;
-        k.cr8 = s.cr8;
-        k.efer = s.efer;
-        k.apic_base = s.apic_base;
+        sregs_into_kvm(s, &mut k);
         self.fd.set_sregs(&k).map_err(ioctl("KVM_SET_SREGS"))
+    }
+
+    fn save_state(&mut self) -> hv::Result<VcpuState> {
+        self.complete_pending_exit()?;
+        let regs = self.regs()?;
+        let sregs = self.special_regs()?;
+        state::save_vcpu(&self.fd, &self.support, regs, sregs)
+    }
+
+    fn restore_state(&mut self, saved: &VcpuState) -> hv::Result<()> {
+        let fd = &self.fd;
+        state::restore_vcpu(
+            fd,
+            &self.support,
+            saved,
+            |r| fd.set_regs(&regs_to_kvm(r)).map_err(ioctl("KVM_SET_REGS")),
+            |s, pending| {
+                let mut k = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+                sregs_into_kvm(s, &mut k);
+                k.interrupt_bitmap = pending;
+                fd.set_sregs(&k).map_err(ioctl("KVM_SET_SREGS"))
+            },
+        )?;
+        // Tell a guest with kvmclock that it was paused, so its watchdogs
+        // do not take the gap for a lockup. A guest without kvmclock
+        // refuses it, which is fine.
+        let _ = self.fd.kvmclock_ctrl();
+        Ok(())
     }
 
     fn set_fpu(&mut self, fpu: &FpuState) -> hv::Result<()> {
@@ -550,6 +602,51 @@ impl Vcpu for KvmVcpu {
         }
         Ok(())
     }
+}
+
+fn regs_to_kvm(r: &Regs) -> kvm_bindings::kvm_regs {
+    kvm_bindings::kvm_regs {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rsp: r.rsp,
+        rbp: r.rbp,
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn sregs_into_kvm(s: &SpecialRegs, k: &mut kvm_bindings::kvm_sregs) {
+    k.cs = segment_to_kvm(&s.cs);
+    k.ds = segment_to_kvm(&s.ds);
+    k.es = segment_to_kvm(&s.es);
+    k.fs = segment_to_kvm(&s.fs);
+    k.gs = segment_to_kvm(&s.gs);
+    k.ss = segment_to_kvm(&s.ss);
+    k.tr = segment_to_kvm(&s.tr);
+    k.ldt = segment_to_kvm(&s.ldt);
+    k.gdt.base = s.gdt.base;
+    k.gdt.limit = s.gdt.limit;
+    k.idt.base = s.idt.base;
+    k.idt.limit = s.idt.limit;
+    k.cr0 = s.cr0;
+    k.cr2 = s.cr2;
+    k.cr3 = s.cr3;
+    k.cr4 = s.cr4;
+    k.cr8 = s.cr8;
+    k.efer = s.efer;
+    k.apic_base = s.apic_base;
 }
 
 fn segment_from_kvm(s: &kvm_bindings::kvm_segment) -> hv::Segment {

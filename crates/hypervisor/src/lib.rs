@@ -9,7 +9,9 @@ pub mod x86_64;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-pub use x86_64::{CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs};
+pub use x86_64::{
+    CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs, VcpuState, VmState,
+};
 
 /// Errors any backend reports through this interface.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,11 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn max_vcpus(&self) -> u32;
     /// Creates a VM with its platform interrupt controllers and timer.
     fn create_vm(&self, spec: &VmSpec) -> Result<Arc<dyn Vm>>;
+    /// Whether vCPUs saved as `vcpus` (on this host or another) can be
+    /// restored here: same CPU vendor and model, every CPUID feature the
+    /// guest was given available, the TSC frequency reproducible. Checked
+    /// before anything is created, so a mismatch fails cleanly.
+    fn check_restorable(&self, vcpus: &[VcpuState]) -> Result<()>;
 }
 
 /// Where a guest write raises an `IoNotifier`.
@@ -101,6 +108,12 @@ pub trait Vm: Send + Sync + Debug {
     /// A notifier raised (without a vCPU exit) whenever the guest writes to
     /// `addr` a value that `datamatch` accepts.
     fn io_notifier(&self, addr: IoAddress, datamatch: Datamatch) -> Result<Box<dyn IoNotifier>>;
+
+    /// The interrupt controllers', timer's and clock's state. Call with
+    /// every vCPU paused.
+    fn save_state(&self) -> Result<VmState>;
+    /// Sets what [`Vm::save_state`] returned, before any vCPU is restored.
+    fn restore_state(&self, state: &VmState) -> Result<()>;
 }
 
 /// An interrupt input of the guest's interrupt controller.
@@ -195,6 +208,15 @@ pub trait Vcpu: Send + Debug {
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
     /// Writes MSRs; every entry must be accepted.
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()>;
+
+    /// The vCPU's complete state. Call on a vCPU that is not in `run()`;
+    /// an exit the VMM has just answered (a port read, say) is completed
+    /// first, without running any further guest instruction, so the state
+    /// is that between two instructions.
+    fn save_state(&mut self) -> Result<VcpuState>;
+    /// Sets everything [`Vcpu::save_state`] returned, in the order the
+    /// hardware needs, on a vCPU that has never run.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 
     /// Sets the complete boot state in one call.
     fn set_cpu_state(&mut self, state: &CpuState) -> Result<()> {

@@ -1,7 +1,16 @@
 //! x86_64 CPU state in plain types, independent of any hypervisor's layout.
 
+mod state;
+
+use serde::{Deserialize, Serialize};
+
+pub use state::{
+    CpuidEntry, DebugRegs, ExceptionEvent, InterruptEvent, IoapicState, MpState, NmiEvent,
+    PicState, PitChannel, PitState, SmiEvent, VcpuEvents, VcpuState, VmState, Xcr,
+};
+
 /// General-purpose registers, instruction pointer and flags.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
 pub struct Regs {
     pub rax: u64,
@@ -25,7 +34,7 @@ pub struct Regs {
 }
 
 /// A segment register with its hidden descriptor cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// Linear base address.
     pub base: u64,
@@ -54,7 +63,7 @@ pub struct Segment {
 }
 
 /// GDTR or IDTR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorTable {
     /// Linear base address.
     pub base: u64,
@@ -63,7 +72,7 @@ pub struct DescriptorTable {
 }
 
 /// Segment, descriptor-table and control registers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
 pub struct SpecialRegs {
     pub cs: Segment,
@@ -106,7 +115,7 @@ impl Default for FpuState {
 }
 
 /// A model-specific register and its value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrEntry {
     /// MSR number.
     pub index: u32,

@@ -10,7 +10,7 @@ use std::fs::File;
 
 pub use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
-    GuestMemoryRegion, GuestUsize, VolatileSlice,
+    GuestMemoryRegion, GuestUsize, MemoryRegionAddress, VolatileSlice,
 };
 use vm_memory::{FileOffset, GuestMemoryMmap};
 
@@ -38,6 +38,9 @@ pub enum Error {
     /// The backing file is too small or could not be sized.
     #[error("backing file for guest RAM: {0}")]
     BackingFile(#[source] std::io::Error),
+    /// A private file mapping could not be made.
+    #[error("mapping guest RAM from a file: {0}")]
+    PrivateMap(String),
     /// vm-memory refused the layout or the mapping failed.
     #[error("mapping guest RAM: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
@@ -149,6 +152,44 @@ impl GuestRam {
         Ok(Self {
             layout: layout.clone(),
             memory: GuestMemoryMmap::from_ranges_with_files(ranges)?,
+        })
+    }
+
+    /// A private copy-on-write mapping of `file` (a snapshot's memory
+    /// file), the layout's ranges stored back to back from offset 0. Pages
+    /// come in from the page cache on first touch and are shared with
+    /// every other private mapping of the same file until written; the
+    /// guest's writes stay in this process and never reach the file.
+    /// The file must hold the whole layout.
+    pub fn private_file(layout: &MemoryLayout, file: File) -> Result<Self> {
+        let total = layout.total_bytes();
+        let len = file.metadata().map_err(Error::BackingFile)?.len();
+        if len != total {
+            return Err(Error::BackingFile(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("holds {len} bytes, the layout needs {total}"),
+            )));
+        }
+        let file = std::sync::Arc::new(file);
+        let mut offset = 0u64;
+        let mut regions = Vec::with_capacity(layout.ranges.len());
+        for r in &layout.ranges {
+            let mapping = vm_memory::mmap::MmapRegionBuilder::new(r.len as usize)
+                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .build()
+                .map_err(|e| Error::PrivateMap(e.to_string()))?;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(mapping, r.start)
+                    .ok_or_else(|| Error::PrivateMap("range overflows the address space".into()))?,
+            );
+            offset += r.len;
+        }
+        Ok(Self {
+            layout: layout.clone(),
+            memory: GuestMemoryMmap::from_regions(regions)
+                .map_err(|e| Error::PrivateMap(e.to_string()))?,
         })
     }
 

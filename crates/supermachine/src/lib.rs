@@ -59,7 +59,9 @@ pub use supermachine_hypervisor::Hypervisor;
 pub use supermachine_oci as images;
 /// A bare VM: kernel, initrd, command line, devices (no image, no agent).
 pub use supermachine_vmm::VmConfig as MachineConfig;
-pub use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, VsockConfig};
+pub use supermachine_vmm::{
+    Console, DEFAULT_CMDLINE, DiskConfig, ExitReason, RestoreConfig, SnapshotStats, VsockConfig,
+};
 
 /// Errors from the library API.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +190,34 @@ impl Machine {
             running,
             _hypervisor: hypervisor,
         })
+    }
+
+    /// Restores a machine saved by [`Machine::snapshot`] (in this process
+    /// or any other) on this platform's hypervisor; it runs on from where
+    /// it paused.
+    pub fn restore(config: RestoreConfig) -> Result<Self> {
+        Self::restore_on(default_hypervisor()?, config)
+    }
+
+    /// Restores a machine on the given hypervisor.
+    pub fn restore_on(hypervisor: Arc<dyn Hypervisor>, config: RestoreConfig) -> Result<Self> {
+        let running = supermachine_vmm::restore(hypervisor.as_ref(), config)?;
+        Ok(Self {
+            running,
+            _hypervisor: hypervisor,
+        })
+    }
+
+    /// Pauses the machine, saves it into `dir` (a state file and a sparse
+    /// memory file; see `docs/snapshot.md`) and lets it run on.
+    pub fn snapshot(&self, dir: impl AsRef<std::path::Path>) -> Result<SnapshotStats> {
+        Ok(self.running.snapshot(dir.as_ref(), false)?)
+    }
+
+    /// Like [`Machine::snapshot`], but the machine ends at the pause
+    /// without running another instruction.
+    pub fn snapshot_and_stop(&self, dir: impl AsRef<std::path::Path>) -> Result<SnapshotStats> {
+        Ok(self.running.snapshot(dir.as_ref(), true)?)
     }
 
     /// Asks the VM to stop.

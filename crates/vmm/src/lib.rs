@@ -11,6 +11,8 @@ mod bus;
 mod devices;
 mod event_loop;
 mod lifecycle;
+mod pause;
+pub mod snapshot;
 mod vcpu;
 
 use std::fs::File;
@@ -26,6 +28,8 @@ use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use bus::{Bus, BusDevice};
+use snapshot::DeviceSnapshot;
+pub use snapshot::{DeviceKind, MachineState};
 
 use devices::console::ConsoleSink;
 use devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_SPAN};
@@ -219,6 +223,21 @@ pub enum Error {
     /// A vCPU thread panicked (a VMM bug).
     #[error("vCPU thread {0} panicked")]
     VcpuThreadPanicked(u32),
+    /// A snapshot could not be taken or restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// A snapshot file could not be read or written.
+    #[error(transparent)]
+    SnapshotFormat(#[from] supermachine_snapshot::Error),
+    /// A snapshot file could not be opened.
+    #[error("{path}: {source}")]
+    SnapshotFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// `wait` was called after the outcome had been taken.
     #[error("the VM's outcome was already taken")]
     AlreadyWaited,
@@ -252,6 +271,10 @@ pub struct RunningVm {
     vcpu_threads: Vec<(u32, JoinHandle<()>)>,
     event_thread: Option<JoinHandle<()>>,
     serial: Arc<Mutex<SerialPort>>,
+    kickers: Vec<Arc<dyn supermachine_hypervisor::VcpuKicker>>,
+    pause: Arc<pause::PauseControl>,
+    transports: Vec<PlacedTransport>,
+    memory_bytes: u64,
     // Dropped in this order: the VM before the RAM it maps.
     vm: Option<Arc<dyn Vm>>,
     ram: Option<Arc<GuestRam>>,
@@ -265,7 +288,93 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
+/// What taking a snapshot did.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotStats {
+    /// How long the vCPUs were paused.
+    pub paused: std::time::Duration,
+    /// Guest RAM covered by the memory file.
+    pub memory_bytes: u64,
+    /// Bytes of it written (non-zero pages).
+    pub memory_data_bytes: u64,
+}
+
 impl RunningVm {
+    /// Pauses the VM between two instructions and writes its state and
+    /// memory into `dir` (`state` and `memory`, each renamed into place
+    /// when complete); then the VM runs on, or with `stop` ends there
+    /// (`wait` returns [`ExitReason::Stopped`]) without running another
+    /// instruction. A VM with a device that cannot be saved (a virtio-fs
+    /// share) is refused before it is paused.
+    pub fn snapshot(&self, dir: &std::path::Path, stop: bool) -> Result<SnapshotStats> {
+        if let Some(p) = self.transports.iter().find(|t| t.kind.is_none()) {
+            return Err(Error::Snapshot(format!(
+                "{} cannot be snapshotted (its state lives in another process)",
+                p.name
+            )));
+        }
+        let (Some(vm), Some(ram)) = (self.vm.as_ref(), self.ram.as_ref()) else {
+            return Err(Error::Snapshot("the VM has ended".into()));
+        };
+        std::fs::create_dir_all(dir).map_err(|source| Error::SnapshotFile {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let began = std::time::Instant::now();
+        struct Resume<'a>(&'a pause::PauseControl);
+        impl Drop for Resume<'_> {
+            fn drop(&mut self) {
+                self.0.resume();
+            }
+        }
+        let _resume = Resume(&self.pause);
+        let vcpus = self.pause.pause_all(&self.kickers, &self.lifecycle)?;
+        // Hold every device (and the UART) still while their state and
+        // guest memory are read: the event loop cannot touch either.
+        let transports: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.transport.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let devices = self
+            .transports
+            .iter()
+            .zip(&transports)
+            .map(|(placed, t)| DeviceSnapshot {
+                kind: placed.kind.clone().expect("checked above"),
+                base: placed.base,
+                irq: placed.irq,
+                transport: (&t.save()).into(),
+            })
+            .collect();
+        let state = MachineState {
+            arch: std::env::consts::ARCH.to_string(),
+            memory_bytes: self.memory_bytes,
+            vcpus,
+            vm: vm.save_state()?,
+            serial: (&serial.uart.state()).into(),
+            devices,
+        };
+        let memory =
+            supermachine_snapshot::write_memory(&dir.join(snapshot::MEMORY_FILE), ram.memory())?;
+        supermachine_snapshot::write_state(
+            &dir.join(snapshot::STATE_FILE),
+            snapshot::FORMAT_VERSION,
+            &state,
+        )?;
+        drop(serial);
+        drop(transports);
+        if stop {
+            self.lifecycle.finish(Ok(ExitReason::Stopped));
+        }
+        Ok(SnapshotStats {
+            paused: began.elapsed(),
+            memory_bytes: memory.total_bytes,
+            memory_data_bytes: memory.data_bytes,
+        })
+    }
+
     /// Asks the VM to stop; `wait` then returns [`ExitReason::Stopped`]
     /// unless the guest had already ended.
     pub fn stop(&self) {
@@ -368,22 +477,267 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     let vm = hypervisor.create_vm(&VmSpec {
         vcpu_count: config.vcpus,
     })?;
+    map_ram(vm.as_ref(), &ram)?;
+    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
+    let serial = Arc::new(Mutex::new(SerialPort {
+        uart: vm_superio::Serial::with_events(
+            IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
+            serial_input_room()?,
+            ConsoleSink::new(console_out, lifecycle.clone()),
+        ),
+    }));
+    let mut transports = Vec::with_capacity(virtio_devices.len());
+    for d in virtio_devices {
+        let transport = MmioTransport::new(d.device, mem.clone(), vm.interrupt_line(d.irq)?)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        transports.push(PlacedTransport {
+            name: d.name,
+            kind: d.kind,
+            base: d.base,
+            irq: d.irq,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+    }
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let mut vcpu = vm.create_vcpu(index)?;
+        if index == 0 {
+            vcpu.set_cpu_state(&boot::boot_cpu_state(kernel.entry))?;
+        } else {
+            // Application processors wait for the boot CPU's INIT/SIPI.
+            vcpu.set_msrs(&boot::boot_msrs())?;
+        }
+        vcpus.push(vcpu);
+    }
+    launch(Assembled {
+        vm,
+        ram,
+        memory_bytes: config.memory_bytes,
+        lifecycle,
+        serial,
+        transports,
+        vcpus,
+        forward_stdin: config.forward_stdin,
+    })
+}
+
+/// How a snapshot is restored: the snapshot directory and this VM's own
+/// host-side resources (each restore gets its own console and vsock
+/// socket; the disks are the ones the snapshot names).
+#[derive(Debug)]
+pub struct RestoreConfig {
+    /// The directory holding `state` and `memory`.
+    pub snapshot: PathBuf,
+    /// Where the restored guest's console goes.
+    pub console: Console,
+    /// Forward this process's standard input to the serial console.
+    pub forward_stdin: bool,
+    /// The vsock socket for the restored VM; required exactly when the
+    /// snapshot has a vsock device.
+    pub vsock_socket: Option<PathBuf>,
+}
+
+impl RestoreConfig {
+    /// Restores `snapshot` with its console on stdout and no vsock.
+    pub fn new(snapshot: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            console: Console::Stdout,
+            forward_stdin: false,
+            vsock_socket: None,
+        }
+    }
+}
+
+/// Reads and checks a snapshot's state file.
+pub fn read_snapshot_state(dir: &std::path::Path) -> Result<snapshot::MachineState> {
+    Ok(supermachine_snapshot::read_state(
+        &dir.join(snapshot::STATE_FILE),
+        snapshot::FORMAT_VERSION,
+    )?)
+}
+
+/// Recreates the machine saved in `config.snapshot` on `hypervisor` and
+/// starts it where it paused. Everything is checked (the state file's
+/// integrity and version, the CPU, the devices and their host files)
+/// before any vCPU runs; guest RAM maps the memory file private
+/// copy-on-write, so restores share its clean pages and never change it.
+pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<RunningVm> {
+    let state = read_snapshot_state(&config.snapshot)?;
+    let bad = |why: String| Error::Snapshot(why);
+    if state.arch != std::env::consts::ARCH {
+        return Err(bad(format!(
+            "the snapshot is of an {} machine; this host runs {} guests",
+            state.arch,
+            std::env::consts::ARCH
+        )));
+    }
+    let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
+    if vcpu_count == 0 || vcpu_count > boot::MAX_CPUS.min(hypervisor.max_vcpus()) {
+        return Err(bad(format!("the snapshot has {vcpu_count} vCPUs")));
+    }
+    hypervisor.check_restorable(&state.vcpus)?;
+    let layout = MemoryLayout::x86_64(state.memory_bytes)?;
+    let memory_path = config.snapshot.join(snapshot::MEMORY_FILE);
+    let memory_file = File::open(&memory_path).map_err(|source| Error::SnapshotFile {
+        path: memory_path.clone(),
+        source,
+    })?;
+    let ram = Arc::new(
+        GuestRam::private_file(&layout, memory_file)
+            .map_err(|e| bad(format!("{}: {e}", memory_path.display())))?,
+    );
+    let mem = ram.memory();
+
+    // Every device's host side, checked against what the snapshot names.
+    let mut devices = Vec::with_capacity(state.devices.len());
+    let mut vsock_socket = config.vsock_socket;
+    for (i, saved) in state.devices.iter().enumerate() {
+        let (expected_base, expected_irq) = virtio::slot(i)
+            .ok_or_else(|| bad(format!("the snapshot has too many devices ({})", i + 1)))?;
+        if (saved.base, saved.irq) != (expected_base, expected_irq) {
+            return Err(bad(format!(
+                "device {i} sits at {:#x} IRQ {}, where this VMM places {expected_base:#x} IRQ {expected_irq}",
+                saved.base, saved.irq
+            )));
+        }
+        let (name, device): (String, Box<dyn VirtioDevice>) = match &saved.kind {
+            DeviceKind::Block {
+                path,
+                read_only,
+                size,
+            } => {
+                let block = supermachine_virtio_blk::Block::open(path, *read_only)?;
+                let now = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                if now != *size {
+                    return Err(bad(format!(
+                        "disk {} was {size} bytes when the snapshot was taken and is {now} now",
+                        path.display()
+                    )));
+                }
+                (format!("virtio-blk {}", path.display()), Box::new(block))
+            }
+            DeviceKind::Vsock { cid } => {
+                let socket = vsock_socket.take().ok_or_else(|| {
+                    bad("the snapshot has a vsock device: a socket for it is needed".into())
+                })?;
+                let vsock = supermachine_virtio_vsock::Vsock::new(*cid, &socket)?;
+                (
+                    format!("virtio-vsock {}", socket.display()),
+                    Box::new(vsock),
+                )
+            }
+            DeviceKind::Entropy => (
+                "virtio-rng".into(),
+                Box::new(supermachine_virtio_rng::Rng::new()),
+            ),
+        };
+        devices.push((name, device));
+    }
+    if vsock_socket.is_some() {
+        return Err(bad(
+            "a vsock socket was given, but the snapshot has no vsock device".into(),
+        ));
+    }
+    let console_out = open_console(config.console)?;
+
+    let vm = hypervisor.create_vm(&VmSpec { vcpu_count })?;
+    map_ram(vm.as_ref(), &ram)?;
+    vm.restore_state(&state.vm)?;
+    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
+    let uart = vm_superio::Serial::from_state(
+        &(&state.serial).into(),
+        IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
+        serial_input_room()?,
+        ConsoleSink::new(console_out, lifecycle.clone()),
+    )
+    .map_err(|e| bad(format!("serial port state: {e:?}")))?;
+    let serial = Arc::new(Mutex::new(SerialPort { uart }));
+    let mut transports = Vec::with_capacity(devices.len());
+    for ((name, device), saved) in devices.into_iter().zip(&state.devices) {
+        let transport = MmioTransport::restore(
+            device,
+            mem.clone(),
+            vm.interrupt_line(saved.irq)?,
+            &(&saved.transport).into(),
+        )
+        .map_err(|e| bad(format!("{name}: {e}")))?;
+        transports.push(PlacedTransport {
+            name,
+            kind: Some(saved.kind.clone()),
+            base: saved.base,
+            irq: saved.irq,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+    }
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..vcpu_count).zip(&state.vcpus) {
+        let mut vcpu = vm.create_vcpu(index)?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    launch(Assembled {
+        vm,
+        ram,
+        memory_bytes: state.memory_bytes,
+        lifecycle,
+        serial,
+        transports,
+        vcpus,
+        forward_stdin: config.forward_stdin,
+    })
+}
+
+fn map_ram(vm: &dyn Vm, ram: &Arc<GuestRam>) -> Result<()> {
     for (slot, m) in ram.host_mappings().iter().enumerate() {
         // SAFETY: the mapping belongs to `ram`, which RunningVm keeps alive
         // until after the VM (and every vCPU) is dropped.
         unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }?;
     }
+    Ok(())
+}
 
-    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
-    let serial = Arc::new(Mutex::new(SerialPort {
-        uart: vm_superio::Serial::with_events(
-            IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
-            InputRoom {
-                room: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
-            },
-            ConsoleSink::new(console_out, lifecycle.clone()),
-        ),
-    }));
+fn serial_input_room() -> Result<InputRoom> {
+    Ok(InputRoom {
+        room: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
+    })
+}
+
+/// A virtio transport in the VM.
+struct PlacedTransport {
+    name: String,
+    /// `None` for a device that cannot be snapshotted (virtio-fs).
+    kind: Option<DeviceKind>,
+    base: u64,
+    irq: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// A VM with its devices and vCPUs made, not yet running.
+struct Assembled {
+    vm: Arc<dyn Vm>,
+    ram: Arc<GuestRam>,
+    memory_bytes: u64,
+    lifecycle: Arc<Lifecycle>,
+    serial: Arc<Mutex<SerialPort>>,
+    transports: Vec<PlacedTransport>,
+    vcpus: Vec<Box<dyn supermachine_hypervisor::Vcpu>>,
+    forward_stdin: bool,
+}
+
+/// Puts the devices on their buses, wires the notifications and starts
+/// the event loop and one thread per vCPU.
+fn launch(a: Assembled) -> Result<RunningVm> {
+    let Assembled {
+        vm,
+        ram,
+        memory_bytes,
+        lifecycle,
+        serial,
+        transports,
+        vcpus,
+        forward_stdin,
+    } = a;
     let mut pio = Bus::default();
     let bus_conflict =
         |o: bus::Overlap| Error::Config(format!("device ranges overlap at {:#x}", o.base));
@@ -397,51 +751,35 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     .map_err(bus_conflict)?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::default();
-    let mut subscribers = Vec::with_capacity(virtio_devices.len());
-    for PlacedDevice {
-        name,
-        device,
-        base,
-        irq,
-    } in virtio_devices
-    {
-        let transport = MmioTransport::new(device, mem.clone(), vm.interrupt_line(irq)?)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let notifiers = (0..transport.queue_count() as u32)
+    let mut subscribers = Vec::with_capacity(transports.len());
+    for placed in &transports {
+        let (queue_count, backend) = {
+            let t = placed.transport.lock().unwrap_or_else(|p| p.into_inner());
+            (t.queue_count(), t.backend_fd())
+        };
+        let notifiers = (0..queue_count as u32)
             .map(|q| {
                 vm.io_notifier(
-                    IoAddress::Mmio(base + virtio::QUEUE_NOTIFY),
+                    IoAddress::Mmio(placed.base + virtio::QUEUE_NOTIFY),
                     Datamatch::U32(q),
                 )
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let backend = transport.backend_fd();
-        let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(base, MMIO_SIZE, transport.clone())
+        mmio.insert(placed.base, MMIO_SIZE, placed.transport.clone())
             .map_err(bus_conflict)?;
         subscribers.push(virtio::VirtioSubscriber {
-            name,
-            transport,
+            name: placed.name.clone(),
+            transport: placed.transport.clone(),
             notifiers,
             backend,
         });
     }
     let mmio = Arc::new(mmio);
+    let kickers: Vec<_> = vcpus.iter().map(|v| v.kicker()).collect();
+    lifecycle.set_kickers(kickers.clone());
+    let pause = Arc::new(pause::PauseControl::new(vcpus.len()));
 
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for index in 0..config.vcpus {
-        let mut vcpu = vm.create_vcpu(index)?;
-        if index == 0 {
-            vcpu.set_cpu_state(&boot::boot_cpu_state(kernel.entry))?;
-        } else {
-            // Application processors wait for the boot CPU's INIT/SIPI.
-            vcpu.set_msrs(&boot::boot_msrs())?;
-        }
-        vcpus.push(vcpu);
-    }
-    lifecycle.set_kickers(vcpus.iter().map(|v| v.kicker()).collect());
-
-    let input = config.forward_stdin.then(|| event_loop::InputForwarder {
+    let input = forward_stdin.then(|| event_loop::InputForwarder {
         input: Box::new(io::stdin()),
         serial: serial.clone(),
         paused: false,
@@ -458,6 +796,10 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         vcpu_threads: Vec::new(),
         event_thread: Some(event_thread),
         serial,
+        kickers,
+        pause: pause.clone(),
+        transports,
+        memory_bytes,
         vm: Some(vm),
         ram: Some(ram),
     };
@@ -467,6 +809,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
             pio: pio.clone(),
             mmio: mmio.clone(),
             lifecycle: lifecycle.clone(),
+            pause: pause.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -480,6 +823,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
 /// A virtio device's host side and where the guest finds it.
 struct PlacedDevice {
     name: String,
+    kind: Option<DeviceKind>,
     device: Box<dyn VirtioDevice>,
     base: u64,
     irq: u32,
@@ -490,25 +834,33 @@ struct PlacedDevice {
 /// base and interrupt line.
 fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
     let mut devices = Vec::new();
-    let mut place = |name: String, device: Box<dyn VirtioDevice>| -> Result<()> {
-        let (base, irq) = virtio::slot(devices.len()).ok_or_else(|| {
-            Error::Config(format!(
-                "too many virtio devices: at most {} fit",
-                virtio::MAX_DEVICES
-            ))
-        })?;
-        devices.push(PlacedDevice {
-            name,
-            device,
-            base,
-            irq,
-        });
-        Ok(())
-    };
+    let mut place =
+        |name: String, kind: Option<DeviceKind>, device: Box<dyn VirtioDevice>| -> Result<()> {
+            let (base, irq) = virtio::slot(devices.len()).ok_or_else(|| {
+                Error::Config(format!(
+                    "too many virtio devices: at most {} fit",
+                    virtio::MAX_DEVICES
+                ))
+            })?;
+            devices.push(PlacedDevice {
+                name,
+                kind,
+                device,
+                base,
+                irq,
+            });
+            Ok(())
+        };
     for disk in &config.disks {
         let block = supermachine_virtio_blk::Block::open(&disk.path, disk.read_only)?;
+        let size = std::fs::metadata(&disk.path).map(|m| m.len()).unwrap_or(0);
         place(
             format!("virtio-blk {}", disk.path.display()),
+            Some(DeviceKind::Block {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                size,
+            }),
             Box::new(block),
         )?;
     }
@@ -516,16 +868,18 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
         let vsock = supermachine_virtio_vsock::Vsock::new(v.cid, &v.socket)?;
         place(
             format!("virtio-vsock {}", v.socket.display()),
+            Some(DeviceKind::Vsock { cid: v.cid }),
             Box::new(vsock),
         )?;
     }
     for fs in &config.filesystems {
         let device = supermachine_virtio_fs::Fs::new(&fs.tag, &fs.socket)?;
-        place(format!("virtio-fs {}", fs.tag), Box::new(device))?;
+        place(format!("virtio-fs {}", fs.tag), None, Box::new(device))?;
     }
     if config.entropy {
         place(
             "virtio-rng".into(),
+            Some(DeviceKind::Entropy),
             Box::new(supermachine_virtio_rng::Rng::new()),
         )?;
     }

@@ -13,11 +13,16 @@ pub(crate) struct VcpuContext {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) pause: Arc<crate::pause::PauseControl>,
 }
 
 pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let index = vcpu.index();
     while !ctx.lifecycle.is_finished() {
+        ctx.pause.park_if_requested(vcpu.as_mut(), &ctx.lifecycle);
+        if ctx.lifecycle.is_finished() {
+            break;
+        }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) => {

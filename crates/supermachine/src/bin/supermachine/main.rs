@@ -67,8 +67,13 @@ enum Command {
     /// Boot a kernel directly (low level): no image, no agent.
     Boot {
         /// Kernel: an ELF vmlinux or a bzImage.
-        #[arg(long)]
-        kernel: PathBuf,
+        #[arg(long, required_unless_present = "restore")]
+        kernel: Option<PathBuf>,
+        /// Restore the machine saved in this snapshot directory instead of
+        /// booting a kernel (its console goes to standard output or
+        /// --console-file; --vsock gives it a new vsock socket).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "append", "memory", "cpus", "disks", "no_entropy"])]
+        restore: Option<PathBuf>,
         /// Initial ramdisk (cpio archive).
         #[arg(long)]
         initrd: Option<PathBuf>,
@@ -261,7 +266,25 @@ fn main() -> ExitCode {
         Command::Stop { time, names } => detached::stop(&names, time),
         Command::Rm { force, names } => detached::rm(&names, force),
         Command::Boot {
-            kernel,
+            restore: Some(snapshot),
+            console_file,
+            vsock,
+            ..
+        } => {
+            let mut config = supermachine::RestoreConfig::new(snapshot);
+            config.console = match console_file {
+                Some(path) => Console::File(path),
+                None => Console::Stdout,
+            };
+            config.forward_stdin = true;
+            config.vsock_socket = vsock;
+            Machine::restore(config)
+                .and_then(Machine::wait)
+                .map(|exit| log::info!("guest ended: {exit:?}"))
+        }
+        Command::Boot {
+            kernel: Some(kernel),
+            restore: None,
             initrd,
             cmdline,
             append,
@@ -296,6 +319,9 @@ fn main() -> ExitCode {
                 .and_then(Machine::wait)
                 .map(|exit| log::info!("guest ended: {exit:?}"))
         }
+        Command::Boot { .. } => Err(supermachine::Error::InvalidOption(
+            "boot needs --kernel or --restore".into(),
+        )),
         Command::Pull {
             image,
             platform,

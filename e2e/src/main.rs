@@ -18,8 +18,10 @@ mod agent;
 mod bench_exec;
 mod bench_proto;
 mod bench_run;
+mod bench_snapshot;
 mod bench_virtio;
 mod exchange;
+mod firecracker;
 mod run;
 
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
@@ -854,6 +856,17 @@ fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if args.get(1).map(String::as_str) == Some("bench-snapshot-native") {
+        let (Some(bin), Some(firecracker)) = (value("--supermachine"), value("--firecracker"))
+        else {
+            eprintln!(
+                "usage: supermachine-e2e bench-snapshot-native --supermachine BIN --firecracker BIN [--runs N]"
+            );
+            return ExitCode::from(2);
+        };
+        let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(20);
+        return bench_snapshot::run(Path::new(&bin), Path::new(&firecracker), runs);
+    }
     let (Some(mode), Some(bin), Some(assets)) = (
         args.get(1).cloned(),
         value("--supermachine"),

@@ -640,7 +640,6 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
         ));
     }
     let console_out = open_console(config.console)?;
-
     let vm = hypervisor.create_vm(&VmSpec { vcpu_count })?;
     map_ram(vm.as_ref(), &ram)?;
     vm.restore_state(&state.vm)?;

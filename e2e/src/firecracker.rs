@@ -1,0 +1,118 @@
+//! Driving a Firecracker process as the benchmarks' baseline: its API over
+//! a Unix socket (HTTP/1.1, one connection kept open, each answer read by
+//! its `Content-Length`), its serial console on standard output.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running Firecracker, killed when dropped.
+pub(crate) struct Firecracker {
+    child: Child,
+    api: BufReader<UnixStream>,
+    socket: PathBuf,
+    /// The guest's serial console.
+    pub(crate) stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl Firecracker {
+    /// Starts `binary` with its API on `socket` and waits until the API
+    /// accepts a connection.
+    pub(crate) fn start(binary: &Path, socket: &Path) -> Result<Self, String> {
+        let _ = std::fs::remove_file(socket);
+        let mut child = Command::new(binary)
+            .arg("--api-sock")
+            .arg(socket)
+            .args(["--level", "Error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let stdout = child.stdout.take().map(BufReader::new);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let api = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("firecracker exited at start: {status}"));
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("firecracker's API socket: {e}"));
+                }
+            }
+        };
+        Ok(Self {
+            child,
+            api: BufReader::new(api),
+            socket: socket.to_path_buf(),
+            stdout,
+        })
+    }
+
+    /// One API request; fails unless the answer is 2xx.
+    pub(crate) fn request(&mut self, method: &str, path: &str, body: &str) -> Result<(), String> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.api
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let mut status = String::new();
+        self.api
+            .read_line(&mut status)
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            self.api
+                .read_line(&mut header)
+                .map_err(|e| format!("{method} {path}: {e}"))?;
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut answer = vec![0u8; length];
+        self.api
+            .read_exact(&mut answer)
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let code = status.split_whitespace().nth(1).unwrap_or("");
+        if code.starts_with('2') {
+            Ok(())
+        } else {
+            Err(format!(
+                "{method} {path}: {} {}",
+                status.trim(),
+                String::from_utf8_lossy(&answer)
+            ))
+        }
+    }
+
+    /// The process id (for memory accounting).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Firecracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}

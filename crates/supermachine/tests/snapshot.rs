@@ -40,11 +40,23 @@ impl Captured {
 /// with the machine stopped at the pause. Returns the snapshot directory
 /// and everything the guest printed before the pause.
 fn snapshot_counting_guest(dir: &Path, memory: u64) -> (PathBuf, String) {
+    snapshot_with(dir, memory, "snapshot", |_| {})
+}
+
+/// [`snapshot_counting_guest`] with the machine's config adjusted, into
+/// `dir/name`.
+fn snapshot_with(
+    dir: &Path,
+    memory: u64,
+    name: &str,
+    adjust: impl FnOnce(&mut MachineConfig),
+) -> (PathBuf, String) {
     let kernel = dir.join("counting.elf");
     std::fs::write(&kernel, guests::counting_guest(10)).unwrap();
     let captured = Captured::default();
     let mut config = MachineConfig::new(&kernel);
     config.memory_bytes = memory;
+    adjust(&mut config);
     config.console = Console::Writer(Box::new(captured.clone()));
     let machine = Machine::start(config).expect("tier-2 tests need /dev/kvm");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -52,7 +64,7 @@ fn snapshot_counting_guest(dir: &Path, memory: u64) -> (PathBuf, String) {
         assert!(Instant::now() < deadline, "the guest did not count");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let snapshot = dir.join("snapshot");
+    let snapshot = dir.join(name);
     let stats = machine.snapshot_and_stop(&snapshot).unwrap();
     assert_eq!(stats.memory_bytes, memory);
     assert!(stats.memory_data_bytes < 1 << 20, "{stats:?}");
@@ -154,9 +166,14 @@ fn a_restored_machine_continues_in_a_fresh_process_and_restores_diverge() {
 /// Runs `supermachine boot --restore DIR` and returns its exit status and
 /// standard error.
 fn restore_error(snapshot: &Path) -> (bool, String) {
+    restore_error_with(snapshot, &[])
+}
+
+fn restore_error_with(snapshot: &Path, extra: &[&std::ffi::OsStr]) -> (bool, String) {
     let mut child = Command::new(CLI)
         .args(["boot", "--restore"])
         .arg(snapshot)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -214,4 +231,44 @@ fn damaged_snapshots_are_refused_before_the_guest_runs() {
     let (ok, stderr) = restore_error(&dir.path().join("nonexistent"));
     assert!(!ok);
     assert!(stderr.contains("nonexistent"), "{stderr}");
+}
+
+#[test]
+fn a_snapshot_is_refused_where_its_devices_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("vsock.sock");
+    let (with_devices, _) = snapshot_with(dir.path(), 64 << 20, "with-devices", |c| {
+        c.disks = vec![supermachine::DiskConfig {
+            path: disk.clone(),
+            read_only: false,
+        }];
+        c.vsock = Some(supermachine::VsockConfig {
+            cid: 3,
+            socket: socket.clone(),
+        });
+    });
+    let (plain, _) = snapshot_counting_guest(dir.path(), 64 << 20);
+    let new_socket = dir.path().join("restored.sock");
+
+    // Its vsock device needs a socket of its own.
+    let (ok, stderr) = restore_error(&with_devices);
+    assert!(
+        !ok && stderr.contains("a socket for it is needed"),
+        "{stderr}"
+    );
+    // A socket for a snapshot without vsock is a mistake, not ignored.
+    let (ok, stderr) = restore_error_with(&plain, &["--vsock".as_ref(), new_socket.as_os_str()]);
+    assert!(!ok && stderr.contains("no vsock device"), "{stderr}");
+    assert!(!new_socket.exists(), "the refused restore left its socket");
+    // A disk that changed size since the snapshot.
+    std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
+    let (ok, stderr) =
+        restore_error_with(&with_devices, &["--vsock".as_ref(), new_socket.as_os_str()]);
+    assert!(!ok && stderr.contains("was 1048576 bytes"), "{stderr}");
+    assert!(!new_socket.exists(), "the refused restore left its socket");
+    for e in [&stderr] {
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 }

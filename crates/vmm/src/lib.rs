@@ -273,7 +273,10 @@ pub struct RunningVm {
     serial: Arc<Mutex<SerialPort>>,
     kickers: Vec<Arc<dyn supermachine_hypervisor::VcpuKicker>>,
     pause: Arc<pause::PauseControl>,
-    transports: Vec<PlacedTransport>,
+    /// The devices, for snapshots. Weak: the event loop owns them, and
+    /// when it ends (the VM finished) they must go at once, closing their
+    /// host sockets, not when this handle is dropped.
+    devices: Vec<SavedDevice>,
     memory_bytes: u64,
     // Dropped in this order: the VM before the RAM it maps.
     vm: Option<Arc<dyn Vm>>,
@@ -307,7 +310,7 @@ impl RunningVm {
     /// instruction. A VM with a device that cannot be saved (a virtio-fs
     /// share) is refused before it is paused.
     pub fn snapshot(&self, dir: &std::path::Path, stop: bool) -> Result<SnapshotStats> {
-        if let Some(p) = self.transports.iter().find(|t| t.kind.is_none()) {
+        if let Some(p) = self.devices.iter().find(|t| t.kind.is_none()) {
             return Err(Error::Snapshot(format!(
                 "{} cannot be snapshotted (its state lives in another process)",
                 p.name
@@ -331,14 +334,19 @@ impl RunningVm {
         let vcpus = self.pause.pause_all(&self.kickers, &self.lifecycle)?;
         // Hold every device (and the UART) still while their state and
         // guest memory are read: the event loop cannot touch either.
-        let transports: Vec<_> = self
-            .transports
+        let strong: Vec<_> = self
+            .devices
             .iter()
-            .map(|t| t.transport.lock().unwrap_or_else(|p| p.into_inner()))
+            .map(|d| d.transport.upgrade())
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::Snapshot("the VM has ended".into()))?;
+        let transports: Vec<_> = strong
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()))
             .collect();
         let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let devices = self
-            .transports
+            .devices
             .iter()
             .zip(&transports)
             .map(|(placed, t)| DeviceSnapshot {
@@ -712,6 +720,15 @@ struct PlacedTransport {
     transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// A device as [`RunningVm::snapshot`] finds it.
+struct SavedDevice {
+    name: String,
+    kind: Option<DeviceKind>,
+    base: u64,
+    irq: u32,
+    transport: std::sync::Weak<Mutex<MmioTransport>>,
+}
+
 /// A VM with its devices and vCPUs made, not yet running.
 struct Assembled {
     vm: Arc<dyn Vm>,
@@ -774,6 +791,16 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         });
     }
     let mmio = Arc::new(mmio);
+    let devices = transports
+        .into_iter()
+        .map(|t| SavedDevice {
+            transport: Arc::downgrade(&t.transport),
+            name: t.name,
+            kind: t.kind,
+            base: t.base,
+            irq: t.irq,
+        })
+        .collect();
     let kickers: Vec<_> = vcpus.iter().map(|v| v.kicker()).collect();
     lifecycle.set_kickers(kickers.clone());
     let pause = Arc::new(pause::PauseControl::new(vcpus.len()));
@@ -797,7 +824,7 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         serial,
         kickers,
         pause: pause.clone(),
-        transports,
+        devices,
         memory_bytes,
         vm: Some(vm),
         ram: Some(ram),

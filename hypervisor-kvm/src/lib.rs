@@ -583,24 +583,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> hv::Result<()> {
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
-            .iter()
-            .map(|m| kvm_bindings::kvm_msr_entry {
-                index: m.index,
-                data: m.data,
-                ..Default::default()
-            })
-            .collect();
-        let kvm_msrs = kvm_bindings::Msrs::from_entries(&entries)
-            .map_err(|e| hv::Error::Invalid(format!("too many MSRs: {e:?}")))?;
-        let written = self.fd.set_msrs(&kvm_msrs).map_err(ioctl("KVM_SET_MSRS"))?;
-        if written != msrs.len() {
-            return Err(hv::Error::Unsupported(format!(
-                "MSR {:#x} cannot be written",
-                msrs[written].index
-            )));
-        }
-        Ok(())
+        state::set_msrs_all(&self.fd, msrs)
     }
 }
 

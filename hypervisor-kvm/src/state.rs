@@ -298,7 +298,8 @@ pub(crate) fn restore_vcpu(
     Ok(())
 }
 
-fn set_msrs_all(fd: &VcpuFd, msrs: &[MsrEntry]) -> hv::Result<()> {
+/// Writes MSRs in batches KVM accepts; every one must be taken.
+pub(crate) fn set_msrs_all(fd: &VcpuFd, msrs: &[MsrEntry]) -> hv::Result<()> {
     for batch in msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_bindings::kvm_msr_entry> = batch
             .iter()
@@ -313,7 +314,7 @@ fn set_msrs_all(fd: &VcpuFd, msrs: &[MsrEntry]) -> hv::Result<()> {
         let written = fd.set_msrs(&kvm_msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         if written != batch.len() {
             return Err(hv::Error::Unsupported(format!(
-                "this host's KVM refuses the saved value {:#x} of MSR {:#x}",
+                "KVM refuses the value {:#x} for MSR {:#x}",
                 batch[written].data, batch[written].index
             )));
         }

@@ -21,18 +21,23 @@ const PHASES: [(&str, &str); 5] = [
     ("workload_ms", "workload exec to exit"),
 ];
 
-/// Median and 90th percentile (nearest rank).
-fn median_p90(values: &[f64]) -> (f64, f64) {
+/// Median and the `p` quantile (0 < p <= 1, nearest rank).
+pub(crate) fn median_and_percentile(values: &[f64], p: f64) -> (f64, f64) {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return (0.0, 0.0);
     }
-    let p90 = ((v.len() as f64 * 0.9).ceil() as usize).clamp(1, v.len()) - 1;
-    (v[v.len() / 2], v[p90])
+    let rank = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+    (v[v.len() / 2], v[rank])
 }
 
-fn ms(d: Duration) -> f64 {
+/// Median and 90th percentile.
+fn median_p90(values: &[f64]) -> (f64, f64) {
+    median_and_percentile(values, 0.9)
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 

@@ -22,25 +22,16 @@ use std::time::{Duration, Instant};
 
 use supermachine::{Console, Machine, MachineConfig};
 
+use crate::bench_run::{median_and_percentile, ms};
 use crate::firecracker::Firecracker;
 
 const REPORT_SHIFT: u32 = 4;
 const SIZES_MIB: [u64; 3] = [128, 512, 2048];
 const SHARERS: usize = 20;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Median and 99th percentile (nearest rank).
+/// Median and 99th percentile.
 fn median_p99(values: &[f64]) -> (f64, f64) {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return (0.0, 0.0);
-    }
-    let p99 = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
-    (v[v.len() / 2], v[p99])
+    median_and_percentile(values, 0.99)
 }
 
 /// Reads lines until one is a complete report of the counting guest.

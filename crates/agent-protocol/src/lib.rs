@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The first field of every [`Handshake`]: `SMAG`.
 pub const MAGIC: u32 = u32::from_be_bytes(*b"SMAG");
 /// The guest vsock port the agent listens on.
@@ -199,6 +199,28 @@ pub struct ExecRequest {
     pub tty: Option<WindowSize>,
     /// Kill the process group after this many milliseconds.
     pub timeout_ms: Option<u64>,
+    /// Keep the process when its connection is lost (a snapshot's
+    /// restore resets every connection): its output waits, and
+    /// [`Request::Attach`] on a new connection takes the session over.
+    /// [`Request::Quiesce`] parks it.
+    pub keep: bool,
+}
+
+/// What a restored VM is told first: the time, fresh entropy and its own
+/// identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// The host's wall clock (the guest's stood still while saved).
+    pub clock: Clock,
+    /// Random bytes mixed into the guest's pool, which is then reseeded,
+    /// so that restores of one snapshot do not share a random stream.
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// A new hostname (also in /etc/hostname and /etc/hosts).
+    pub hostname: Option<String>,
+    /// `KEY=VALUE` entries every process started from now on gets,
+    /// beneath its own request's.
+    pub env: Vec<String>,
 }
 
 /// Write a file; the contents follow as [`HostMessage::FileChunk`]s and a
@@ -254,6 +276,23 @@ pub enum Request {
         /// Signal the process group whose leader is `pid`.
         group: bool,
     },
+    /// Prepare for a snapshot: every kept session sends
+    /// [`AgentMessage::Parked`] and then holds its output; file systems
+    /// are synced. Answered with `Ok` once all of that is done.
+    Quiesce,
+    /// The snapshot was taken and this very VM runs on: parked sessions
+    /// go on where they stopped, on their connections.
+    Resume,
+    /// Take over the kept session of process `pid` (its connection was
+    /// lost): answered with [`AgentMessage::Started`], then the session
+    /// goes on on this connection from where its output stopped.
+    Attach {
+        /// The process id in the guest.
+        pid: i32,
+    },
+    /// The VM was restored from a snapshot: step the clock, reseed, take
+    /// on the identity. Answered with `Ok`.
+    Restored(Restored),
     /// Stop every process (SIGTERM, SIGKILL after `grace_ms`), sync and
     /// power off. Answered with `Ok` before it starts.
     Shutdown {
@@ -386,6 +425,9 @@ pub enum AgentMessage {
     FileChunk(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The file being read is complete.
     FileEnd,
+    /// A kept session's last frame before a snapshot: nothing of its
+    /// output is in flight behind it.
+    Parked,
 }
 
 impl HostMessage {
@@ -422,6 +464,7 @@ impl AgentMessage {
             AgentMessage::FileInfo { .. } => "FileInfo",
             AgentMessage::FileChunk(_) => "FileChunk",
             AgentMessage::FileEnd => "FileEnd",
+            AgentMessage::Parked => "Parked",
         }
     }
 }

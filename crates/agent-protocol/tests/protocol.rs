@@ -20,6 +20,7 @@ fn host_messages() -> Vec<HostMessage> {
         stdin: true,
         tty: Some(WindowSize { rows: 24, cols: 80 }),
         timeout_ms: Some(1500),
+        keep: false,
     };
     let requests = vec![
         Request::Ping,
@@ -28,6 +29,7 @@ fn host_messages() -> Vec<HostMessage> {
             user: Some(User::Spec("app:staff".into())),
             tty: None,
             timeout_ms: None,
+            keep: false,
             cwd: None,
             ..exec
         }),

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,27 +41,172 @@ const THREAD_STACK: usize = 128 << 10;
 
 /// The session's side of the connection for writing, shared by every
 /// thread that sends frames.
-struct Outbox<S> {
-    conn: S,
+struct Outbox {
+    conn: Box<dyn Write + Send>,
     /// `Exit` has been sent: nothing more may follow (the connection may
     /// already be serving the next request).
     closed: bool,
+    /// The exit as sent, for an attach that must send it again.
+    exit: Option<ExitStatus>,
     /// Frames are encoded here, so that sending allocates nothing.
     scratch: Vec<u8>,
+    /// Kept sessions: output is held for a snapshot.
+    parked: bool,
+    /// Kept sessions: the connection is gone; output waits for an attach.
+    lost: bool,
+    /// Which connection `conn` is; each attach makes a new one, so that
+    /// the reader of an earlier one cannot mark the current one lost.
+    generation: u64,
 }
 
-type SharedOutbox<S> = Arc<Mutex<Outbox<S>>>;
+/// The outbox and what waits on it.
+struct SharedOutbox {
+    state: Mutex<Outbox>,
+    /// Signalled when a kept session is resumed or attached.
+    changed: Condvar,
+    /// The session survives its connection (`ExecRequest::keep`).
+    keep: bool,
+}
 
-fn send<S: Write>(outbox: &Mutex<Outbox<S>>, message: &AgentMessage) -> io::Result<()> {
-    let mut o = outbox.lock().unwrap_or_else(|p| p.into_inner());
-    if o.closed {
-        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session over"));
+impl SharedOutbox {
+    fn new(conn: Box<dyn Write + Send>, keep: bool) -> Self {
+        Self {
+            state: Mutex::new(Outbox {
+                conn,
+                closed: false,
+                exit: None,
+                scratch: Vec::new(),
+                parked: false,
+                lost: false,
+                generation: 0,
+            }),
+            changed: Condvar::new(),
+            keep,
+        }
     }
-    let frame = proto::encode_frame_into(message, std::mem::take(&mut o.scratch))
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let written = o.conn.write_all(&frame);
-    o.scratch = frame;
-    written
+
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends one frame. A kept session waits while it is parked or has no
+    /// connection, and sends the whole frame again on the next one when a
+    /// write fails; any other fails.
+    fn send(&self, message: &AgentMessage) -> io::Result<()> {
+        let mut o = self.lock();
+        loop {
+            if o.closed {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "session over"));
+            }
+            if self.keep && (o.parked || o.lost) {
+                o = self.changed.wait(o).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let frame = proto::encode_frame_into(message, std::mem::take(&mut o.scratch))
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let written = o.conn.write_all(&frame);
+            o.scratch = frame;
+            match written {
+                Ok(()) => {
+                    if let AgentMessage::Exit(status) = message {
+                        o.closed = true;
+                        o.exit = Some(*status);
+                    }
+                    return Ok(());
+                }
+                Err(_) if self.keep => o.lost = true,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `Parked` and holds all further output (a snapshot follows).
+    fn park(&self) {
+        let mut o = self.lock();
+        if !o.closed && !o.lost && proto::write_frame(&mut o.conn, &AgentMessage::Parked).is_err() {
+            o.lost = true;
+        }
+        o.parked = true;
+    }
+
+    fn resume(&self) {
+        self.lock().parked = false;
+        self.changed.notify_all();
+    }
+
+    /// The reader of connection `generation` lost it.
+    fn lose(&self, generation: u64) {
+        let mut o = self.lock();
+        if o.generation == generation {
+            o.lost = true;
+        }
+    }
+
+    /// Moves the session onto `conn`: sends `Started` (and the exit again
+    /// if it was sent before) and lets held output go on there. Returns
+    /// the new connection's generation.
+    fn take_over(&self, pid: i32, mut conn: Box<dyn Write + Send>) -> io::Result<u64> {
+        let mut o = self.lock();
+        let mut frames = vec![AgentMessage::Started { pid }];
+        frames.extend(o.exit.map(AgentMessage::Exit));
+        for frame in &frames {
+            proto::write_frame(&mut conn, frame).map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        o.conn = conn;
+        o.lost = false;
+        o.parked = false;
+        o.generation += 1;
+        let generation = o.generation;
+        drop(o);
+        self.changed.notify_all();
+        Ok(generation)
+    }
+}
+
+/// One process's session: what its connection's reader needs, kept in the
+/// agent's table while the process outlives a lost connection.
+pub(crate) struct Session {
+    pid: i32,
+    outbox: Arc<SharedOutbox>,
+    /// Stdin pieces for the feeder thread (`None` closes).
+    feeder: Option<mpsc::Sender<Option<Vec<u8>>>>,
+    /// Stdin bytes sent to the feeder and not yet written.
+    buffered: Arc<AtomicU32>,
+    /// The terminal's master side, for resizes.
+    tty: Option<File>,
+    output_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Parks the session for a snapshot.
+    pub(crate) fn park(&self) {
+        self.outbox.park();
+    }
+
+    /// Lets a parked session go on.
+    pub(crate) fn resume(&self) {
+        self.outbox.resume();
+    }
+}
+
+/// How a connection's part of a session ended.
+enum ReaderEnd {
+    /// The host acknowledged the exit: the connection is free again.
+    Done,
+    /// The connection was lost (or broke the protocol).
+    Lost,
 }
 
 /// The bytes of a data message, to be filled again (so that a stream of
@@ -132,27 +277,35 @@ fn set_window_size(tty: &File, size: WindowSize) -> io::Result<()> {
     Ok(())
 }
 
-/// The environment a process gets: the request's, plus `PATH`, `HOME`,
-/// `HOSTNAME` and (on a terminal) `TERM` where it has none.
+/// Checks one `KEY=VALUE` environment entry; returns its parts.
+pub(crate) fn check_env_entry(entry: &str) -> Result<(&str, &str), AgentError> {
+    let Some((k, v)) = entry.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+        return Err(AgentError {
+            kind: ErrorKind::InvalidRequest,
+            message: format!("environment entry {entry:?} is not KEY=VALUE"),
+        });
+    };
+    if k.contains('\0') || v.contains('\0') {
+        return Err(AgentError {
+            kind: ErrorKind::InvalidRequest,
+            message: format!("environment entry {k:?} contains a NUL byte"),
+        });
+    }
+    Ok((k, v))
+}
+
+/// The environment a process gets: the agent's base entries (from a
+/// restore) overridden by the request's, plus `PATH`, `HOME`, `HOSTNAME`
+/// and (on a terminal) `TERM` where it has none.
 fn environment(
     req: &ExecRequest,
+    base: &[String],
     home: &str,
     hostname: &str,
 ) -> Result<Vec<(String, String)>, AgentError> {
-    let mut env: Vec<(String, String)> = Vec::with_capacity(req.env.len() + 4);
-    for entry in &req.env {
-        let Some((k, v)) = entry.split_once('=').filter(|(k, _)| !k.is_empty()) else {
-            return Err(AgentError {
-                kind: ErrorKind::InvalidRequest,
-                message: format!("environment entry {entry:?} is not KEY=VALUE"),
-            });
-        };
-        if k.contains('\0') || v.contains('\0') {
-            return Err(AgentError {
-                kind: ErrorKind::InvalidRequest,
-                message: format!("environment entry {k:?} contains a NUL byte"),
-            });
-        }
+    let mut env: Vec<(String, String)> = Vec::with_capacity(base.len() + req.env.len() + 4);
+    for entry in base.iter().chain(&req.env) {
+        let (k, v) = check_env_entry(entry)?;
         env.retain(|(existing, _)| existing != k);
         env.push((k.to_string(), v.to_string()));
     }
@@ -200,7 +353,7 @@ fn start(
         kind: ErrorKind::NotFound,
         message: e.0,
     })?;
-    let env = environment(req, &identity.home, &agent.hostname)?;
+    let env = environment(req, &agent.base_env(), &identity.home, &agent.hostname())?;
     let cwd = req.cwd.as_deref().unwrap_or("/");
     if !Path::new(cwd).is_dir() {
         return Err(AgentError {
@@ -312,7 +465,8 @@ fn spawn_error(program: &str, e: &io::Error) -> AgentError {
 
 /// Runs an `Exec` request to its end. Gives the connection back for the
 /// next request once the host has acknowledged the exit; `None` when the
-/// connection is lost or out of step.
+/// connection is lost or out of step. A kept process (`keep`) then lives
+/// on in the agent's table until a new connection attaches to it.
 pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
     let (pid, streams, exit_rx) = match start(agent, &req) {
         Ok(x) => x,
@@ -321,19 +475,18 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
             return Some(conn);
         }
     };
-    let outbox: SharedOutbox<S> = match conn.duplicate() {
-        Ok(c) => Arc::new(Mutex::new(Outbox {
-            conn: c,
-            closed: false,
-            scratch: Vec::new(),
-        })),
+    let writer = match conn.duplicate() {
+        Ok(c) => c,
         Err(e) => {
             log::warn!("exec: duplicating the connection: {e}");
             let _ = send_signal(pid, libc::SIGKILL, true);
             return None;
         }
     };
-    if send(&outbox, &AgentMessage::Started { pid }).is_err() {
+    let outbox = Arc::new(SharedOutbox::new(Box::new(writer), req.keep));
+    // Not `send`: a kept session whose host never learnt the pid could not
+    // be attached to, so a failure here ends it like any other.
+    if proto::write_frame(&mut outbox.lock().conn, &AgentMessage::Started { pid }).is_err() {
         let _ = send_signal(pid, libc::SIGKILL, true);
         return None;
     }
@@ -356,44 +509,108 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
             finish(pid, exit_rx, deadline, timed_out, &outbox);
         })
     };
+    let session = Arc::new(Session {
+        pid,
+        outbox,
+        feeder,
+        buffered,
+        tty: streams.tty,
+        output_thread: Mutex::new(output_thread.ok()),
+    });
+    if req.keep {
+        agent.keep_session(session.clone());
+    }
+    serve_session(agent, &session, conn, 0)
+}
 
+/// `Attach`: moves the kept session of `pid` onto this connection.
+pub fn attach<S: Conn>(agent: &Agent, pid: i32, mut conn: S) -> Option<S> {
+    let Some(session) = agent.kept_session(pid) else {
+        let error = AgentError {
+            kind: ErrorKind::NotFound,
+            message: format!("no kept process {pid} to attach to"),
+        };
+        proto::write_frame(&mut conn, &AgentMessage::Error(error)).ok()?;
+        return Some(conn);
+    };
+    let generation = conn
+        .duplicate()
+        .and_then(|writer| session.outbox.take_over(pid, Box::new(writer)))
+        .inspect_err(|e| log::debug!("attach {pid}: {e}"))
+        .ok()?;
+    serve_session(agent, &session, conn, generation)
+}
+
+/// Reads the host's frames for `session` on `conn` (its connection
+/// number `generation`) until the exit is acknowledged or the connection
+/// ends; a kept session then waits for the next attach, any other is
+/// killed.
+fn serve_session<S: Conn>(
+    agent: &Agent,
+    session: &Session,
+    mut conn: S,
+    generation: u64,
+) -> Option<S> {
+    let pid = session.pid;
+    match read_host_frames(session, &mut conn) {
+        ReaderEnd::Done => {
+            agent.drop_session(pid);
+            let thread = session
+                .output_thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+            Some(conn)
+        }
+        ReaderEnd::Lost if session.outbox.keep => {
+            session.outbox.lose(generation);
+            None
+        }
+        ReaderEnd::Lost => {
+            // The host is gone: nothing may outlive its session.
+            let _ = send_signal(pid, libc::SIGKILL, true);
+            let _ = conn.shutdown_write();
+            None
+        }
+    }
+}
+
+fn read_host_frames<S: Conn>(session: &Session, conn: &mut S) -> ReaderEnd {
+    let pid = session.pid;
     let mut payload = Vec::new();
-    // Whether the session ended cleanly (the host acknowledged the exit),
-    // leaving the connection in step for the next request.
-    let reusable = loop {
-        let read = proto::read_payload_into(&mut conn, &mut payload).and_then(|more| {
+    loop {
+        let read = proto::read_payload_into(conn, &mut payload).and_then(|more| {
             more.then(|| proto::decode::<HostMessage>(&payload))
                 .transpose()
         });
         let message = match read {
             Ok(Some(m)) => m,
-            Ok(None) | Err(_) => {
-                // The host is gone: nothing may outlive its session.
-                let _ = send_signal(pid, libc::SIGKILL, true);
-                break false;
-            }
+            Ok(None) | Err(_) => return ReaderEnd::Lost,
         };
         match message {
             HostMessage::Stdin(bytes) => {
-                let Some(tx) = &feeder else {
+                let Some(tx) = &session.feeder else {
                     continue;
                 };
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let before = buffered.fetch_add(len, Ordering::SeqCst);
+                let before = session.buffered.fetch_add(len, Ordering::SeqCst);
                 if before.saturating_add(len) > STDIN_WINDOW {
                     log::warn!("exec {pid}: the host overran the stdin window");
                     let _ = send_signal(pid, libc::SIGKILL, true);
-                    break false;
+                    return ReaderEnd::Lost;
                 }
                 let _ = tx.send(Some(bytes));
             }
             HostMessage::CloseStdin => {
-                if let Some(tx) = &feeder {
+                if let Some(tx) = &session.feeder {
                     let _ = tx.send(None);
                 }
             }
             HostMessage::Resize(size) => {
-                if let Some(tty) = &streams.tty
+                if let Some(tty) = &session.tty
                     && let Err(e) = set_window_size(tty, size)
                 {
                     log::debug!("exec {pid}: resize: {e}");
@@ -404,24 +621,11 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
                     log::debug!("exec {pid}: signal {signal}: {e}");
                 }
             }
-            HostMessage::Done if outbox.lock().map(|o| o.closed).unwrap_or(true) => {
-                break true;
-            }
+            HostMessage::Done if session.outbox.lock().closed => return ReaderEnd::Done,
             other => {
                 log::warn!("exec {pid}: unexpected {} during a session", other.name());
             }
         }
-    };
-    // Ends the feeder's input; it finishes on its own (see `feed`).
-    drop(feeder);
-    if reusable {
-        if let Ok(t) = output_thread {
-            let _ = t.join();
-        }
-        Some(conn)
-    } else {
-        let _ = conn.shutdown_write();
-        None
     }
 }
 
@@ -481,11 +685,11 @@ impl Output {
 /// sent as read. One thread does it all: under emulation, each thread a process
 /// needs is a noticeable part of a short exec. Returns whether it killed
 /// for the timeout.
-fn forward_output<S: Write>(
+fn forward_output(
     pid: i32,
     mut outputs: Vec<Output>,
     deadline: Option<Instant>,
-    outbox: &Mutex<Outbox<S>>,
+    outbox: &SharedOutbox,
 ) -> bool {
     let mut timed_out = false;
     let mut data = Vec::with_capacity(CHUNK);
@@ -551,7 +755,7 @@ fn forward_output<S: Write>(
             if filled > 0 {
                 data.truncate(filled);
                 let message = (o.frame)(data);
-                let _ = send(outbox, &message);
+                let _ = outbox.send(&message);
                 data = into_data(message);
             }
         }
@@ -563,10 +767,10 @@ fn forward_output<S: Write>(
 /// stdin (on a terminal: sends the end-of-file character). The thread is
 /// never joined: it may be stuck writing to a pipe some descendant holds
 /// open and never reads, and it sends nothing once the session is closed.
-fn feed<S: Write + Send + 'static>(
+fn feed(
     stdin: File,
     tty: bool,
-    outbox: SharedOutbox<S>,
+    outbox: Arc<SharedOutbox>,
     buffered: Arc<AtomicU32>,
 ) -> mpsc::Sender<Option<Vec<u8>>> {
     let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>();
@@ -583,7 +787,7 @@ fn feed<S: Write + Send + 'static>(
                     }
                     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
                     buffered.fetch_sub(len, Ordering::SeqCst);
-                    let _ = send(&outbox, &AgentMessage::StdinConsumed(len));
+                    let _ = outbox.send(&AgentMessage::StdinConsumed(len));
                 }
                 None if tty => {
                     if let Some(s) = &mut stdin {
@@ -599,12 +803,12 @@ fn feed<S: Write + Send + 'static>(
 
 /// Waits for the exit (killing the process group if the timeout expires
 /// first) and sends `Exit`, the session's last frame.
-fn finish<S: Write>(
+fn finish(
     pid: i32,
     exit: mpsc::Receiver<Reaped>,
     deadline: Option<Instant>,
     mut timed_out: bool,
-    outbox: &Mutex<Outbox<S>>,
+    outbox: &SharedOutbox,
 ) {
     let reaped = match deadline {
         Some(deadline) if !timed_out => {
@@ -634,9 +838,8 @@ fn finish<S: Write>(
             peak_rss_kib: 0,
         },
     };
-    let mut o = outbox.lock().unwrap_or_else(|p| p.into_inner());
-    if !o.closed {
-        let _ = proto::write_frame(&mut o.conn, &AgentMessage::Exit(status));
-        o.closed = true;
+    if outbox.send(&AgentMessage::Exit(status)).is_err() {
+        // The host is gone: the session is over all the same.
+        outbox.lock().closed = true;
     }
 }

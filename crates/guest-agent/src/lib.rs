@@ -18,15 +18,16 @@ pub mod reaper;
 pub mod system;
 pub mod user;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use supermachine_agent_protocol::{
-    self as proto, AgentError, AgentMessage, ErrorKind, HostMessage, Request,
+    self as proto, AgentError, AgentMessage, ErrorKind, HostMessage, Request, Restored,
 };
 
 pub use reaper::Reaper;
@@ -81,7 +82,14 @@ pub struct Agent {
     reaper: Arc<Reaper>,
     /// The guest's `/` (where /etc/passwd is read from).
     root: PathBuf,
-    hostname: String,
+    /// The guest's hostname (a restore may give it a new one).
+    hostname: Mutex<String>,
+    /// `KEY=VALUE` entries under every process's own environment (given
+    /// by a restore).
+    base_env: Mutex<Vec<String>>,
+    /// Sessions of kept processes (`ExecRequest::keep`) by pid, until
+    /// their host acknowledges the exit.
+    kept: Mutex<HashMap<i32, Arc<exec::Session>>>,
     /// True when this process is the guest's PID 1 and may set the clock,
     /// feed the entropy pool and power the machine off. Tests run the
     /// agent as an ordinary process, where these are refused.
@@ -94,7 +102,9 @@ impl Agent {
         Self {
             reaper,
             root,
-            hostname,
+            hostname: Mutex::new(hostname),
+            base_env: Mutex::new(Vec::new()),
+            kept: Mutex::new(HashMap::new()),
             owns_system,
         }
     }
@@ -110,8 +120,45 @@ impl Agent {
     }
 
     /// The guest's hostname.
-    pub fn hostname(&self) -> &str {
-        &self.hostname
+    pub fn hostname(&self) -> String {
+        lock(&self.hostname).clone()
+    }
+
+    /// The environment entries every process gets beneath its own.
+    pub(crate) fn base_env(&self) -> Vec<String> {
+        lock(&self.base_env).clone()
+    }
+
+    pub(crate) fn keep_session(&self, session: Arc<exec::Session>) {
+        lock(&self.kept).insert(session.pid(), session);
+    }
+
+    pub(crate) fn kept_session(&self, pid: i32) -> Option<Arc<exec::Session>> {
+        lock(&self.kept).get(&pid).cloned()
+    }
+
+    pub(crate) fn drop_session(&self, pid: i32) {
+        lock(&self.kept).remove(&pid);
+    }
+
+    /// Every kept session, for `Quiesce` and `Resume`.
+    fn kept_sessions(&self) -> Vec<Arc<exec::Session>> {
+        lock(&self.kept).values().cloned().collect()
+    }
+
+    /// `Restored`: the clock, the entropy pool, then the identity.
+    fn restored(&self, r: Restored) -> Result<(), AgentError> {
+        self.system_op("set the clock", || system::set_clock(r.clock))?;
+        self.system_op("reseed the entropy pool", || system::reseed(&r.entropy))?;
+        for entry in &r.env {
+            exec::check_env_entry(entry)?;
+        }
+        if let Some(name) = &r.hostname {
+            self.system_op("set the hostname", || system::rename_host(name))?;
+            *lock(&self.hostname) = name.clone();
+        }
+        *lock(&self.base_env) = r.env;
+        Ok(())
     }
 
     /// Serves a connection the host opened: handshakes, then requests
@@ -202,6 +249,22 @@ impl Agent {
             }
             Request::Signal { pid, signal, group } => exec::send_signal(pid, signal, group)
                 .map_err(|e| os_error(&format!("kill {pid}"), &e)),
+            Request::Attach { pid } => return exec::attach(self, pid, conn),
+            Request::Quiesce => {
+                for session in self.kept_sessions() {
+                    session.park();
+                }
+                // SAFETY: sync has no preconditions.
+                unsafe { libc::sync() };
+                Ok(())
+            }
+            Request::Resume => {
+                for session in self.kept_sessions() {
+                    session.resume();
+                }
+                Ok(())
+            }
+            Request::Restored(r) => self.restored(r),
             Request::Shutdown { grace_ms } => {
                 if !self.owns_system {
                     Err(not_pid1("power off"))
@@ -298,4 +361,9 @@ fn connect<S: Conn>(port: u16, mut conn: S) -> Option<S> {
         let _ = t.join();
     }
     None
+}
+
+/// Locks `m`, going on after a panic elsewhere (the data stays usable).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -360,6 +360,35 @@ pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// After a restore: mixes `bytes` in (see [`add_entropy`]), then makes
+/// the kernel reseed its generator at once (RNDRESEEDCRNG) instead of at
+/// its next scheduled reseed, so that restores of one snapshot, which
+/// start with the same generator state, part ways from the first byte
+/// read after this.
+pub fn reseed(bytes: &[u8]) -> io::Result<()> {
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    if bytes.len() < 32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a reseed needs at least 32 bytes",
+        ));
+    }
+    add_entropy(bytes)?;
+    let random = fs::OpenOptions::new().write(true).open("/dev/random")?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new hostname: the kernel's, /etc/hostname and /etc/hosts.
+pub fn rename_host(name: &str) -> io::Result<()> {
+    set_hostname(name)?;
+    write_host_files(name);
+    Ok(())
+}
+
 /// Stops every process (SIGTERM, then SIGKILL after `grace_ms`), syncs
 /// and powers off.
 pub fn shut_down(grace_ms: u32) {

@@ -130,6 +130,7 @@ impl<'vm> ExecBuilder<'vm> {
                 stdin: false,
                 tty: None,
                 timeout_ms: None,
+                keep: false,
             },
             stdin: StdinSource::Null,
             staged: Vec::new(),

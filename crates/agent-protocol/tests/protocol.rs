@@ -55,6 +55,15 @@ fn host_messages() -> Vec<HostMessage> {
             group: true,
         },
         Request::Shutdown { grace_ms: 2000 },
+        Request::Quiesce,
+        Request::Resume,
+        Request::Attach { pid: 9 },
+        Request::Restored(Restored {
+            clock: Clock::now(),
+            entropy: vec![5; 64],
+            hostname: Some("web-1".into()),
+            env: vec!["REPLICA=1".into()],
+        }),
     ];
     let mut all: Vec<HostMessage> = requests.into_iter().map(HostMessage::Request).collect();
     all.extend([
@@ -109,6 +118,7 @@ fn agent_messages() -> Vec<AgentMessage> {
         },
         AgentMessage::FileChunk(vec![0; 3]),
         AgentMessage::FileEnd,
+        AgentMessage::Parked,
     ]
 }
 
@@ -127,6 +137,10 @@ fn host_variant(m: &HostMessage) -> usize {
             Request::AddEntropy(_) => 6,
             Request::Signal { .. } => 7,
             Request::Shutdown { .. } => 8,
+            Request::Quiesce => 17,
+            Request::Resume => 18,
+            Request::Attach { .. } => 19,
+            Request::Restored(_) => 20,
         },
         HostMessage::Welcome { .. } => 9,
         HostMessage::Stdin(_) => 10,
@@ -152,6 +166,7 @@ fn agent_variant(m: &AgentMessage) -> usize {
         AgentMessage::FileInfo { .. } => 8,
         AgentMessage::FileChunk(_) => 9,
         AgentMessage::FileEnd => 10,
+        AgentMessage::Parked => 11,
     }
 }
 
@@ -164,7 +179,7 @@ fn every_message_round_trips_through_one_stream() {
     seen.dedup();
     assert_eq!(
         seen,
-        (0..=16).collect::<Vec<_>>(),
+        (0..=20).collect::<Vec<_>>(),
         "a host message is not covered"
     );
     let mut seen: Vec<usize> = agents.iter().map(agent_variant).collect();
@@ -172,7 +187,7 @@ fn every_message_round_trips_through_one_stream() {
     seen.dedup();
     assert_eq!(
         seen,
-        (0..=10).collect::<Vec<_>>(),
+        (0..=11).collect::<Vec<_>>(),
         "an agent message is not covered"
     );
 

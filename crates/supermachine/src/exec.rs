@@ -235,6 +235,15 @@ impl<'vm> ExecBuilder<'vm> {
         self
     }
 
+    /// Keeps the process across snapshots: a snapshot of the VM parks its
+    /// output (nothing of it is lost or in flight in the snapshot), and a
+    /// VM restored from that snapshot gets it back with
+    /// [`Vm::attach_process`]. Bakes start their workload this way.
+    pub fn keep(mut self) -> Self {
+        self.request.keep = true;
+        self
+    }
+
     /// Runs the process to its end and collects its output.
     pub fn output(self) -> Result<ExecOutput> {
         let mut process = self.spawn()?;
@@ -278,6 +287,7 @@ impl<'vm> ExecBuilder<'vm> {
                 .write_file_from(&path, contents.as_slice(), mode, (0, 0))?;
         }
         let started = Instant::now();
+        let keep = self.request.keep;
         self.request.stdin = !matches!(self.stdin, StdinSource::Null);
         let mut conn = self.vm.agent_conn()?;
         conn.send(&HostMessage::Request(Request::Exec(self.request)))?;
@@ -293,13 +303,91 @@ impl<'vm> ExecBuilder<'vm> {
             }
             other => return Err(unexpected(&other)),
         };
-        Process::start(self.vm, conn, pid, started, self.stdin)
+        Process::start(self.vm, conn, pid, started, self.stdin, keep)
+    }
+}
+
+impl Vm {
+    /// Takes over kept process `pid` (started with [`ExecBuilder::keep`]
+    /// before the snapshot this VM was restored from): its output from
+    /// where the snapshot parked it, its exit, signals. Its stdin stays
+    /// /dev/null.
+    pub fn attach_process(&self, pid: i32) -> Result<Process> {
+        let mut conn = self.agent_conn()?;
+        conn.send(&HostMessage::Request(Request::Attach { pid }))?;
+        match conn.recv()? {
+            AgentMessage::Started { pid: p } if p == pid => {}
+            AgentMessage::Error(e) => {
+                self.idle_push(conn.stream);
+                return Err(Error::Agent(e.message));
+            }
+            other => return Err(unexpected(&other)),
+        }
+        Process::start(self, conn, pid, Instant::now(), StdinSource::Null, true)
+    }
+}
+
+/// The kept processes a VM's host side holds, for snapshots: each must
+/// have parked (or ended) before the VM is paused.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KeptProcesses(Arc<Mutex<Vec<std::sync::Weak<Control>>>>);
+
+impl KeptProcesses {
+    fn add(&self, control: &Arc<Control>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|c| c.strong_count() > 0);
+        all.push(Arc::downgrade(control));
+    }
+
+    fn live(&self) -> Vec<Arc<Control>> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter_map(std::sync::Weak::upgrade).collect()
+    }
+
+    /// Waits until every kept process's session has said `Parked` (or
+    /// ended): after `Quiesce`, nothing of theirs is in flight then.
+    pub(crate) fn wait_parked(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for control in self.live() {
+            let mut s = control.lock();
+            while !s.parked && !s.finished {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Agent(
+                        "a kept process's output did not settle for the snapshot".into(),
+                    ));
+                }
+                s = control
+                    .window
+                    .wait_timeout(s, left)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pids of the kept processes still running.
+    pub(crate) fn pids(&self) -> Vec<i32> {
+        self.live()
+            .iter()
+            .filter(|c| !c.lock().finished)
+            .map(|c| c.pid)
+            .collect()
+    }
+
+    /// The snapshot is over and the VM runs on.
+    pub(crate) fn unpark(&self) {
+        for control in self.live() {
+            control.lock().parked = false;
+        }
     }
 }
 
 /// The host's writing side of a session, shared by stdin, signals,
 /// resizes and the reading thread (which sends `Done`).
 struct Control {
+    pid: i32,
     state: Mutex<ControlState>,
     window: Condvar,
 }
@@ -311,6 +399,8 @@ struct ControlState {
     /// The process has exited (or the connection failed): nothing more is
     /// sent, and the connection may already be serving another request.
     finished: bool,
+    /// The agent parked the session for a snapshot (kept processes).
+    parked: bool,
 }
 
 impl Control {
@@ -357,19 +447,25 @@ impl Process {
         pid: i32,
         started: Instant,
         stdin: StdinSource,
+        keep: bool,
     ) -> Result<Process> {
         let writer = conn
             .stream
             .try_clone()
             .map_err(io_error("agent connection"))?;
         let control = Arc::new(Control {
+            pid,
             state: Mutex::new(ControlState {
                 writer,
                 outstanding: 0,
                 finished: false,
+                parked: false,
             }),
             window: Condvar::new(),
         });
+        if keep {
+            vm.kept_processes().add(&control);
+        }
         let (out_tx, out_rx) = mpsc::sync_channel(OUTPUT_QUEUE);
         let (err_tx, err_rx) = mpsc::sync_channel(OUTPUT_QUEUE);
         let idle = vm.idle_handle();
@@ -453,6 +549,11 @@ impl Process {
         ProcessController(self.control.clone())
     }
 
+    /// True once the process has exited (its exit has arrived).
+    pub fn has_exited(&self) -> bool {
+        self.control.lock().finished
+    }
+
     /// Waits for the exit. Output handles not taken are discarded; taken
     /// ones keep their data.
     pub fn wait(mut self) -> Result<ExitInfo> {
@@ -528,6 +629,10 @@ fn read_session(
             // A reader that was dropped just discards.
             AgentMessage::Stdout(b) => drop(out.send(b)),
             AgentMessage::Stderr(b) => drop(err.send(b)),
+            AgentMessage::Parked => {
+                control.lock().parked = true;
+                control.window.notify_all();
+            }
             AgentMessage::StdinConsumed(n) => {
                 let mut s = control.lock();
                 s.outstanding = s.outstanding.saturating_sub(n);

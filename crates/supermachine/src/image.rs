@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use crate::exec::ExecBuilder;
 use crate::images::{self, ImageConfig, ImageRecord, Overrides, ProcessSpec, Store};
-use crate::{Error, Result, Vm, VmConfig};
+use crate::{Error, Result, Snapshot, Vm, VmConfig};
 
 /// A stored image.
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub struct Image {
     record: ImageRecord,
     config: ImageConfig,
     rootfs: OnceLock<images::rootfs::RootFs>,
+    /// Set by [`Image::from_snapshot`]: `start` restores it.
+    snapshot: Option<Snapshot>,
 }
 
 impl Image {
@@ -109,7 +111,31 @@ impl Image {
             record,
             config,
             rootfs: OnceLock::new(),
+            snapshot: None,
         })
+    }
+
+    /// The image a snapshot (baked, or taken of one of its VMs) was made
+    /// of, in the default store; its [`Image::start`] restores the
+    /// snapshot instead of booting.
+    pub fn from_snapshot(path: impl AsRef<Path>) -> Result<Image> {
+        let snapshot = Snapshot::open(path)?;
+        let id = snapshot
+            .info()
+            .image_id
+            .clone()
+            .ok_or_else(|| Error::Snapshot {
+                path: snapshot.path().to_path_buf(),
+                why: "it is not of an image's VM".into(),
+            })?;
+        let mut image = Self::open(&id)?;
+        image.snapshot = Some(snapshot);
+        Ok(image)
+    }
+
+    /// The store it is in.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The normalized reference (`docker.io/library/alpine:latest`).
@@ -153,9 +179,13 @@ impl Image {
         )?)
     }
 
-    /// Boots a VM of this image and waits until its agent is ready.
+    /// Boots a VM of this image and waits until its agent is ready; for
+    /// an image from [`Image::from_snapshot`], restores the snapshot.
     pub fn start(&self, config: &VmConfig) -> Result<Vm> {
-        Vm::start(&self.rootfs()?.disk, config)
+        match &self.snapshot {
+            Some(s) => Vm::restore(s, config),
+            None => Vm::start(&self.rootfs()?.disk, config),
+        }
     }
 }
 

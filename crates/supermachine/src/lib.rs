@@ -42,6 +42,7 @@ mod guest;
 mod image;
 mod ports;
 mod shares;
+mod snapshot;
 mod vm;
 
 pub use exec::{
@@ -52,6 +53,10 @@ pub use guest::GuestImage;
 pub use image::Image;
 pub use ports::{PortForward, PortMapping};
 pub use shares::{Share, find_virtiofsd};
+pub use snapshot::{
+    BakeOptions, DiskIdentity, SNAPSHOT_INFO_VERSION, Snapshot, SnapshotInfo, Workload,
+    WorkloadSpec, baked_snapshots,
+};
 pub use vm::{StartTimings, Vm, VmConfig, runtime_dir};
 
 pub use supermachine_hypervisor::Hypervisor;
@@ -105,6 +110,14 @@ pub enum Error {
     /// The agent's connection ended: the guest stopped or crashed.
     #[error("the guest agent's connection ended (the VM stopped?)")]
     AgentGone,
+    /// A snapshot cannot be used.
+    #[error("snapshot {}: {why}", path.display())]
+    Snapshot {
+        /// Its directory.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The VM has ended.
     #[error("the VM has ended")]
     VmEnded,

@@ -26,9 +26,10 @@ use supermachine_vmm::{Console, DEFAULT_CMDLINE, DiskConfig, FsConfig, VsockConf
 
 use crate::MachineConfig;
 
-use crate::exec::ExecBuilder;
+use crate::exec::{ExecBuilder, KeptProcesses};
 use crate::guest::GuestImage;
 use crate::shares::{Share, Virtiofsd, find_virtiofsd};
+use crate::snapshot::{DiskIdentity, Snapshot, SnapshotInfo, Workload, check_snapshottable};
 use crate::{Error, ExitReason, Machine, Result, images, io_error};
 
 /// The guest's vsock context id (each VM has its own device).
@@ -64,6 +65,9 @@ pub struct VmConfig {
     /// How long processes get to exit on [`Vm::stop`] before they are
     /// killed and the VM is powered off anyway.
     pub stop_grace: Duration,
+    /// `KEY=VALUE` entries every process started through the agent gets
+    /// beneath its own environment (a restored VM's identity, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for VmConfig {
@@ -78,6 +82,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             ready_timeout: Duration::from_secs(120),
             stop_grace: Duration::from_secs(5),
+            env: Vec::new(),
         }
     }
 }
@@ -223,6 +228,19 @@ pub struct StartTimings {
     pub ready: Duration,
 }
 
+/// What a snapshot needs to know of the VM it saves.
+#[derive(Clone, Debug)]
+struct About {
+    cpus: u32,
+    memory_bytes: u64,
+    root_disk: PathBuf,
+    /// Why it cannot be snapshotted, if it cannot.
+    unsnapshottable: Option<String>,
+    /// Restored: the snapshot's kept processes and workload.
+    kept_pids: Vec<i32>,
+    workload: Option<Workload>,
+}
+
 /// A running VM whose agent has answered.
 pub struct Vm {
     machine: Option<Machine>,
@@ -231,6 +249,10 @@ pub struct Vm {
     stop_grace: Duration,
     hostname: String,
     timings: StartTimings,
+    /// Kept processes spawned through this handle (parked for snapshots).
+    kept: KeptProcesses,
+    /// What a snapshot of this VM records about it (`None`: attached).
+    about: Option<About>,
     /// After the machine (which `Drop` stops first): each exits once the
     /// VMM's connection closes.
     _virtiofsd: Vec<Virtiofsd>,
@@ -263,18 +285,7 @@ impl Vm {
                 source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
             });
         }
-        if options.hostname.is_empty()
-            || options.hostname.len() > 64
-            || !options
-                .hostname
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
-            return Err(Error::InvalidOption(format!(
-                "hostname {:?} is not 1-64 letters, digits, '-' or '.'",
-                options.hostname
-            )));
-        }
+        check_hostname(&options.hostname)?;
         // Shares are checked before anything is made.
         let share_dirs = options
             .shares
@@ -364,6 +375,15 @@ impl Vm {
             stop_grace: options.stop_grace,
             hostname: options.hostname.clone(),
             timings: StartTimings::default(),
+            kept: KeptProcesses::default(),
+            about: Some(About {
+                cpus: options.cpus,
+                memory_bytes: options.memory_bytes,
+                root_disk: rootfs.to_path_buf(),
+                unsnapshottable: check_snapshottable(options).err().map(|e| e.to_string()),
+                kept_pids: Vec::new(),
+                workload: None,
+            }),
             _virtiofsd: daemons,
             _dir: Some(dir),
         };
@@ -371,6 +391,9 @@ impl Vm {
         drop(ready);
         let _ = fs::remove_file(&ready_path);
         vm.idle_push(conn);
+        if !options.env.is_empty() {
+            vm.send_identity(None, &options.env)?;
+        }
         vm.timings = StartTimings {
             create: created,
             kernel_boot,
@@ -553,6 +576,8 @@ impl Vm {
             stop_grace: VmConfig::default().stop_grace,
             hostname: String::new(),
             timings: StartTimings::default(),
+            kept: KeptProcesses::default(),
+            about: None,
             _virtiofsd: Vec::new(),
             _dir: None,
         };
@@ -699,6 +724,220 @@ impl Vm {
         self.simple_request(Request::SetClock(Clock::now()))
     }
 
+    /// Gives the guest a new identity: its hostname (unless `None`) and
+    /// the environment every process started from now on gets beneath
+    /// its own; the clock is stepped and the entropy pool reseeded with
+    /// it. A restore does this with the restoring [`VmConfig`]'s.
+    pub fn set_identity(&mut self, hostname: Option<&str>, env: &[(String, String)]) -> Result<()> {
+        if let Some(h) = hostname {
+            check_hostname(h)?;
+        }
+        self.send_identity(hostname, env)?;
+        if let Some(h) = hostname {
+            self.hostname = h.to_string();
+        }
+        Ok(())
+    }
+
+    fn send_identity(&self, hostname: Option<&str>, env: &[(String, String)]) -> Result<()> {
+        let mut entropy = vec![0u8; 64];
+        getrandom::fill(&mut entropy).map_err(|e| Error::Io {
+            what: "reading host entropy".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        self.simple_request(Request::Restored(proto::Restored {
+            clock: Clock::now(),
+            entropy,
+            hostname: hostname.map(str::to_string),
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        }))
+    }
+
+    pub(crate) fn kept_processes(&self) -> &KeptProcesses {
+        &self.kept
+    }
+
+    /// The workload a restored VM's snapshot holds (its kept process,
+    /// to [`Vm::attach_process`] to).
+    pub fn workload(&self) -> Option<&Workload> {
+        self.about.as_ref().and_then(|a| a.workload.as_ref())
+    }
+
+    /// Saves the VM into `dir` (created if need be) and lets it run on:
+    /// the agent is told first (it syncs file systems and parks kept
+    /// processes' output, so none is in flight), every vCPU paused, the
+    /// devices and memory saved, then all resumes. [`Vm::restore`] (in
+    /// any process) starts copies of it.
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<crate::SnapshotStats> {
+        let info = self.snapshot_info()?;
+        self.save(dir.as_ref(), &info, false)
+    }
+
+    /// Like [`Vm::snapshot`], but the VM ends at the pause.
+    pub fn snapshot_and_stop(self, dir: impl AsRef<Path>) -> Result<crate::SnapshotStats> {
+        let info = self.snapshot_info()?;
+        self.snapshot_and_stop_into(dir.as_ref(), &info)
+    }
+
+    pub(crate) fn snapshot_and_stop_into(
+        mut self,
+        dir: &Path,
+        info: &SnapshotInfo,
+    ) -> Result<crate::SnapshotStats> {
+        let stats = self.save(dir, info, true)?;
+        if let Some(m) = self.machine.take() {
+            let _ = m.wait();
+        }
+        self.dialer.idle.clear();
+        Ok(stats)
+    }
+
+    /// What `vm.json` says of this VM when it is not a bake.
+    fn snapshot_info(&self) -> Result<SnapshotInfo> {
+        let about = self.about.as_ref().ok_or_else(|| {
+            Error::InvalidOption("a VM another process runs cannot be snapshotted from here".into())
+        })?;
+        Ok(SnapshotInfo {
+            format: crate::snapshot::SNAPSHOT_INFO_VERSION,
+            name: None,
+            image_id: None,
+            image_reference: None,
+            cpus: about.cpus,
+            memory_bytes: about.memory_bytes,
+            workload: about.workload.clone(),
+            kept: about.kept_pids.clone(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            bake_ms: 0,
+            root_disk: DiskIdentity::of(&about.root_disk)?,
+        })
+    }
+
+    fn save(&self, dir: &Path, info: &SnapshotInfo, stop: bool) -> Result<crate::SnapshotStats> {
+        let (Some(about), Some(machine)) = (&self.about, &self.machine) else {
+            return Err(Error::InvalidOption(
+                "a VM another process runs cannot be snapshotted from here".into(),
+            ));
+        };
+        if let Some(why) = &about.unsnapshottable {
+            return Err(Error::InvalidOption(why.clone()));
+        }
+        self.simple_request(Request::Quiesce)?;
+        let resume = |vm: &Vm| {
+            vm.kept.unpark();
+            vm.simple_request(Request::Resume)
+        };
+        if let Err(e) = self.kept.wait_parked(Duration::from_secs(10)) {
+            let _ = resume(self);
+            return Err(e);
+        }
+        let mut info = info.clone();
+        info.kept.extend(self.kept.pids());
+        info.kept.sort_unstable();
+        info.kept.dedup();
+        let saved = if stop {
+            machine.snapshot_and_stop(dir)
+        } else {
+            machine.snapshot(dir)
+        };
+        if !stop {
+            resume(self)?;
+        }
+        let stats = saved?;
+        let json = serde_json::to_vec_pretty(&info).map_err(|e| Error::Io {
+            what: "encoding vm.json".into(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let tmp = dir.join(".vm.json.tmp");
+        fs::write(&tmp, json)
+            .and_then(|()| fs::rename(&tmp, dir.join("vm.json")))
+            .map_err(io_error(format!(
+                "writing {}",
+                dir.join("vm.json").display()
+            )))?;
+        Ok(stats)
+    }
+
+    /// Starts a copy of the VM saved in `snapshot`: its memory mapped
+    /// copy-on-write from the snapshot (pages shared by every restore),
+    /// devices and vCPUs as they were, a fresh vsock socket. The agent is
+    /// then told the time, given fresh entropy (its pool is reseeded) and
+    /// `options`' hostname and environment. vCPUs and memory are the
+    /// snapshot's; a writable disk or shares in `options` are refused.
+    pub fn restore(snapshot: &Snapshot, options: &VmConfig) -> Result<Vm> {
+        let started = Instant::now();
+        let info = snapshot.info();
+        check_snapshottable(options)?;
+        check_hostname(&options.hostname)?;
+        let disk = DiskIdentity::of(&info.root_disk.path)?;
+        if disk != info.root_disk {
+            return Err(Error::Snapshot {
+                path: snapshot.path().to_path_buf(),
+                why: format!(
+                    "its root disk {} changed since it was taken (bake it again)",
+                    info.root_disk.path.display()
+                ),
+            });
+        }
+        let dir = RuntimeDir::create()?;
+        let socket = dir.0.join("vsock.sock");
+        let console = ConsoleTail::default();
+        let file = options
+            .console_file
+            .as_ref()
+            .map(|p| fs::File::create(p).map_err(io_error(format!("console file {}", p.display()))))
+            .transpose()?;
+        let machine = Machine::restore(crate::RestoreConfig {
+            snapshot: snapshot.path().to_path_buf(),
+            console: Console::Writer(Box::new(ConsoleWriter {
+                tail: console.clone(),
+                file,
+            })),
+            forward_stdin: false,
+            vsock_socket: Some(socket.clone()),
+        })?;
+        let created = started.elapsed();
+        let mut vm = Vm {
+            machine: Some(machine),
+            dialer: AgentDialer {
+                socket,
+                idle: IdleHandle::default(),
+            },
+            console,
+            stop_grace: options.stop_grace,
+            hostname: options.hostname.clone(),
+            timings: StartTimings::default(),
+            kept: KeptProcesses::default(),
+            about: Some(About {
+                cpus: info.cpus,
+                memory_bytes: info.memory_bytes,
+                root_disk: info.root_disk.path.clone(),
+                unsnapshottable: None,
+                kept_pids: info.kept.clone(),
+                workload: info.workload.clone(),
+            }),
+            _virtiofsd: Vec::new(),
+            _dir: Some(dir),
+        };
+        if let Err(e) = vm.send_identity(Some(&options.hostname), &options.env) {
+            return Err(match e {
+                Error::AgentGone | Error::AgentProtocol(_) | Error::VmEnded => {
+                    vm.not_ready(&format!("the restored agent did not answer: {e}"))
+                }
+                other => other,
+            });
+        }
+        vm.timings = StartTimings {
+            create: created,
+            kernel_boot: Duration::ZERO,
+            agent_setup: Duration::ZERO,
+            ready: started.elapsed(),
+        };
+        Ok(vm)
+    }
+
     /// Stops the VM: the agent terminates every process (killing what is
     /// left after the grace period), syncs and powers off; if the guest
     /// has not ended a few seconds after that, it is stopped by force.
@@ -758,6 +997,21 @@ impl Drop for Vm {
             let _ = m.wait();
         }
     }
+}
+
+/// Refuses a hostname the guest could not take.
+fn check_hostname(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(Error::InvalidOption(format!(
+            "hostname {name:?} is not 1-64 letters, digits, '-' or '.'"
+        )));
+    }
+    Ok(())
 }
 
 /// Opens connections into a VM: raw vsock ones, agent ones, TCP ones

@@ -3,6 +3,7 @@
 mod detached;
 mod run;
 mod session;
+mod snapshot;
 mod terminal;
 
 use std::path::PathBuf;
@@ -139,7 +140,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove images, and every blob and disk no other image uses.
+    /// Baked snapshots: create, ls, rm.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Remove images, and every blob, disk and snapshot no other image
+    /// uses.
     Rmi {
         /// The image references.
         #[arg(required = true)]
@@ -334,6 +339,7 @@ fn main() -> ExitCode {
         } => load(&archive, tag, platform),
         Command::Images { json } => images(json),
         Command::Rmi { images } => rmi(&images),
+        Command::Snapshot(command) => snapshot::main(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -452,7 +458,7 @@ fn rmi(images: &[String]) -> supermachine::Result<()> {
         let record = store.remove_image(&reference)?;
         println!("removed {} {}", record.reference, record.manifest_digest);
     }
-    Ok(())
+    snapshot::remove_orphans(&store)
 }
 
 fn human_size(bytes: u64) -> String {

@@ -23,6 +23,7 @@ mod bench_virtio;
 mod exchange;
 mod firecracker;
 mod run;
+mod snapshot;
 
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
@@ -470,6 +471,14 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
         (
             "run-bad-input-is-one-line-and-leaves-nothing",
             Box::new(move || run::bad_input_is_one_line_and_leaves_nothing(env)),
+        ),
+        (
+            "snapshot-agent-only-serves-any-run",
+            Box::new(move || snapshot::agent_snapshot_serves_any_run(env)),
+        ),
+        (
+            "snapshot-baked-server-restores-twenty-at-once",
+            Box::new(move || snapshot::baked_server_restores_twenty_at_once(env)),
         ),
     ]
 }

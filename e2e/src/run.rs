@@ -54,7 +54,7 @@ impl Cli {
     }
 
     /// The shared CLI with the Debian image loaded too.
-    fn with_debian(env: &Env) -> Result<&'static Cli, String> {
+    pub(crate) fn with_debian(env: &Env) -> Result<&'static Cli, String> {
         static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
         let cli = Cli::get(env)?;
         LOADED
@@ -136,7 +136,7 @@ impl Cli {
     }
 
     /// Starts `supermachine ARGS` without waiting.
-    fn spawn(&self, args: &[&str]) -> std::io::Result<Child> {
+    pub(crate) fn spawn(&self, args: &[&str]) -> std::io::Result<Child> {
         self.command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -146,7 +146,7 @@ impl Cli {
 
     /// Runs `test`; when it fails, removes the detached VM `name` it may
     /// have left, so later tests start clean.
-    fn cleaning_up(&self, name: &str, test: impl FnOnce() -> Check) -> Check {
+    pub(crate) fn cleaning_up(&self, name: &str, test: impl FnOnce() -> Check) -> Check {
         let result = test();
         if result.is_err() {
             let _ = self.run(&["rm", "-f", name]);
@@ -154,14 +154,19 @@ impl Cli {
         result
     }
 
-    fn runtime(&self) -> PathBuf {
+    /// Where baked snapshots are kept.
+    pub(crate) fn snapshots(&self) -> PathBuf {
+        self.home.join("cache/supermachine/oci/snapshots")
+    }
+
+    pub(crate) fn runtime(&self) -> PathBuf {
         self.home.join("run/supermachine")
     }
 
     /// What a run leaves behind that it should not: VM socket directories,
     /// detached VM directories other than `keep`, store temporaries, and
     /// VMM processes.
-    fn leftovers(&self, keep: &[&str]) -> Vec<String> {
+    pub(crate) fn leftovers(&self, keep: &[&str]) -> Vec<String> {
         let mut found = Vec::new();
         let list = |dir: &Path| -> Vec<String> {
             std::fs::read_dir(dir)
@@ -203,6 +208,11 @@ impl Cli {
         for name in list(&self.home.join("cache/supermachine/oci/tmp")) {
             found.push(format!("store temporary {name}"));
         }
+        for name in list(&self.snapshots()) {
+            if name.starts_with('.') {
+                found.push(format!("half-made snapshot {name}"));
+            }
+        }
         found
     }
 }
@@ -218,13 +228,13 @@ fn failed_to_start(bin: &Path, e: &std::io::Error, started: Instant) -> Run {
 
 /// Collects a child's output and status, killing it after
 /// [`COMMAND_TIMEOUT`].
-fn finish(child: Child, started: Instant) -> Run {
+pub(crate) fn finish(child: Child, started: Instant) -> Run {
     crate::finish_within(child, started, COMMAND_TIMEOUT, |_| "it hung".into())
 }
 
 /// The run is a clean one-line failure: non-zero, one line on stderr
 /// saying `what`, and nothing left behind.
-fn one_line_failure(cli: &Cli, r: &Run, what: &str) -> Check {
+pub(crate) fn one_line_failure(cli: &Cli, r: &Run, what: &str) -> Check {
     one_line_failure_keeping(cli, r, what, &[])
 }
 
@@ -248,7 +258,7 @@ fn one_line_failure_keeping(cli: &Cli, r: &Run, what: &str, keep: &[&str]) -> Ch
     )
 }
 
-fn ok_with(r: &Run, code: i32, stdout: &str) -> Check {
+pub(crate) fn ok_with(r: &Run, code: i32, stdout: &str) -> Check {
     expect(
         r.code == Some(code),
         &format!("expected exit status {code}"),
@@ -281,7 +291,7 @@ fn nonzero_tcp_stats(netstat: &str) -> String {
 }
 
 /// A loopback port nothing listens on now.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -289,7 +299,7 @@ fn free_port() -> Result<u16, String> {
 }
 
 /// One HTTP/1.0 GET to 127.0.0.1:port; the status line.
-fn http_get(port: u16, path: &str) -> Result<String, String> {
+pub(crate) fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(|e| e.to_string())?;

@@ -239,6 +239,7 @@ struct About {
     /// Restored: the snapshot's kept processes and workload.
     kept_pids: Vec<i32>,
     workload: Option<Workload>,
+    restored: bool,
 }
 
 /// A running VM whose agent has answered.
@@ -383,6 +384,7 @@ impl Vm {
                 unsnapshottable: check_snapshottable(options).err().map(|e| e.to_string()),
                 kept_pids: Vec::new(),
                 workload: None,
+                restored: false,
             }),
             _virtiofsd: daemons,
             _dir: Some(dir),
@@ -757,6 +759,11 @@ impl Vm {
         &self.kept
     }
 
+    /// True when the VM was restored from a snapshot rather than booted.
+    pub fn is_restored(&self) -> bool {
+        self.about.as_ref().is_some_and(|a| a.restored)
+    }
+
     /// The workload a restored VM's snapshot holds (its kept process,
     /// to [`Vm::attach_process`] to).
     pub fn workload(&self) -> Option<&Workload> {
@@ -917,6 +924,7 @@ impl Vm {
                 unsnapshottable: None,
                 kept_pids: info.kept.clone(),
                 workload: info.workload.clone(),
+                restored: true,
             }),
             _virtiofsd: Vec::new(),
             _dir: Some(dir),

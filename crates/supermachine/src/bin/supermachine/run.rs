@@ -259,7 +259,8 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
         let t = vm.start_timings();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         eprintln!(
-            "supermachine: timings resolve_ms={:.1} create_ms={:.1} kernel_boot_ms={:.1} agent_ready_ms={:.1} workload_ms={:.1} total_ms={:.1}",
+            "supermachine: timings restored={} resolve_ms={:.1} create_ms={:.1} kernel_boot_ms={:.1} agent_ready_ms={:.1} workload_ms={:.1} total_ms={:.1}",
+            u8::from(vm.is_restored()),
             ms(resolved),
             ms(t.create),
             ms(t.kernel_boot),

@@ -1,0 +1,234 @@
+//! Tier 3 of baked snapshots, through the CLI: a Python HTTP server on
+//! the Debian image baked once, then restored by 20 `run -d` at once,
+//! each answering, each with its own clock, entropy and hostname, and
+//! the file the workload wrote before the snapshot; an agent-only
+//! snapshot restored by a foreground `run` of any command; damaged and
+//! unknown snapshots.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::run::{Cli, free_port, http_get, ok_with, one_line_failure};
+use crate::{Check, Env, expect};
+
+/// Writes a random token (a cold start would write another), then serves
+/// HTTP on port 8000 with a backlog for many clients.
+const SERVER: &str = "import uuid, http.server as s; \
+     open('/tmp/token', 'w').write(uuid.uuid4().hex); \
+     s.ThreadingHTTPServer.request_queue_size = 256; \
+     s.test(HandlerClass=s.SimpleHTTPRequestHandler, port=8000)";
+const RESTORES: usize = 20;
+
+pub fn baked_server_restores_twenty_at_once(env: &Env) -> Check {
+    let cli = Cli::with_debian(env)?;
+    let names: Vec<String> = (0..RESTORES).map(|i| format!("snap{i}")).collect();
+    let result = baked_server(cli, &names);
+    if result.is_err() {
+        for n in &names {
+            let _ = cli.run(&["rm", "-f", n]);
+        }
+    }
+    result
+}
+
+fn baked_server(cli: &'static Cli, names: &[String]) -> Check {
+    let bake = cli.run(&[
+        "snapshot",
+        "create",
+        "--name",
+        "pyweb",
+        "-m",
+        "256M",
+        "--ready-cmd",
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/8000'",
+        "debian-python:bookworm",
+        "python3",
+        "-c",
+        SERVER,
+    ]);
+    ok_with(&bake, 0, "debian-python")?;
+    let baked_at = Instant::now();
+    println!("  baked: {}", bake.stdout.trim());
+    let ls = cli.run(&["snapshot", "ls"]);
+    ok_with(&ls, 0, "pyweb")?;
+    // Long enough that a clock not stepped after the restore shows.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(baked_at.elapsed()));
+
+    let ports: Vec<u16> = (0..names.len())
+        .map(|_| free_port())
+        .collect::<Result<_, _>>()?;
+    let started = Instant::now();
+    let runs: Vec<_> = names
+        .iter()
+        .zip(&ports)
+        .map(|(name, port)| {
+            let (name, publish) = (name.clone(), format!("127.0.0.1:{port}:8000"));
+            std::thread::spawn(move || {
+                cli.run(&[
+                    "run",
+                    "-d",
+                    "--name",
+                    &name,
+                    "-m",
+                    "256M",
+                    "-p",
+                    &publish,
+                    "debian-python:bookworm",
+                    "python3",
+                    "-c",
+                    SERVER,
+                ])
+            })
+        })
+        .collect();
+    for (run, name) in runs.into_iter().zip(names) {
+        let r = run
+            .join()
+            .map_err(|_| "a run thread panicked".to_string())?;
+        ok_with(&r, 0, name)?;
+    }
+    println!(
+        "  {} restored VMs started in {:.1?}",
+        names.len(),
+        started.elapsed()
+    );
+    let clients: Vec<_> = ports
+        .iter()
+        .map(|&port| std::thread::spawn(move || http_get(port, "/tmp/token")))
+        .collect();
+    let answers: Vec<Result<String, String>> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap_or_else(|_| Err("client panicked".into())))
+        .collect();
+    let ok = answers
+        .iter()
+        .filter(|a| a.as_deref().is_ok_and(|s| s.contains(" 200 ")))
+        .count();
+    println!(
+        "  {ok} of {} answered within {:.1?} of the first restore",
+        names.len(),
+        started.elapsed()
+    );
+    let ps = cli.run(&["ps"]);
+    expect(
+        ok == names.len(),
+        &format!("expected every restore to answer: {answers:?}"),
+        &ps,
+    )?;
+
+    let exec = |name: &str, script: &str| cli.run(&["exec", name, "sh", "-c", script]);
+    // The workload's file from before the snapshot, the same in every
+    // restore: none of them booted and started it afresh.
+    let token0 = exec(&names[0], "cat /tmp/token");
+    let token1 = exec(&names[1], "cat /tmp/token");
+    expect(
+        token0.code == Some(0)
+            && token0.stdout.trim().len() == 32
+            && token0.stdout == token1.stdout,
+        &format!(
+            "expected the baked workload's token in both restores, second said {:?}",
+            token1.stdout
+        ),
+        &token0,
+    )?;
+    // Fresh entropy, own hostname, the host's time in each.
+    let random = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; date +%s";
+    let a = exec(&names[0], random);
+    let b = exec(&names[1], random);
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let lines = |r: &crate::Run| -> Vec<String> { r.stdout.lines().map(str::to_string).collect() };
+    let (la, lb) = (lines(&a), lines(&b));
+    expect(
+        a.code == Some(0) && la.len() == 3 && lb.len() == 3,
+        "expected random bytes, hostname and time",
+        &a,
+    )?;
+    expect(
+        la[0].len() == 32 && la[0] != lb[0],
+        &format!("expected different random bytes, both read {}", la[0]),
+        &b,
+    )?;
+    expect(
+        la[1] != lb[1],
+        &format!("expected each restore its own hostname, both are {}", la[1]),
+        &b,
+    )?;
+    let guest_now: i64 = la[2].trim().parse().unwrap_or(0);
+    expect(
+        (guest_now - host_now).abs() <= 3,
+        &format!(
+            "expected the guest clock stepped to the host's: guest {guest_now}, host {host_now}"
+        ),
+        &a,
+    )?;
+    for name in names {
+        ok_with(&cli.run(&["rm", "-f", name]), 0, name)?;
+    }
+    let rm = cli.run(&["snapshot", "rm", "pyweb"]);
+    ok_with(&rm, 0, "removed")?;
+    let left = cli.leftovers(&[]);
+    expect(left.is_empty(), &format!("left behind: {left:?}"), &rm)
+}
+
+/// An agent-only snapshot serves any command's `run`; `--no-snapshot`
+/// boots; a damaged snapshot is passed over with one warning line; an
+/// unknown one is refused in one line.
+pub fn agent_snapshot_serves_any_run(env: &Env) -> Check {
+    let cli = Cli::shared(env)?;
+    let bake = cli.run(&["snapshot", "create", "--no-workload", "-m", "256M", "demo"]);
+    ok_with(&bake, 0, "demo")?;
+    let id = bake
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "-m", "256M"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["demo", "sh", "-c", "echo hi from $(hostname)"]);
+        cli.run_timed(&args)
+    };
+    let restored = run(&["--hostname", "restored-one"]);
+    ok_with(&restored, 0, "hi from restored-one")?;
+    expect(
+        restored.stderr.contains("restored=1"),
+        "expected the run to restore the snapshot",
+        &restored,
+    )?;
+    let cold = run(&["--no-snapshot"]);
+    ok_with(&cold, 0, "hi from")?;
+    expect(
+        cold.stderr.contains("restored=0"),
+        "expected --no-snapshot to boot",
+        &cold,
+    )?;
+    // A flipped byte in the state file: refused by its checksum, and the
+    // run boots instead, saying so.
+    let state = cli.snapshots().join(&id).join("state");
+    let mut bytes = std::fs::read(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&state, &bytes).map_err(|e| e.to_string())?;
+    let damaged = run(&[]);
+    ok_with(&damaged, 0, "hi from")?;
+    expect(
+        damaged.stderr.contains("not restoring snapshot")
+            && damaged.stderr.contains("restored=0")
+            && damaged.stderr.lines().count() == 2,
+        "expected one warning line, then a boot",
+        &damaged,
+    )?;
+    one_line_failure(
+        cli,
+        &cli.run(&["snapshot", "rm", "no-such-snapshot"]),
+        "no snapshot named",
+    )?;
+    ok_with(&cli.run(&["snapshot", "rm", &id]), 0, "removed")?;
+    let ls = cli.run(&["snapshot", "ls"]);
+    expect(!ls.stdout.contains(&id), "expected the snapshot gone", &ls)?;
+    let left = cli.leftovers(&[]);
+    expect(left.is_empty(), &format!("left behind: {left:?}"), &ls)
+}

@@ -633,6 +633,11 @@ pub(crate) fn check_cpu_model(saved: &[CpuidEntry], supported: &CpuId) -> hv::Re
 pub(crate) fn check_cpu_features(saved: &[CpuidEntry], fresh: &CpuId) -> hv::Result<()> {
     const HYPERVISOR: u32 = 1 << 31;
     const HTT: u32 = 1 << 28;
+    // Bits that mirror what the guest OS enabled (CR4.OSXSAVE, CR4.PKE),
+    // which KVM updates in the vCPU's CPUID as the guest sets them: a
+    // fresh vCPU shows them clear.
+    const OSXSAVE: u32 = 1 << 27;
+    const OSPKE: u32 = 1 << 4;
     let fresh = entries_of(fresh);
     for (function, index) in [(1, 0), (7, 0), (0x8000_0001, 0)] {
         let (Some(s), Some(h)) = (find(saved, function, index), find(&fresh, function, index))
@@ -642,12 +647,12 @@ pub(crate) fn check_cpu_features(saved: &[CpuidEntry], fresh: &CpuId) -> hv::Res
         let regs: &[(&str, u32, u32, u32)] = match function {
             // The hypervisor bit and HTT follow the VM's own topology.
             1 => &[
-                ("ecx", s.ecx, h.ecx, HYPERVISOR),
+                ("ecx", s.ecx, h.ecx, HYPERVISOR | OSXSAVE),
                 ("edx", s.edx, h.edx, HTT),
             ],
             7 => &[
                 ("ebx", s.ebx, h.ebx, 0),
-                ("ecx", s.ecx, h.ecx, 0),
+                ("ecx", s.ecx, h.ecx, OSPKE),
                 ("edx", s.edx, h.edx, 0),
             ],
             _ => &[("ecx", s.ecx, h.ecx, 0), ("edx", s.edx, h.edx, 0)],

@@ -164,8 +164,32 @@ fn a_vcpu_using_features_this_host_lacks_is_refused() {
         .iter_mut()
         .find(|e| e.function == 7 && e.index == 0)
         .unwrap();
+    // OSPKE mirrors the guest's CR4.PKE (a booted Linux sets it): not a
+    // feature the host must have.
+    leaf7.ecx |= 1 << 4;
+    let mut os_bits_only = state.clone();
+    if let Some(leaf1) = os_bits_only.cpuid.iter_mut().find(|e| e.function == 1) {
+        leaf1.ecx |= 1 << 27; // OSXSAVE, the same for CR4.OSXSAVE
+    }
+    let vm1 = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
+    let mut vcpu1 = vm1.create_vcpu(0).unwrap();
+    let checked = vcpu1.restore_state(&os_bits_only);
+    assert!(
+        !checked
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("CPU features this host lacks")),
+        "{checked:?}"
+    );
     // A feature this host does not give its guests.
-    let absent = (0..32).find(|b| leaf7.ecx & (1 << b) == 0).unwrap();
+    let leaf7 = state
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == 7 && e.index == 0)
+        .unwrap();
+    let absent = (0..32)
+        .filter(|b| *b != 4)
+        .find(|b| leaf7.ecx & (1 << b) == 0)
+        .unwrap();
     leaf7.ecx |= 1 << absent;
     let vm2 = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
     let e = vm2

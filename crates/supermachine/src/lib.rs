@@ -40,6 +40,7 @@ use std::sync::Arc;
 mod exec;
 mod guest;
 mod image;
+mod pool;
 mod ports;
 mod shares;
 mod snapshot;
@@ -51,6 +52,7 @@ pub use exec::{
 };
 pub use guest::GuestImage;
 pub use image::Image;
+pub use pool::{Pool, PoolConfig, PoolStats, PooledVm};
 pub use ports::{PortForward, PortMapping};
 pub use shares::{Share, find_virtiofsd};
 pub use snapshot::{

@@ -539,3 +539,165 @@ pub fn stop_shared(vm: &mut AgentVm) -> Check {
         _ => Ok(()),
     }
 }
+
+/// Numbers a counting process prints, one per line, as they come.
+fn count_lines(reader: supermachine::OutputReader) -> std::sync::mpsc::Receiver<u64> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(n) = line.map(|l| l.trim().parse::<u64>()) else {
+                return;
+            };
+            if tx.send(n.unwrap_or(u64::MAX)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Takes `n` more numbers, checking each follows the one before.
+fn take_consecutive(rx: &std::sync::mpsc::Receiver<u64>, last: &mut Option<u64>, n: usize) -> Check {
+    for _ in 0..n {
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| format!("the counter stopped after {last:?}"))?;
+        if let Some(prev) = *last {
+            ensure(got == prev + 1, || format!("the counter went from {prev} to {got}"))?;
+        }
+        *last = Some(got);
+    }
+    Ok(())
+}
+
+/// A VM with a kept counting process is snapshotted while it runs (the
+/// count goes on without a gap), then snapshotted and stopped; a restore
+/// in this process takes the counter over exactly where it stopped, has
+/// the file written before, and its own hostname and environment; a
+/// pool of that snapshot hands out distinct ready VMs, respects its
+/// maximum and refills.
+pub fn snapshot_restore_and_pool(env: &Env) -> Check {
+    let base = std::env::temp_dir().join(format!("sm-e2e-snapshots-{}", std::process::id()));
+    let result = snapshot_restore_and_pool_in(env, &base);
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
+fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
+    use supermachine::{Pool, PoolConfig, Snapshot};
+    let e = |e: supermachine::Error| e.to_string();
+    let mut opts = options(env, "snap-source");
+    opts.memory_bytes = 256 << 20;
+    let vm = Vm::start(&env.asset("rootfs.erofs"), &opts).map_err(e)?;
+    vm.write_file("/tmp/before", b"written before the snapshot")
+        .map_err(e)?;
+    let mut counter = vm
+        .exec([
+            "sh",
+            "-c",
+            "i=0; while true; do echo $i; i=$((i+1)); sleep 0.02; done",
+        ])
+        .keep()
+        .spawn()
+        .map_err(e)?;
+    let pid = counter.pid();
+    let rx = count_lines(counter.take_stdout().ok_or("no stdout")?);
+    let mut last = None;
+    take_consecutive(&rx, &mut last, 5)?;
+    let running = base.join("running");
+    let stats = vm.snapshot(&running).map_err(e)?;
+    println!(
+        "  snapshot while running: {:.1?} paused, {} MiB of memory written",
+        stats.paused,
+        stats.memory_data_bytes >> 20
+    );
+    take_consecutive(&rx, &mut last, 10)?;
+    println!("  the count went on after the snapshot (at {last:?})");
+    let stopped = base.join("stopped");
+    vm.snapshot_and_stop(&stopped).map_err(e)?;
+    println!("  snapshot and stop done");
+    // Everything the counter printed before the pause arrives; nothing after.
+    while let Ok(n) = rx.recv_timeout(Duration::from_secs(2)) {
+        ensure(Some(n) == last.map(|l| l + 1), || {
+            format!("after {last:?} the counter printed {n}")
+        })?;
+        last = Some(n);
+    }
+    drop(counter);
+
+    let snapshot = Snapshot::open(&stopped).map_err(e)?;
+    let mut copy_opts = opts.clone();
+    copy_opts.hostname = "restored-copy".into();
+    copy_opts.env = vec![("ROLE".into(), "copy".into())];
+    let console = base.join("copy-console.log");
+    copy_opts.console_file = Some(console.clone());
+    let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
+    let began = Instant::now();
+    let copy = snapshot
+        .start(&copy_opts)
+        .map_err(|err| format!("{err}; console: {}", console_text()))?;
+    println!("  restored in {:.1?}", began.elapsed());
+    let mut attached = copy
+        .attach_process(pid)
+        .map_err(|err| format!("{err}; console: {}", console_text()))?;
+    let rx = count_lines(attached.take_stdout().ok_or("no stdout")?);
+    take_consecutive(&rx, &mut last, 10)?;
+    let before = copy.read_file("/tmp/before").map_err(e)?;
+    ensure(before == b"written before the snapshot", || {
+        format!("/tmp/before after the restore: {before:?}")
+    })?;
+    let who = run(&copy, &["sh", "-c", "echo $ROLE $(hostname) $HOSTNAME"])?;
+    ensure(
+        String::from_utf8_lossy(&who.stdout) == "copy restored-copy restored-copy\n",
+        || format!("identity after the restore: {who:?}"),
+    )?;
+    attached.signal(9).map_err(e)?;
+    let exit = attached.wait().map_err(e)?;
+    ensure(exit.status.signal() == Some(9), || format!("counter exit: {exit:?}"))?;
+    drop(copy);
+
+    let pool = Pool::new(
+        Snapshot::open(&running).map_err(e)?,
+        PoolConfig {
+            min_ready: 2,
+            max_vms: 3,
+            vm: opts.clone(),
+            ..PoolConfig::default()
+        },
+    )
+    .map_err(e)?;
+    ensure(pool.wait_ready(2, Duration::from_secs(120)), || {
+        format!("the pool did not fill: {:?}", pool.stats())
+    })?;
+    let began = Instant::now();
+    let a = pool.acquire().map_err(e)?;
+    let took = began.elapsed();
+    let b = pool.acquire().map_err(e)?;
+    let c = pool.acquire().map_err(e)?;
+    println!("  pool: acquire of a ready VM took {took:.1?}");
+    let sockets = [a.vsock_socket(), b.vsock_socket(), c.vsock_socket()];
+    ensure(
+        sockets[0] != sockets[1] && sockets[1] != sockets[2] && sockets[0] != sockets[2],
+        || format!("the pool handed out one VM twice: {sockets:?}"),
+    )?;
+    for vm in [&a, &b, &c] {
+        let out = run(vm, &["cat", "/tmp/before"])?;
+        ensure(out.stdout == b"written before the snapshot", || {
+            format!("a pooled VM: {out:?}")
+        })?;
+    }
+    ensure(pool.try_acquire().is_none(), || {
+        "the pool went past max_vms".to_string()
+    })?;
+    drop(a);
+    ensure(pool.wait_ready(1, Duration::from_secs(120)), || {
+        format!("the pool did not refill: {:?}", pool.stats())
+    })?;
+    let stats = pool.stats();
+    ensure(
+        stats.handed_out == 3 && stats.in_use == 2 && stats.failed == 0 && stats.ready == 1,
+        || format!("pool stats: {stats:?}"),
+    )?;
+    Ok(())
+}

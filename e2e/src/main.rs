@@ -425,6 +425,10 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             Box::new(move || agent::writable_disk_outlives_the_vm(env)),
         ),
         (
+            "agent-snapshot-keeps-a-process-restores-and-pools",
+            Box::new(move || agent::snapshot_restore_and_pool(env)),
+        ),
+        (
             "run-demo-image-by-path",
             Box::new(move || run::demo_image_runs_by_path(env)),
         ),
@@ -734,7 +738,7 @@ fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     };
     let mut vm = agent::AgentVm::new();
     for (name, test) in tests(env, &vm) {
-        if only.is_some_and(|o| !name.contains(o)) {
+        if only.is_some_and(|o| !o.split(',').any(|o| name.contains(o))) {
             continue;
         }
         let started = Instant::now();

@@ -193,7 +193,7 @@ fn run_runner(
 
 fn e2e() -> Result<()> {
     let (mode, bins, assets) = prepare()?;
-    // SUPERMACHINE_E2E_ONLY=substring runs only the tests whose names
+    // SUPERMACHINE_E2E_ONLY=substring[,substring] runs only the tests whose names
     // contain it (for working on one test).
     let args = match std::env::var("SUPERMACHINE_E2E_ONLY") {
         Ok(only) if !only.trim().is_empty() => format!("test --only {}", only.trim()),

@@ -38,6 +38,8 @@ const GUEST_CID: u64 = 3;
 const MAX_IDLE_CONNECTIONS: usize = 16;
 /// How long a refused agent connection is retried.
 const AGENT_CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+/// How long the guest may take to accept a vsock connection.
+const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Console bytes kept for error messages.
 const CONSOLE_TAIL: usize = 16 << 10;
 
@@ -747,12 +749,31 @@ impl Vm {
             what: "reading host entropy".into(),
             source: io::Error::other(e.to_string()),
         })?;
-        self.simple_request(Request::Restored(proto::Restored {
+        let mut c = self.agent_conn()?;
+        // A guest that cannot answer (a restore gone wrong) must not
+        // hold its caller forever.
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_error("agent connection"))?;
+        c.send(&HostMessage::Request(Request::Restored(proto::Restored {
             clock: Clock::now(),
             entropy,
             hostname: hostname.map(str::to_string),
             env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        }))
+        })))?;
+        let answer = c.recv();
+        let _ = c.stream.set_read_timeout(None);
+        match answer? {
+            AgentMessage::Ok => {
+                self.idle_push(c.stream);
+                Ok(())
+            }
+            AgentMessage::Error(e) => {
+                self.idle_push(c.stream);
+                Err(Error::Agent(e.message))
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     pub(crate) fn kept_processes(&self) -> &KeptProcesses {
@@ -929,13 +950,23 @@ impl Vm {
             _virtiofsd: Vec::new(),
             _dir: Some(dir),
         };
-        if let Err(e) = vm.send_identity(Some(&options.hostname), &options.env) {
-            return Err(match e {
-                Error::AgentGone | Error::AgentProtocol(_) | Error::VmEnded => {
-                    vm.not_ready(&format!("the restored agent did not answer: {e}"))
+        // The guest handles the vsock transport reset when it runs again;
+        // a connection the host opens before that is reset with the old
+        // ones, so the first exchange is retried until it holds.
+        let deadline = Instant::now() + options.ready_timeout.min(Duration::from_secs(30));
+        loop {
+            match vm.send_identity(Some(&options.hostname), &options.env) {
+                Ok(()) => break,
+                Err(Error::AgentGone | Error::AgentProtocol(_))
+                    if Instant::now() < deadline && !vm.has_ended() =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                other => other,
-            });
+                Err(e @ (Error::AgentGone | Error::AgentProtocol(_) | Error::VmEnded)) => {
+                    return Err(vm.not_ready(&format!("the restored agent did not answer: {e}")));
+                }
+                Err(other) => return Err(other),
+            }
         }
         vm.timings = StartTimings {
             create: created,
@@ -1035,6 +1066,10 @@ impl AgentDialer {
         let mut s = UnixStream::connect(&self.socket)
             .map_err(io_error(format!("connecting to {}", self.socket.display())))?;
         let refused = || Error::GuestPort(format!("nothing listens on guest vsock port {port}"));
+        // The guest answers the connection request; one that cannot (a
+        // wedged guest) must not hold the caller forever.
+        s.set_read_timeout(Some(VSOCK_CONNECT_TIMEOUT))
+            .map_err(io_error("vsock connection"))?;
         s.write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(|_| refused())?;
         let mut line = Vec::with_capacity(16);
@@ -1049,6 +1084,8 @@ impl AgentDialer {
         if !line.starts_with(b"OK ") {
             return Err(refused());
         }
+        s.set_read_timeout(None)
+            .map_err(io_error("vsock connection"))?;
         Ok(s)
     }
 

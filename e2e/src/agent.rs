@@ -558,34 +558,38 @@ fn count_lines(reader: supermachine::OutputReader) -> std::sync::mpsc::Receiver<
 }
 
 /// Takes `n` more numbers, checking each follows the one before.
-fn take_consecutive(rx: &std::sync::mpsc::Receiver<u64>, last: &mut Option<u64>, n: usize) -> Check {
+fn take_consecutive(
+    rx: &std::sync::mpsc::Receiver<u64>,
+    last: &mut Option<u64>,
+    n: usize,
+) -> Check {
     for _ in 0..n {
         let got = rx
             .recv_timeout(Duration::from_secs(60))
             .map_err(|_| format!("the counter stopped after {last:?}"))?;
         if let Some(prev) = *last {
-            ensure(got == prev + 1, || format!("the counter went from {prev} to {got}"))?;
+            ensure(got == prev + 1, || {
+                format!("the counter went from {prev} to {got}")
+            })?;
         }
         *last = Some(got);
     }
     Ok(())
 }
 
-/// A VM with a kept counting process is snapshotted while it runs (the
-/// count goes on without a gap), then snapshotted and stopped; a restore
-/// in this process takes the counter over exactly where it stopped, has
-/// the file written before, and its own hostname and environment; a
-/// pool of that snapshot hands out distinct ready VMs, respects its
-/// maximum and refills.
-pub fn snapshot_restore_and_pool(env: &Env) -> Check {
-    let base = std::env::temp_dir().join(format!("sm-e2e-snapshots-{}", std::process::id()));
-    let result = snapshot_restore_and_pool_in(env, &base);
+/// A VM with a kept counting process is snapshotted while it runs: the
+/// count goes on without a gap or a repeat; then snapshotted and stopped:
+/// everything printed before the pause arrives, nothing after.
+pub fn snapshot_while_running(env: &Env) -> Check {
+    let base = std::env::temp_dir().join(format!("sm-e2e-snapshot-{}", std::process::id()));
+    let result = snapshot_kept_counter(env, &base).map(|_| ());
     let _ = std::fs::remove_dir_all(&base);
     result
 }
 
-fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
-    use supermachine::{Pool, PoolConfig, Snapshot};
+/// The source half of the snapshot tests: returns the counter's pid and
+/// last number, and the two snapshots (running, stopped) under `base`.
+fn snapshot_kept_counter(env: &Env, base: &std::path::Path) -> Result<(i32, Option<u64>), String> {
     let e = |e: supermachine::Error| e.to_string();
     let mut opts = options(env, "snap-source");
     opts.memory_bytes = 256 << 20;
@@ -605,27 +609,48 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
     let rx = count_lines(counter.take_stdout().ok_or("no stdout")?);
     let mut last = None;
     take_consecutive(&rx, &mut last, 5)?;
-    let running = base.join("running");
-    let stats = vm.snapshot(&running).map_err(e)?;
+    let stats = vm.snapshot(base.join("running")).map_err(e)?;
     println!(
         "  snapshot while running: {:.1?} paused, {} MiB of memory written",
         stats.paused,
         stats.memory_data_bytes >> 20
     );
     take_consecutive(&rx, &mut last, 10)?;
-    println!("  the count went on after the snapshot (at {last:?})");
-    let stopped = base.join("stopped");
-    vm.snapshot_and_stop(&stopped).map_err(e)?;
-    println!("  snapshot and stop done");
+    vm.snapshot_and_stop(base.join("stopped")).map_err(e)?;
     // Everything the counter printed before the pause arrives; nothing after.
+    let mut after_stop = 0;
     while let Ok(n) = rx.recv_timeout(Duration::from_secs(2)) {
         ensure(Some(n) == last.map(|l| l + 1), || {
             format!("after {last:?} the counter printed {n}")
         })?;
         last = Some(n);
+        after_stop += 1;
     }
-    drop(counter);
+    ensure(after_stop < 50, || {
+        format!("{after_stop} numbers after the VM stopped")
+    })?;
+    Ok((pid, last))
+}
 
+/// [`snapshot_while_running`]'s snapshots restored: a restore
+/// in this process takes the counter over exactly where it stopped, has
+/// the file written before, and its own hostname and environment; a
+/// pool of that snapshot hands out distinct ready VMs, respects its
+/// maximum and refills.
+pub fn snapshot_restore_and_pool(env: &Env) -> Check {
+    let base = std::env::temp_dir().join(format!("sm-e2e-snapshots-{}", std::process::id()));
+    let result = snapshot_restore_and_pool_in(env, &base);
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
+fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
+    use supermachine::{Pool, PoolConfig, Snapshot};
+    let e = |e: supermachine::Error| e.to_string();
+    let (pid, mut last) = snapshot_kept_counter(env, base)?;
+    let (running, stopped) = (base.join("running"), base.join("stopped"));
+    let mut opts = options(env, "snap-copy");
+    opts.memory_bytes = 256 << 20;
     let snapshot = Snapshot::open(&stopped).map_err(e)?;
     let mut copy_opts = opts.clone();
     copy_opts.hostname = "restored-copy".into();
@@ -654,7 +679,9 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
     )?;
     attached.signal(9).map_err(e)?;
     let exit = attached.wait().map_err(e)?;
-    ensure(exit.status.signal() == Some(9), || format!("counter exit: {exit:?}"))?;
+    ensure(exit.status.signal() == Some(9), || {
+        format!("counter exit: {exit:?}")
+    })?;
     drop(copy);
 
     let pool = Pool::new(

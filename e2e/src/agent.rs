@@ -728,3 +728,130 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
     )?;
     Ok(())
 }
+
+/// Debugging aid (not in CI): restores the stopped snapshot as a bare
+/// machine with its console on stdout, saves it again every second, and
+/// prints what each saved state says of the vCPU and interrupt state.
+pub fn restore_probe(env: &Env) -> Check {
+    let base = std::env::temp_dir().join(format!("sm-e2e-probe-{}", std::process::id()));
+    let result = restore_probe_in(env, &base);
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
+fn restore_probe_in(env: &Env, base: &std::path::Path) -> Check {
+    let e = |e: supermachine::Error| e.to_string();
+    snapshot_kept_counter(env, base)?;
+    let stopped = base.join("stopped");
+    let machine = supermachine::Machine::restore(supermachine::RestoreConfig {
+        snapshot: stopped.clone(),
+        console: supermachine::Console::Stdout,
+        forward_stdin: false,
+        vsock_socket: Some(base.join("probe.sock")),
+    })
+    .map_err(e)?;
+    let mut dirs = vec![stopped];
+    let sock = base.join("probe.sock");
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let answer = std::os::unix::net::UnixStream::connect(&sock).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"CONNECT 1024\n")?;
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        println!("  probe connect to 1024: {answer:?}");
+    });
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_secs(1));
+        let dir = base.join(format!("probe{i}"));
+        machine.snapshot(&dir).map_err(e)?;
+        dirs.push(dir);
+    }
+    machine.stop();
+    let _ = machine.wait();
+    for dir in &dirs {
+        let st = supermachine_vmm::read_snapshot_state(dir).map_err(|e| e.to_string())?;
+        println!(
+            "  {}: clock_ns={} ioapic irr={:#x} redir[0..8]={:x?}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            st.vm.clock_ns,
+            st.vm.ioapic.irr,
+            &st.vm.ioapic.redirection[..8]
+        );
+        for v in &st.vcpus {
+            let msr = |i: u32| v.msrs.iter().find(|m| m.index == i).map(|m| m.data);
+            let reg = |off: usize| {
+                v.lapic
+                    .get(off..off + 4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0)
+            };
+            let words = |base: usize| (0..8).map(|i| reg(base + i * 16)).collect::<Vec<_>>();
+            println!(
+                "    rip={:#x} rflags={:#x} mp={:?} tsc={:?} deadline={:?} lvtt={:#x} tmict={:#x} tpr={:#x} isr={:x?} irr={:x?} pending={:x?} events={:?}",
+                v.regs.rip,
+                v.regs.rflags,
+                v.mp_state,
+                msr(0x10),
+                msr(0x6e0),
+                reg(0x320),
+                reg(0x380),
+                reg(0x80),
+                words(0x100),
+                words(0x200),
+                v.pending_interrupts,
+                v.events
+            );
+            let kvm: Vec<String> = v
+                .msrs
+                .iter()
+                .filter(|m| m.index >= 0x4b56_4d00 && m.index < 0x4b56_4e00)
+                .map(|m| format!("{:#x}={:#x}", m.index, m.data))
+                .collect();
+            println!("    kvm msrs: {}", kvm.join(" "));
+        }
+        let memory = std::fs::read(dir.join("memory")).unwrap_or_default();
+        let u16_at = |gpa: u64| {
+            let i = gpa as usize;
+            memory
+                .get(i..i + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .unwrap_or(0xffff)
+        };
+        for d in &st.devices {
+            let t = &d.transport;
+            let queues: Vec<String> = t
+                .queues
+                .iter()
+                .map(|q| {
+                    format!(
+                        "[size {} next_avail {} next_used {} evidx {} | mem avail.idx {} used.idx {} avail.flags {} used_event {} avail_event {}]",
+                        q.size,
+                        q.next_avail,
+                        q.next_used,
+                        q.event_idx_enabled,
+                        u16_at(q.avail_ring + 2),
+                        u16_at(q.used_ring + 2),
+                        u16_at(q.avail_ring),
+                        u16_at(q.avail_ring + 4 + 2 * u64::from(q.size)),
+                        u16_at(q.used_ring + 4 + 8 * u64::from(q.size)),
+                    )
+                })
+                .collect();
+            println!(
+                "    device {:?} irq {} status {:#x} int {:#x} active {} queues {}",
+                d.kind,
+                d.irq,
+                t.status,
+                t.interrupt_status,
+                t.active,
+                queues.join(" ")
+            );
+        }
+    }
+    Err("probe done (a debugging aid always reports)".into())
+}

@@ -433,6 +433,10 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             Box::new(move || agent::snapshot_restore_and_pool(env)),
         ),
         (
+            "debug-restore-probe",
+            Box::new(move || agent::restore_probe(env)),
+        ),
+        (
             "run-demo-image-by-path",
             Box::new(move || run::demo_image_runs_by_path(env)),
         ),
@@ -733,6 +737,7 @@ impl Drop for Watchdog {
 /// named exactly, so that they are there to run while the capability is
 /// worked on, and CI says they were skipped.
 const KNOWN_FAILING: &[(&str, &str)] = &[
+    ("debug-restore-probe", "a debugging aid"),
     (
         "agent-snapshot-restores-a-linux-guest-and-pools",
         "a restored Linux guest does not answer vsock in the test host",

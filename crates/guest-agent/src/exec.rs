@@ -134,11 +134,15 @@ impl SharedOutbox {
         self.changed.notify_all();
     }
 
-    /// The reader of connection `generation` lost it.
+    /// The reader of connection `generation` lost it. The connection is
+    /// let go at once: a socket kept open here would stay in the guest's
+    /// table of connections, where a new connection from the same host
+    /// port (a restored VMM's) would meet it instead of the listener.
     fn lose(&self, generation: u64) {
         let mut o = self.lock();
         if o.generation == generation {
             o.lost = true;
+            o.conn = Box::new(io::sink());
         }
     }
 

@@ -902,13 +902,34 @@ impl VirtioDevice for Vsock {
         Some(states)
     }
 
+    /// The next host port to hand out. A restored guest may still hold
+    /// sockets of the old VMM's connections until it has handled the
+    /// transport reset (and their owners have closed them); a new
+    /// connection reusing one of their ports would meet that socket, not a
+    /// listener, and get no answer. So the restored device goes on from
+    /// where the old one stopped.
+    fn save_state(&self) -> Vec<u8> {
+        self.next_host_port.to_le_bytes().to_vec()
+    }
+
     fn restore_state(&mut self, state: &[u8]) -> Result<(), supermachine_virtio_mmio::Error> {
-        if !state.is_empty() {
+        let next = match state {
+            // Written before the port was saved.
+            [] => FIRST_HOST_PORT,
+            [a, b, c, d] => u32::from_le_bytes([*a, *b, *c, *d]),
+            _ => {
+                return Err(supermachine_virtio_mmio::Error::Restore(format!(
+                    "virtio-vsock state is 4 bytes, the snapshot has {}",
+                    state.len()
+                )));
+            }
+        };
+        if next < FIRST_HOST_PORT {
             return Err(supermachine_virtio_mmio::Error::Restore(format!(
-                "virtio-vsock keeps no state, but the snapshot has {} bytes",
-                state.len()
+                "virtio-vsock state: host port {next} is below {FIRST_HOST_PORT}"
             )));
         }
+        self.next_host_port = next;
         // Host sockets do not survive the old VMM: the guest's connections
         // are over, and the event tells it so.
         self.transport_reset_owed = true;

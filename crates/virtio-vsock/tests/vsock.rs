@@ -575,6 +575,16 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     notify(&mut g.dev, 2);
     assert!(g.event.pop_used(&g.mem).is_none());
 
+    // A host-initiated connection takes a host port.
+    let path = g.path.clone();
+    let host = thread::spawn(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"CONNECT 5001\n").unwrap();
+        s
+    });
+    let old_port = g.expect_op(op::REQUEST).src_port;
+    let _old_host_connection = host.join().unwrap();
+
     let state = g.dev.save();
     assert!(state.active);
     // The device holds an RX buffer for its next packet; the snapshot hands
@@ -603,7 +613,9 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     let mut rest = Vec::new();
     assert_eq!(old_host_side.read_to_end(&mut rest).unwrap(), 0);
 
-    // The restored device works: a host connection reaches the guest.
+    // The restored device works: a host connection reaches the guest, from
+    // a host port after the old device's (a guest that has not yet handled
+    // the reset still holds sockets on those).
     let path = g.path.clone();
     let host = thread::spawn(move || {
         let mut s = UnixStream::connect(&path).unwrap();
@@ -612,6 +624,11 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     });
     let req = g.expect_op(op::REQUEST);
     assert_eq!(req.dst_port, 6000);
+    assert!(
+        req.src_port > old_port,
+        "host port {} reused (the old device had reached {old_port})",
+        req.src_port
+    );
     drop(host.join().unwrap());
 }
 

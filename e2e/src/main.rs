@@ -433,10 +433,6 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             Box::new(move || agent::snapshot_restore_and_pool(env)),
         ),
         (
-            "debug-restore-probe",
-            Box::new(move || agent::restore_probe(env)),
-        ),
-        (
             "run-demo-image-by-path",
             Box::new(move || run::demo_image_runs_by_path(env)),
         ),
@@ -733,25 +729,6 @@ impl Drop for Watchdog {
     }
 }
 
-/// Tests of capabilities that do not work yet, with why: skipped unless
-/// named exactly, so that they are there to run while the capability is
-/// worked on, and CI says they were skipped.
-const KNOWN_FAILING: &[(&str, &str)] = &[
-    ("debug-restore-probe", "a debugging aid"),
-    (
-        "agent-snapshot-restores-a-linux-guest-and-pools",
-        "a restored Linux guest does not answer vsock in the test host",
-    ),
-    (
-        "snapshot-agent-only-serves-any-run",
-        "a restored Linux guest does not answer vsock in the test host",
-    ),
-    (
-        "snapshot-baked-server-restores-twenty-at-once",
-        "a restored Linux guest does not answer vsock in the test host",
-    ),
-];
-
 fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     let record = |name: &str, started: Instant, result: Check| match result {
         Ok(()) => {
@@ -765,16 +742,7 @@ fn run_tests(env: &Env, only: Option<&str>) -> ExitCode {
     };
     let mut vm = agent::AgentVm::new();
     for (name, test) in tests(env, &vm) {
-        let named = only.is_some_and(|o| o.split(',').any(|o| name == o));
         if only.is_some_and(|o| !o.split(',').any(|o| name.contains(o))) {
-            continue;
-        }
-        if let Some((_, why)) = KNOWN_FAILING.iter().find(|(n, _)| *n == name)
-            && !named
-        {
-            println!(
-                "SKIP {name}: known to fail ({why}); name it exactly in SUPERMACHINE_E2E_ONLY to run it"
-            );
             continue;
         }
         let started = Instant::now();

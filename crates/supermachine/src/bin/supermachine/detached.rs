@@ -335,17 +335,23 @@ fn boot(dir: &Path) -> Result<Running> {
     args.image = request.image_id.clone();
     let mut prepared = args.prepare(&request.id)?;
     prepared.config.console_file = Some(dir.join("console.log"));
-    let vm = Arc::new(prepared.image.start(&prepared.config)?);
+    let (vm, restored) = crate::run::start_vm(&prepared, &args)?;
+    let vm = Arc::new(vm);
     let mut forwards = Vec::new();
     for (listener, guest_port) in prepared.listeners {
         forwards.push(vm.forward_port(listener, guest_port)?);
     }
     let spec: &ProcessSpec = &prepared.spec;
-    let mut exec = vm.exec_spec(spec);
-    if args.tty {
-        exec = exec.tty(24, 80);
-    }
-    let mut process = exec.spawn()?;
+    let mut process = match restored {
+        Some(pid) => vm.attach_process(pid)?,
+        None => {
+            let mut exec = vm.exec_spec(spec);
+            if args.tty {
+                exec = exec.tty(24, 80);
+            }
+            exec.spawn()?
+        }
+    };
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)

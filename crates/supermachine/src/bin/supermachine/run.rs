@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// before the VM is stopped.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub stop_timeout: u64,
+    /// Boot the VM even when a baked snapshot of the image (`snapshot
+    /// create`) matches this run.
+    #[arg(long)]
+    pub no_snapshot: bool,
     /// The platform to pick from a multi-platform image, as os/arch.
     #[arg(long, value_parser = parse_platform)]
     pub platform: Option<Platform>,
@@ -242,13 +246,14 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
     // The root disk too: building it (first run only) is resolving.
     prepared.image.rootfs()?;
     let resolved = started.elapsed();
-    let vm = Arc::new(prepared.image.start(&prepared.config)?);
+    let (vm, restored_workload) = start_vm(&prepared, args)?;
+    let vm = Arc::new(vm);
     let mut forwards = Vec::new();
     for (listener, guest_port) in prepared.listeners {
         forwards.push(vm.forward_port(listener, guest_port)?);
     }
     let workload_started = Instant::now();
-    let status = run_workload(&vm, &prepared.spec, args);
+    let status = run_workload(&vm, &prepared.spec, restored_workload, args);
     let workload = workload_started.elapsed();
     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
         let t = vm.start_timings();
@@ -275,11 +280,40 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
     status
 }
 
-/// Spawns the workload, attaches to it, and maps how it ended to an exit
-/// status.
+/// The VM for a run: restored from a baked snapshot that matches it
+/// (its image, size and command; no -i, -t or -v), else booted. Returns
+/// the restored workload's pid when the snapshot holds one.
+pub fn start_vm(prepared: &Prepared, args: &RunArgs) -> Result<(Vm, Option<i32>)> {
+    let config = &prepared.config;
+    let eligible = !args.no_snapshot && !args.interactive && !args.tty && config.shares.is_empty();
+    if eligible
+        && let Some(snapshot) =
+            prepared
+                .image
+                .baked_snapshot(&prepared.spec, config.cpus, config.memory_bytes)?
+    {
+        match snapshot.start(config) {
+            Ok(vm) => {
+                let pid = vm.workload().map(|w| w.pid);
+                return Ok((vm, pid));
+            }
+            // A snapshot this host cannot take (another CPU, say) is not
+            // worth failing the run for.
+            Err(e) => eprintln!(
+                "supermachine: not restoring snapshot {}: {e}; booting instead",
+                snapshot.id()
+            ),
+        }
+    }
+    Ok((prepared.image.start(config)?, None))
+}
+
+/// Spawns the workload (or, restored from a snapshot, attaches to it),
+/// streams it, and maps how it ended to an exit status.
 pub fn run_workload(
     vm: &Arc<Vm>,
     spec: &supermachine::images::ProcessSpec,
+    restored: Option<i32>,
     args: &RunArgs,
 ) -> Result<u8> {
     let watchdog = {
@@ -296,7 +330,13 @@ pub fn run_workload(
             });
         }
     };
-    match session::run(vm.exec_spec(spec), args.interactive, args.tty, watchdog) {
+    let ran = match restored {
+        Some(pid) => vm
+            .attach_process(pid)
+            .and_then(|p| session::attach_status(p, watchdog)),
+        None => session::run(vm.exec_spec(spec), args.interactive, args.tty, watchdog),
+    };
+    match ran {
         Ok(status) => Ok(status),
         // Stopped by the watchdog: as if SIGKILLed.
         Err(Error::AgentGone | Error::VmEnded) if vm.has_ended() => Ok(128 + 9),

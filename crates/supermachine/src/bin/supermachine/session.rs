@@ -36,6 +36,16 @@ pub fn run(
     Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX))
 }
 
+/// Streams an already running `process` (no stdin, no terminal) with
+/// [`attach`]; returns its exit status as a shell reports it.
+pub fn attach_status(
+    process: Process,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> supermachine::Result<u8> {
+    let info = attach(process, false, false, on_stop)?;
+    Ok(u8::try_from(info.status.shell_code()).unwrap_or(u8::MAX))
+}
+
 /// Streams `process` to this terminal until it exits. `on_stop` runs once,
 /// on the first SIGINT or SIGTERM after it has been passed on (`run` uses
 /// it to stop the VM if the workload ignores it).

@@ -658,6 +658,8 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
     let console = base.join("copy-console.log");
     copy_opts.console_file = Some(console.clone());
     let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
+    // Long enough that a wall clock not stepped after the restore shows.
+    std::thread::sleep(Duration::from_secs(4));
     let began = Instant::now();
     let copy = snapshot
         .start(&copy_opts)
@@ -671,6 +673,32 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
     let before = copy.read_file("/tmp/before").map_err(e)?;
     ensure(before == b"written before the snapshot", || {
         format!("/tmp/before after the restore: {before:?}")
+    })?;
+    let guest_time = |vm: &Vm| -> Result<(f64, f64), String> {
+        // busybox's date has whole seconds only.
+        let out = run(vm, &["date", "+%s"])?;
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let guest: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| format!("date said {out:?}"))?;
+        Ok((guest, host))
+    };
+    let (g1, h1) = guest_time(&copy)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let (g2, h2) = guest_time(&copy)?;
+    println!(
+        "  guest clock after the restore: {:+.2} s from the host's, then {:+.2} s; it ran {:.2} s in {:.2} s",
+        g1 - h1,
+        g2 - h2,
+        g2 - g1,
+        h2 - h1
+    );
+    ensure((g1 - h1).abs() <= 2.0 && (g2 - h2).abs() <= 2.0, || {
+        format!("the guest's wall clock is off: {:+.2} s", g1 - h1)
     })?;
     let who = run(&copy, &["sh", "-c", "echo $ROLE $(hostname) $HOSTNAME"])?;
     ensure(

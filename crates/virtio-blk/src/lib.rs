@@ -392,7 +392,7 @@ impl VirtioDevice for Block {
         f
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config(), offset, data);
     }
 

@@ -224,7 +224,7 @@ impl VirtioDevice for Fs {
         self.backend_features & ((1 << 24) - 1)
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; TAG_LEN + 4];
         config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());

@@ -137,7 +137,7 @@ pub trait VirtioDevice: Send {
     /// `VERSION_1`, `INDIRECT_DESC` and `EVENT_IDX`.
     fn features(&self) -> u64;
     /// Reads the device's configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&mut self, offset: u64, data: &mut [u8]);
     /// Writes the configuration space (read-only unless overridden).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         log::warn!(

@@ -65,7 +65,7 @@ impl VirtioDevice for Rng {
     fn features(&self) -> u64 {
         0
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
     fn activate(&mut self, device: ActiveDevice) -> Result<(), supermachine_virtio_mmio::Error> {

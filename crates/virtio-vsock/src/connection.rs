@@ -41,6 +41,9 @@ pub(crate) enum State {
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) stream: UnixStream,
+    /// Made after a restore but before the guest handled the transport
+    /// reset, which will reset it in the guest without a word to us.
+    pub(crate) before_reset_handled: bool,
     pub(crate) state: State,
     pub(crate) in_control_queue: bool,
     pub(crate) owe_request: bool,
@@ -75,6 +78,7 @@ impl Connection {
     pub(crate) fn new(stream: UnixStream, state: State) -> Self {
         Self {
             stream,
+            before_reset_handled: false,
             state,
             in_control_queue: false,
             owe_request: false,

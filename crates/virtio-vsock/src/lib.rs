@@ -110,6 +110,9 @@ pub struct Vsock {
     /// Restored from a snapshot: the guest's connections died with the old
     /// VMM's sockets, and it must hear so on the event queue.
     transport_reset_owed: bool,
+    /// The reset event is out and the guest has not yet re-read its CID,
+    /// the first thing a Linux driver does when it handles the event.
+    reset_unhandled: bool,
     active: Option<ActiveDevice>,
 }
 
@@ -140,6 +143,7 @@ impl Vsock {
             held_rx: None,
             data_order: VecDeque::new(),
             transport_reset_owed: false,
+            reset_unhandled: false,
             active: None,
         };
         dev.listener.set_nonblocking(true).map_err(listen_error)?;
@@ -331,7 +335,9 @@ impl Vsock {
             key.token(),
             EventSet::IN | EventSet::OUT,
         )?;
-        self.conns.insert(key, Connection::new(stream, state));
+        let mut connection = Connection::new(stream, state);
+        connection.before_reset_handled = self.reset_unhandled;
+        self.conns.insert(key, connection);
         self.data_order.push_back(key);
         Ok(())
     }
@@ -744,6 +750,7 @@ impl Vsock {
             };
             queue.add_used(mem, popped.head, written)?;
             self.transport_reset_owed = written == 0;
+            self.reset_unhandled = written != 0;
             Ok(queue.needs_notification(mem).unwrap_or(true))
         })();
         if !active
@@ -752,6 +759,25 @@ impl Vsock {
         {
             self.active = None;
             self.drop_everything();
+        }
+    }
+
+    /// The guest is handling the transport reset: it resets every
+    /// connection it has, silently, including any it accepted from a host
+    /// socket since the restore (its RX work can run before its event
+    /// work). Those host sockets are closed now, so that their owners see
+    /// the end at once instead of waiting for answers that cannot come.
+    fn reset_handled(&mut self) {
+        self.reset_unhandled = false;
+        let doomed: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.before_reset_handled)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in doomed {
+            log::debug!("vsock: {key:?} predates the guest's reset; closing it");
+            self.conns.remove(&key);
         }
     }
 
@@ -861,8 +887,11 @@ impl VirtioDevice for Vsock {
         0
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+        if self.reset_unhandled && offset < 8 {
+            self.reset_handled();
+        }
     }
 
     fn activate(&mut self, device: ActiveDevice) -> Result<(), supermachine_virtio_mmio::Error> {

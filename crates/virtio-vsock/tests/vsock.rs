@@ -629,7 +629,46 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
         "host port {} reused (the old device had reached {old_port})",
         req.src_port
     );
-    drop(host.join().unwrap());
+    // The guest accepts it before it handles the reset (its RX work ran
+    // first): the host gets its OK...
+    g.send(g.header(req.src_port, 6000, op::RESPONSE), &[]);
+    let mut early = host.join().unwrap();
+    early
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut ok = [0u8; 3];
+    early.read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"OK ");
+    // ...then the guest handles the reset (re-reading its CID first), which
+    // resets that connection in the guest without a packet: the host side
+    // is closed now rather than left waiting forever.
+    let mut cid = [0u8; 8];
+    g.dev.read(0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), CID);
+    let mut rest = Vec::new();
+    early.read_to_end(&mut rest).unwrap();
+    assert!(rest.ends_with(b"\n"), "{rest:?}");
+
+    // A connection after that lives.
+    let path = g.path.clone();
+    let host = thread::spawn(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"CONNECT 6001\n").unwrap();
+        s
+    });
+    let req = g.expect_op(op::REQUEST);
+    g.send(g.header(req.src_port, 6001, op::RESPONSE), &[]);
+    let mut late = host.join().unwrap();
+    let mut line = [0u8; 3];
+    late.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"OK ");
+    g.dev.read(0x100, &mut cid);
+    late.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 16];
+    // Only the rest of the OK line, then nothing: still open.
+    let n = late.read(&mut byte).unwrap_or(0);
+    assert!(byte[..n].ends_with(b"\n"));
+    assert!(matches!(late.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Tier 3 of baked snapshots, through the CLI: a Python HTTP server on
 //! the Debian image baked once, then restored by 20 `run -d` at once,
-//! each answering, each with its own clock, entropy and hostname, and
-//! the file the workload wrote before the snapshot; an agent-only
-//! snapshot restored by a foreground `run` of any command; damaged and
-//! unknown snapshots.
+//! each answering, each with its own entropy and hostname, and the file
+//! the workload wrote before the snapshot; an agent-only snapshot
+//! restored by a foreground `run` of any command, its clock stepped;
+//! damaged and unknown snapshots.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,13 @@ const SERVER: &str = "import uuid, http.server as s; \
      s.ThreadingHTTPServer.request_queue_size = 256; \
      s.test(HandlerClass=s.SimpleHTTPRequestHandler, port=8000)";
 const RESTORES: usize = 20;
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
 
 pub fn baked_server_restores_twenty_at_once(env: &Env) -> Check {
     let cli = Cli::with_debian(env)?;
@@ -130,14 +137,11 @@ fn baked_server(cli: &'static Cli, names: &[String]) -> Check {
         ),
         &token0,
     )?;
-    // Fresh entropy, own hostname, the host's time in each.
+    // Fresh entropy and its own hostname in each.
     let random = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; date +%s";
     let a = exec(&names[0], random);
     let b = exec(&names[1], random);
-    let host_now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let host_now = unix_now();
     let lines = |r: &crate::Run| -> Vec<String> { r.stdout.lines().map(str::to_string).collect() };
     let (la, lb) = (lines(&a), lines(&b));
     expect(
@@ -155,14 +159,16 @@ fn baked_server(cli: &'static Cli, names: &[String]) -> Check {
         &format!("expected each restore its own hostname, both are {}", la[1]),
         &b,
     )?;
+    // The clock is checked where one VM runs (`agent_snapshot_serves_any_run`
+    // and the agent tests): with 20 guests on the test host's one
+    // emulated CPU, their clocks fall behind it by seconds, restored or
+    // not, so here it is only reported.
     let guest_now: i64 = la[2].trim().parse().unwrap_or(0);
-    expect(
-        (guest_now - host_now).abs() <= 3,
-        &format!(
-            "expected the guest clock stepped to the host's: guest {guest_now}, host {host_now}"
-        ),
-        &a,
-    )?;
+    println!(
+        "  {}'s clock is {:+} s from the host's",
+        names[0],
+        guest_now - host_now
+    );
     for name in names {
         ok_with(&cli.run(&["rm", "-f", name]), 0, name)?;
     }
@@ -191,8 +197,34 @@ pub fn agent_snapshot_serves_any_run(env: &Env) -> Check {
         args.extend_from_slice(&["demo", "sh", "-c", "echo hi from $(hostname)"]);
         cli.run_timed(&args)
     };
-    let restored = run(&["--hostname", "restored-one"]);
-    ok_with(&restored, 0, "hi from restored-one")?;
+    // Long enough that a wall clock not stepped after the restore shows.
+    std::thread::sleep(Duration::from_secs(5));
+    let before = unix_now();
+    let restored = cli.run_timed(&[
+        "run",
+        "-m",
+        "256M",
+        "--hostname",
+        "restored-one",
+        "demo",
+        "sh",
+        "-c",
+        "echo hi from $(hostname) at $(date +%s)",
+    ]);
+    let after = unix_now();
+    ok_with(&restored, 0, "hi from restored-one at ")?;
+    let guest_now: i64 = restored
+        .stdout
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    expect(
+        guest_now >= before - 1 && guest_now <= after + 1,
+        &format!("expected the restored guest's clock stepped to the host's ({before}..{after})"),
+        &restored,
+    )?;
     expect(
         restored.stderr.contains("restored=1"),
         "expected the run to restore the snapshot",

@@ -736,7 +736,8 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
         sockets[0] != sockets[1] && sockets[1] != sockets[2] && sockets[0] != sockets[2],
         || format!("the pool handed out one VM twice: {sockets:?}"),
     )?;
-    for vm in [&a, &b, &c] {
+    for (i, vm) in [&a, &b, &c].into_iter().enumerate() {
+        println!("  pool: exec in VM {i}");
         let out = run(vm, &["cat", "/tmp/before"])?;
         ensure(out.stdout == b"written before the snapshot", || {
             format!("a pooled VM: {out:?}")
@@ -746,6 +747,7 @@ fn snapshot_restore_and_pool_in(env: &Env, base: &std::path::Path) -> Check {
         "the pool went past max_vms".to_string()
     })?;
     drop(a);
+    println!("  pool: one returned");
     ensure(pool.wait_ready(1, Duration::from_secs(120)), || {
         format!("the pool did not refill: {:?}", pool.stats())
     })?;

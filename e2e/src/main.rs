@@ -19,6 +19,7 @@ mod bench_exec;
 mod bench_proto;
 mod bench_run;
 mod bench_snapshot;
+mod bench_snapshot_linux;
 mod bench_virtio;
 mod exchange;
 mod firecracker;
@@ -918,6 +919,14 @@ fn main() -> ExitCode {
         "bench-run" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(10);
             bench_run::run(&env, runs)
+        }
+        "bench-snapshot-linux" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(20);
+            let Some(firecracker) = value("--firecracker") else {
+                eprintln!("bench-snapshot-linux needs --firecracker BIN");
+                return ExitCode::from(2);
+            };
+            bench_snapshot_linux::run(&env, Path::new(&firecracker), runs)
         }
         "bench-virtio" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);

@@ -9,10 +9,12 @@
 //! same `CONNECT <port>` host protocol, and the agent does not know which
 //! one runs it). Firecracker's includes its API round trips (socket
 //! ready, `PUT /snapshot/load` with `resume_vm`); ours is `supermachine
-//! boot --restore DIR --vsock SOCKET`. Runs alternate. A connection that
-//! gets no answer is given up after a short, growing wait and made again
-//! (a guest resets the connections it has when it handles the restore's
-//! transport reset, and one accepted just before that is never answered).
+//! boot --restore DIR --vsock SOCKET`. Runs alternate. A connection whose
+//! ping gets no answer after the guest accepted it is given up after a
+//! short, growing wait and made again (a guest resets the connections it
+//! has when it handles the restore's transport reset, and one accepted
+//! just before that is never answered; supermachine's device closes such
+//! a connection itself, Firecracker's leaves it to the client).
 //!
 //! Also: the library's `Vm::restore` in a running process (restore, then
 //! the agent's `Restored` exchange: clock, reseed, identity), a warm
@@ -66,9 +68,13 @@ fn ping_agent(socket: &Path, patience: Duration) -> Result<(), String> {
     Err(format!("the agent did not answer a ping: {last}"))
 }
 
+/// The `OK` line comes once the guest accepted the connection (however
+/// long the VMM takes to get there); only the agent's answer after it is
+/// waited for at most `wait`.
 fn ping_once(socket: &Path, wait: Duration) -> Result<(), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
     s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut line = String::new();
@@ -79,6 +85,7 @@ fn ping_once(socket: &Path, wait: Duration) -> Result<(), String> {
     if !line.starts_with("OK ") {
         return Err(format!("CONNECT answered {line:?}"));
     }
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     proto::send_handshake(&mut s).map_err(|e| e.to_string())?;
     proto::write_frame(&mut s, &HostMessage::Request(Request::Ping)).map_err(|e| e.to_string())?;
     proto::expect_handshake(&mut reader).map_err(|e| e.to_string())?;

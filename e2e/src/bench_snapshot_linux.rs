@@ -240,7 +240,11 @@ impl Drop for Restored {
 }
 
 /// `supermachine boot --restore DIR --vsock SOCKET`, then a ping.
-fn ours_restore(bin: &Path, snapshot: &Path, socket: &Path) -> Result<(Duration, Restored), String> {
+fn ours_restore(
+    bin: &Path,
+    snapshot: &Path,
+    socket: &Path,
+) -> Result<(Duration, Restored), String> {
     let started = Instant::now();
     let child = Command::new(bin)
         .args(["boot", "--restore"])
@@ -392,11 +396,19 @@ fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
             all.push(start(i)?);
         }
         std::thread::sleep(Duration::from_millis(500));
-        let total: u64 = all.iter().map(|v| pss_kib(v.pid())).sum::<Result<u64, _>>()?;
+        let total: u64 = all
+            .iter()
+            .map(|v| pss_kib(v.pid()))
+            .sum::<Result<u64, _>>()?;
         Ok::<f64, String>((total as f64 - alone as f64) / (SHARERS - 1) as f64)
     };
     let ours_pss = shared(&mut |i| {
-        ours_restore(&env.supermachine, &ours_dir, &work.join(format!("s{i}.sock"))).map(|r| r.1)
+        ours_restore(
+            &env.supermachine,
+            &ours_dir,
+            &work.join(format!("s{i}.sock")),
+        )
+        .map(|r| r.1)
     })?;
     let fc_pss = shared(&mut |i| {
         firecracker_restore(
@@ -412,14 +424,18 @@ fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
     let (f50, f99) = median_p99(&theirs);
     let (l50, l99) = median_p99(&in_process);
     let (a50, a99) = median_p99(&acquire);
-    println!("snapshot-linux: {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, agent guest, in the test host");
+    println!(
+        "snapshot-linux: {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, agent guest, in the test host"
+    );
     println!("| measure | supermachine p50 / p99 | Firecracker p50 / p99 | ratio p50 |");
     println!("|---|---|---|---|");
     println!(
         "| restore in a fresh process to the agent's first answer | {o50:.1} / {o99:.1} ms | {f50:.1} / {f99:.1} ms | {:.2}x |",
         o50 / f50
     );
-    println!("| `Vm::restore` in a running process (restore + `Restored`) | {l50:.1} / {l99:.1} ms | - | - |");
+    println!(
+        "| `Vm::restore` in a running process (restore + `Restored`) | {l50:.1} / {l99:.1} ms | - | - |"
+    );
     println!("| warm `Pool::acquire` of a ready VM | {a50:.0} / {a99:.0} us | - | - |");
     println!(
         "| snapshot creation | {:.0} ms | {:.0} ms | {:.2}x |",

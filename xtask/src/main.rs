@@ -323,7 +323,11 @@ fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
     }
     for line in out
         .lines()
-        .map(|l| l.trim_start_matches("  | ").trim_start_matches("| ").trim_start())
+        .map(|l| {
+            l.trim_start_matches("  | ")
+                .trim_start_matches("| ")
+                .trim_start()
+        })
         .filter(|l| l.starts_with("probe "))
     {
         println!("{line}");

@@ -25,6 +25,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,7 +63,8 @@ pub struct SnapshotInfo {
     pub kept: Vec<i32>,
     /// Seconds since the epoch when it was taken.
     pub created: u64,
-    /// How long baking took (boot, workload start, readiness, save), ms.
+    /// How long baking took until the save began (boot, workload start,
+    /// readiness), ms; 0 for a snapshot that was not baked.
     pub bake_ms: u64,
     /// The root disk it was taken with; a restore needs this very file.
     pub root_disk: DiskIdentity,
@@ -290,13 +292,41 @@ fn baked_dir(
         .join(format!("{image_hex}-{key}")))
 }
 
-/// Removes a half-made bake directory unless it was kept.
-struct TempDir(Option<PathBuf>);
+/// A half-made bake directory, removed when dropped unless stored.
+struct BakeDir {
+    path: PathBuf,
+    stored: bool,
+}
 
-impl Drop for TempDir {
+impl BakeDir {
+    fn beside(dest: &Path) -> BakeDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            ".bake-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        BakeDir {
+            path: dest.with_file_name(name),
+            stored: false,
+        }
+    }
+
+    /// Renames it to `dest`, replacing what was there.
+    fn store(mut self, dest: &Path) -> Result<()> {
+        if dest.exists() {
+            fs::remove_dir_all(dest).map_err(io_error(format!("replacing {}", dest.display())))?;
+        }
+        fs::rename(&self.path, dest).map_err(io_error(format!("storing {}", dest.display())))?;
+        self.stored = true;
+        Ok(())
+    }
+}
+
+impl Drop for BakeDir {
     fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            let _ = fs::remove_dir_all(d);
+        if !self.stored {
+            let _ = fs::remove_dir_all(&self.path);
         }
     }
 }
@@ -317,16 +347,11 @@ impl Image {
             options.vm.memory_bytes,
             workload_spec.as_ref(),
         )?;
-        let parent = dest
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        fs::create_dir_all(&parent).map_err(io_error(format!("creating {}", parent.display())))?;
-        let temp = TempDir(Some(parent.join(format!(
-            ".bake-{}-{}",
-            std::process::id(),
-            began.elapsed().as_nanos()
-        ))));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .map_err(io_error(format!("creating {}", parent.display())))?;
+        }
+        let bake_dir = BakeDir::beside(&dest);
 
         let vm = self.start(&options.vm)?;
         let mut workload = None;
@@ -347,9 +372,6 @@ impl Image {
             process = Some(p);
         }
         wait_ready(&vm, &spec, options, process.as_ref(), workload.as_ref())?;
-        let Some(temp_dir) = temp.0.clone() else {
-            return Err(Error::InvalidOption("bake directory".into()));
-        };
         let info = SnapshotInfo {
             format: SNAPSHOT_INFO_VERSION,
             name: options.name.clone(),
@@ -363,21 +385,12 @@ impl Image {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            bake_ms: 0,
+            bake_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
             root_disk: DiskIdentity::of(&self.rootfs()?.disk)?,
         };
-        let info = SnapshotInfo {
-            bake_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-            ..info
-        };
-        vm.snapshot_and_stop_into(&temp_dir, &info)?;
+        vm.snapshot_and_stop_into(&bake_dir.path, &info)?;
         drop(process);
-        if dest.exists() {
-            fs::remove_dir_all(&dest).map_err(io_error(format!("replacing {}", dest.display())))?;
-        }
-        fs::rename(&temp_dir, &dest).map_err(io_error(format!("storing {}", dest.display())))?;
-        let mut temp = temp;
-        temp.0 = None;
+        bake_dir.store(&dest)?;
         Snapshot::open(&dest)
     }
 

@@ -130,9 +130,17 @@ pub fn run_inside_with(
             Boot::BadClock(clock) => eprintln!(
                 "xtask: the test host came up without a TSC clocksource ({clock}); booting it again ({attempt}/{ATTEMPTS})"
             ),
+            Boot::Froze(console) => eprintln!(
+                "xtask: the test host froze after {:?} (no output and no CPU for {FROZEN_AFTER:?}: its one vCPU halted with no timer pending, a QEMU TCG stall seen in restore-heavy runs); running the command again ({attempt}/{ATTEMPTS})",
+                console
+                    .lines()
+                    .rev()
+                    .find(|l| !l.contains("Unhandled WRMSR"))
+                    .unwrap_or("")
+            ),
         }
     }
-    bail!("the test host came up without a TSC clocksource {ATTEMPTS} times")
+    bail!("the test host did not get through the command in {ATTEMPTS} boots")
 }
 
 /// How one test host boot went.
@@ -141,6 +149,25 @@ enum Boot {
     Ran(String, i32),
     /// The test host's clock was unusable; nothing ran.
     BadClock(String),
+    /// The test host stopped: no console output and no CPU for
+    /// [`FROZEN_AFTER`] (its console so far).
+    Froze(String),
+}
+
+/// Silence, with QEMU using no CPU, after which the test host is taken
+/// for frozen. Anything running under TCG keeps QEMU busy; an idle test
+/// host waits for timers of a few seconds at most.
+const FROZEN_AFTER: Duration = Duration::from_secs(180);
+
+/// CPU time QEMU (`pid`) has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) -> Result<Boot> {
@@ -280,9 +307,11 @@ reboot -f
     let mut console = String::new();
     let mut exit = None;
     let mut bad_clock = None;
+    let mut quiet_since = (Instant::now(), cpu_ticks(child.id()));
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
+                quiet_since = (Instant::now(), cpu_ticks(child.id()));
                 if let Some(code) = line.strip_prefix("TESTHOST-EXIT ") {
                     exit = code.trim().parse().ok();
                 }
@@ -299,6 +328,19 @@ reboot -f
             let _ = child.kill();
             let _ = child.wait();
             bail!("the test host did not finish within {timeout:?}");
+        }
+        if exit.is_none() && quiet_since.0.elapsed() > FROZEN_AFTER {
+            let used = cpu_ticks(child.id())
+                .zip(quiet_since.1)
+                .map(|(now, then)| now.saturating_sub(then));
+            // Under a tenth of a CPU second per minute of silence.
+            if used.is_some_and(|ticks| ticks < 30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = reader.join();
+                return Ok(Boot::Froze(console));
+            }
+            quiet_since = (Instant::now(), cpu_ticks(child.id()));
         }
     }
     let status = child.wait()?;

@@ -567,7 +567,8 @@ fn read_until_parked(s: &mut UnixStream, stdout: &mut Vec<u8>) {
 /// because `Quiesce` parks every kept session of the (shared) agent.
 #[test]
 fn kept_sessions_park_for_a_snapshot_and_survive_their_connection() {
-    let count = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.01; done";
+    // Two seconds at least: long enough that `Quiesce` always finds it running.
+    let count = "i=0; while [ $i -lt 40 ]; do echo $i; i=$((i+1)); sleep 0.05; done";
     let expected: String = (0..40).map(|i| format!("{i}\n")).collect();
 
     // Parked, then resumed on the same connection.

@@ -488,42 +488,51 @@ pub fn run<S: Conn>(agent: &Agent, req: ExecRequest, mut conn: S) -> Option<S> {
         }
     };
     let outbox = Arc::new(SharedOutbox::new(Box::new(writer), req.keep));
-    // Not `send`: a kept session whose host never learnt the pid could not
-    // be attached to, so a failure here ends it like any other.
-    if proto::write_frame(&mut outbox.lock().conn, &AgentMessage::Started { pid }).is_err() {
-        let _ = send_signal(pid, libc::SIGKILL, true);
-        return None;
-    }
     let tty_mode = streams.tty.is_some();
-    let mut outputs = vec![Output::new(streams.stdout, tty_mode, AgentMessage::Stdout)];
-    if let Some(stderr) = streams.stderr {
-        outputs.push(Output::new(stderr, tty_mode, AgentMessage::Stderr));
-    }
     let buffered = Arc::new(AtomicU32::new(0));
     let feeder = streams
         .stdin
         .map(|stdin| feed(stdin, tty_mode, outbox.clone(), buffered.clone()));
-    let deadline = req
-        .timeout_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
-    let output_thread = {
-        let outbox = outbox.clone();
-        spawn_thread("exec-output", move || {
-            let timed_out = forward_output(pid, outputs, deadline, &outbox);
-            finish(pid, exit_rx, deadline, timed_out, &outbox);
-        })
-    };
     let session = Arc::new(Session {
         pid,
-        outbox,
+        outbox: outbox.clone(),
         feeder,
         buffered,
         tty: streams.tty,
-        output_thread: Mutex::new(output_thread.ok()),
+        output_thread: Mutex::new(None),
     });
-    if req.keep {
-        agent.keep_session(session.clone());
+    {
+        // In the table before the host learns the pid, so that a `Quiesce`
+        // it sends the moment it has `Started` finds the session; under the
+        // outbox lock, so that such a `Parked` comes after `Started`.
+        let mut o = outbox.lock();
+        if req.keep {
+            agent.keep_session(session.clone());
+        }
+        // Not `send`: a kept session whose host never learnt the pid could
+        // not be attached to, so a failure here ends it like any other.
+        if proto::write_frame(&mut o.conn, &AgentMessage::Started { pid }).is_err() {
+            drop(o);
+            agent.drop_session(pid);
+            let _ = send_signal(pid, libc::SIGKILL, true);
+            return None;
+        }
     }
+    let mut outputs = vec![Output::new(streams.stdout, tty_mode, AgentMessage::Stdout)];
+    if let Some(stderr) = streams.stderr {
+        outputs.push(Output::new(stderr, tty_mode, AgentMessage::Stderr));
+    }
+    let deadline = req
+        .timeout_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let output_thread = spawn_thread("exec-output", move || {
+        let timed_out = forward_output(pid, outputs, deadline, &outbox);
+        finish(pid, exit_rx, deadline, timed_out, &outbox);
+    });
+    *session
+        .output_thread
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = output_thread.ok();
     serve_session(agent, &session, conn, 0)
 }
 

@@ -30,7 +30,7 @@ const SIZES_MIB: [u64; 3] = [128, 512, 2048];
 const SHARERS: usize = 20;
 
 /// Median and 99th percentile.
-fn median_p99(values: &[f64]) -> (f64, f64) {
+pub(crate) fn median_p99(values: &[f64]) -> (f64, f64) {
     median_and_percentile(values, 0.99)
 }
 
@@ -211,7 +211,7 @@ fn firecracker_restore(
 }
 
 /// Proportional set size of a process, in KiB.
-fn pss_kib(pid: u32) -> Result<u64, String> {
+pub(crate) fn pss_kib(pid: u32) -> Result<u64, String> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .map_err(|e| format!("smaps_rollup of {pid}: {e}"))?;
     rollup

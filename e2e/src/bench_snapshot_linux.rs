@@ -33,15 +33,12 @@ use supermachine_agent_protocol::{
 };
 
 use crate::Env;
-use crate::bench_run::{median_and_percentile, ms};
+use crate::bench_run::ms;
+use crate::bench_snapshot::{median_p99, pss_kib};
 use crate::firecracker::Firecracker;
 
 const MEMORY_MIB: u64 = 256;
 const SHARERS: usize = 20;
-
-fn median_p99(values: &[f64]) -> (f64, f64) {
-    median_and_percentile(values, 0.99)
-}
 
 /// The kernel command line both VMMs boot the agent with.
 fn boot_args() -> String {
@@ -295,16 +292,6 @@ fn firecracker_restore(
     )?;
     ping_agent(vsock, Duration::from_secs(60))?;
     Ok((started.elapsed(), Restored::Firecracker(fc)))
-}
-
-fn pss_kib(pid: u32) -> Result<u64, String> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map_err(|e| format!("smaps_rollup of {pid}: {e}"))?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no Pss for {pid}"))
 }
 
 pub(crate) fn run(env: &Env, firecracker: &Path, runs: usize) -> ExitCode {

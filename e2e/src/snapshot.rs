@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::run::{Cli, free_port, http_get, ok_with, one_line_failure};
+use crate::run::{Cli, http_get, ok_with, one_line_failure};
 use crate::{Check, Env, expect};
 
 /// Writes a random token (a cold start would write another), then serves
@@ -60,9 +60,17 @@ fn baked_server(cli: &'static Cli, names: &[String]) -> Check {
     // Long enough that a clock not stepped after the restore shows.
     std::thread::sleep(Duration::from_secs(6).saturating_sub(baked_at.elapsed()));
 
-    let ports: Vec<u16> = (0..names.len())
-        .map(|_| free_port())
-        .collect::<Result<_, _>>()?;
+    // Held until all are chosen, so that no port is picked twice.
+    let held: Vec<std::net::TcpListener> = (0..names.len())
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("finding free ports: {e}"))?;
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    drop(held);
     let started = Instant::now();
     let runs: Vec<_> = names
         .iter()

@@ -27,7 +27,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -373,20 +373,13 @@ impl Image {
         }
         wait_ready(&vm, &spec, options, process.as_ref(), workload.as_ref())?;
         let info = SnapshotInfo {
-            format: SNAPSHOT_INFO_VERSION,
             name: options.name.clone(),
             image_id: Some(self.id().to_string()),
             image_reference: Some(self.reference().to_string()),
-            cpus: options.vm.cpus,
-            memory_bytes: options.vm.memory_bytes,
             kept: workload.iter().map(|(w, _)| w.pid).collect(),
             workload: workload.map(|(w, _)| w),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
             bake_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
-            root_disk: DiskIdentity::of(&self.rootfs()?.disk)?,
+            ..vm.snapshot_info()?
         };
         vm.snapshot_and_stop_into(&bake_dir.path, &info)?;
         drop(process);

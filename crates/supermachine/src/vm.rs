@@ -129,6 +129,22 @@ impl Write for ConsoleWriter {
     }
 }
 
+/// The guest console for `options`: its tail kept for error messages,
+/// and written to `console_file` too when one is given.
+fn open_console(options: &VmConfig) -> Result<(ConsoleTail, Console)> {
+    let tail = ConsoleTail::default();
+    let file = options
+        .console_file
+        .as_ref()
+        .map(|p| fs::File::create(p).map_err(io_error(format!("console file {}", p.display()))))
+        .transpose()?;
+    let writer = ConsoleWriter {
+        tail: tail.clone(),
+        file,
+    };
+    Ok((tail, Console::Writer(Box::new(writer))))
+}
+
 /// A private directory for one VM's sockets, removed when dropped.
 /// Directories of VMM processes that died without removing theirs are
 /// removed when the next one is made.
@@ -322,12 +338,7 @@ impl Vm {
         let ready_path = PathBuf::from(format!("{}_{READY_PORT}", socket.display()));
         let ready = UnixListener::bind(&ready_path)
             .map_err(io_error(format!("listening on {}", ready_path.display())))?;
-        let console = ConsoleTail::default();
-        let file = options
-            .console_file
-            .as_ref()
-            .map(|p| fs::File::create(p).map_err(io_error(format!("console file {}", p.display()))))
-            .transpose()?;
+        let (console, console_out) = open_console(options)?;
         let mut cmdline = format!(
             "{DEFAULT_CMDLINE} quiet supermachine.root=/dev/vda supermachine.hostname={}",
             options.hostname
@@ -353,10 +364,7 @@ impl Vm {
             cmdline,
             memory_bytes: options.memory_bytes,
             vcpus: options.cpus,
-            console: Console::Writer(Box::new(ConsoleWriter {
-                tail: console.clone(),
-                file,
-            })),
+            console: console_out,
             forward_stdin: false,
             disks,
             entropy: true,
@@ -368,29 +376,16 @@ impl Vm {
         };
         let machine = Machine::start(config)?;
         let created = started.elapsed();
-        let mut vm = Vm {
-            machine: Some(machine),
-            dialer: AgentDialer {
-                socket,
-                idle: IdleHandle::default(),
-            },
-            console,
-            stop_grace: options.stop_grace,
-            hostname: options.hostname.clone(),
-            timings: StartTimings::default(),
-            kept: KeptProcesses::default(),
-            about: Some(About {
-                cpus: options.cpus,
-                memory_bytes: options.memory_bytes,
-                root_disk: rootfs.to_path_buf(),
-                unsnapshottable: check_snapshottable(options).err().map(|e| e.to_string()),
-                kept_pids: Vec::new(),
-                workload: None,
-                restored: false,
-            }),
-            _virtiofsd: daemons,
-            _dir: Some(dir),
+        let about = About {
+            cpus: options.cpus,
+            memory_bytes: options.memory_bytes,
+            root_disk: rootfs.to_path_buf(),
+            unsnapshottable: check_snapshottable(options).err().map(|e| e.to_string()),
+            kept_pids: Vec::new(),
+            workload: None,
+            restored: false,
         };
+        let mut vm = Vm::owned(machine, socket, console, options, about, daemons, dir);
         let (conn, kernel_boot, agent_setup) = vm.await_agent(&ready, options.ready_timeout)?;
         drop(ready);
         let _ = fs::remove_file(&ready_path);
@@ -405,6 +400,34 @@ impl Vm {
             ready: started.elapsed(),
         };
         Ok(vm)
+    }
+
+    /// The handle of a VM this process runs (booted or restored), before
+    /// its agent has answered.
+    fn owned(
+        machine: Machine,
+        socket: PathBuf,
+        console: ConsoleTail,
+        options: &VmConfig,
+        about: About,
+        virtiofsd: Vec<Virtiofsd>,
+        dir: RuntimeDir,
+    ) -> Vm {
+        Vm {
+            machine: Some(machine),
+            dialer: AgentDialer {
+                socket,
+                idle: IdleHandle::default(),
+            },
+            console,
+            stop_grace: options.stop_grace,
+            hostname: options.hostname.clone(),
+            timings: StartTimings::default(),
+            kept: KeptProcesses::default(),
+            about: Some(about),
+            _virtiofsd: virtiofsd,
+            _dir: Some(dir),
+        }
     }
 
     /// Boots `record`'s root disk (building it first if it is not cached).
@@ -820,8 +843,9 @@ impl Vm {
         Ok(stats)
     }
 
-    /// What `vm.json` says of this VM when it is not a bake.
-    fn snapshot_info(&self) -> Result<SnapshotInfo> {
+    /// What `vm.json` says of this VM (a bake adds the image, name and
+    /// workload).
+    pub(crate) fn snapshot_info(&self) -> Result<SnapshotInfo> {
         let about = self.about.as_ref().ok_or_else(|| {
             Error::InvalidOption("a VM another process runs cannot be snapshotted from here".into())
         })?;
@@ -911,45 +935,24 @@ impl Vm {
         }
         let dir = RuntimeDir::create()?;
         let socket = dir.0.join("vsock.sock");
-        let console = ConsoleTail::default();
-        let file = options
-            .console_file
-            .as_ref()
-            .map(|p| fs::File::create(p).map_err(io_error(format!("console file {}", p.display()))))
-            .transpose()?;
+        let (console, console_out) = open_console(options)?;
         let machine = Machine::restore(crate::RestoreConfig {
             snapshot: snapshot.path().to_path_buf(),
-            console: Console::Writer(Box::new(ConsoleWriter {
-                tail: console.clone(),
-                file,
-            })),
+            console: console_out,
             forward_stdin: false,
             vsock_socket: Some(socket.clone()),
         })?;
         let created = started.elapsed();
-        let mut vm = Vm {
-            machine: Some(machine),
-            dialer: AgentDialer {
-                socket,
-                idle: IdleHandle::default(),
-            },
-            console,
-            stop_grace: options.stop_grace,
-            hostname: options.hostname.clone(),
-            timings: StartTimings::default(),
-            kept: KeptProcesses::default(),
-            about: Some(About {
-                cpus: info.cpus,
-                memory_bytes: info.memory_bytes,
-                root_disk: info.root_disk.path.clone(),
-                unsnapshottable: None,
-                kept_pids: info.kept.clone(),
-                workload: info.workload.clone(),
-                restored: true,
-            }),
-            _virtiofsd: Vec::new(),
-            _dir: Some(dir),
+        let about = About {
+            cpus: info.cpus,
+            memory_bytes: info.memory_bytes,
+            root_disk: info.root_disk.path.clone(),
+            unsnapshottable: None,
+            kept_pids: info.kept.clone(),
+            workload: info.workload.clone(),
+            restored: true,
         };
+        let mut vm = Vm::owned(machine, socket, console, options, about, Vec::new(), dir);
         // The guest handles the vsock transport reset when it runs again;
         // a connection the host opens before that is reset with the old
         // ones, so the first exchange is retried until it holds.

@@ -101,18 +101,7 @@ fn firecracker_snapshot(
         first_report(&mut out)?;
     }
     let drain = std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    fc.request("PATCH", "/vm", r#"{"state":"Paused"}"#)?;
-    let started = Instant::now();
-    fc.request(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
-            dir.join("state").display(),
-            dir.join("memory").display()
-        ),
-    )?;
-    let took = started.elapsed();
+    let took = fc.snapshot(dir)?;
     drop(fc);
     let _ = drain.join();
     Ok(took)
@@ -148,7 +137,7 @@ impl Drop for Restored {
     }
 }
 
-fn drain(out: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<()> {
+pub(crate) fn drain(out: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<()> {
     let mut out = out;
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut out, &mut std::io::sink());
@@ -187,15 +176,7 @@ fn firecracker_restore(
     let started = Instant::now();
     let mut fc = Firecracker::start(binary, socket)?;
     let load = Instant::now();
-    fc.request(
-        "PUT",
-        "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true}}"#,
-            snapshot.join("state").display(),
-            snapshot.join("memory").display()
-        ),
-    )?;
+    fc.restore(snapshot, None)?;
     let load_took = load.elapsed();
     let mut out = fc.stdout.take().ok_or("no console")?;
     first_report(&mut out)?;

@@ -34,7 +34,7 @@ use supermachine_agent_protocol::{
 
 use crate::Env;
 use crate::bench_run::ms;
-use crate::bench_snapshot::{median_p99, pss_kib};
+use crate::bench_snapshot::{drain, median_p99, pss_kib};
 use crate::firecracker::Firecracker;
 
 const MEMORY_MIB: u64 = 256;
@@ -188,28 +188,10 @@ fn firecracker_snapshot(binary: &Path, env: &Env, dir: &Path) -> Result<Duration
     fc.request("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#)?;
     welcome_agent(&ready, Duration::from_secs(120))?;
     ping_agent(&vsock, Duration::from_secs(30))?;
-    fc.request("PATCH", "/vm", r#"{"state":"Paused"}"#)?;
-    let started = Instant::now();
-    fc.request(
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
-            dir.join("state").display(),
-            dir.join("memory").display()
-        ),
-    )?;
-    let took = started.elapsed();
+    let took = fc.snapshot(dir)?;
     drop(fc);
     let _ = std::fs::remove_file(&vsock);
     Ok(took)
-}
-
-fn drain(out: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<()> {
-    let mut out = out;
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut out, &mut std::io::sink());
-    })
 }
 
 /// A restored VMM process, killed when dropped.
@@ -280,16 +262,7 @@ fn firecracker_restore(
     if let Some(out) = fc.stdout.take() {
         drain(out);
     }
-    fc.request(
-        "PUT",
-        "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true,"vsock_override":{{"uds_path":"{}"}}}}"#,
-            snapshot.join("state").display(),
-            snapshot.join("memory").display(),
-            vsock.display()
-        ),
-    )?;
+    fc.restore(snapshot, Some(vsock))?;
     ping_agent(vsock, Duration::from_secs(60))?;
     Ok((started.elapsed(), Restored::Firecracker(fc)))
 }

@@ -103,6 +103,40 @@ impl Firecracker {
         }
     }
 
+    /// Pauses the VM and writes a Full snapshot (`state`, `memory`) into
+    /// `dir`; returns how long `PUT /snapshot/create` took.
+    pub(crate) fn snapshot(&mut self, dir: &Path) -> Result<Duration, String> {
+        self.request("PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+        let started = Instant::now();
+        self.request(
+            "PUT",
+            "/snapshot/create",
+            &format!(
+                r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                dir.join("state").display(),
+                dir.join("memory").display()
+            ),
+        )?;
+        Ok(started.elapsed())
+    }
+
+    /// Loads the snapshot in `dir` (its memory file mapped) and resumes
+    /// it, its vsock socket moved to `vsock` when given.
+    pub(crate) fn restore(&mut self, dir: &Path, vsock: Option<&Path>) -> Result<(), String> {
+        let vsock_override = vsock
+            .map(|v| format!(r#","vsock_override":{{"uds_path":"{}"}}"#, v.display()))
+            .unwrap_or_default();
+        self.request(
+            "PUT",
+            "/snapshot/load",
+            &format!(
+                r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true{vsock_override}}}"#,
+                dir.join("state").display(),
+                dir.join("memory").display()
+            ),
+        )
+    }
+
     /// The process id (for memory accounting).
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use supermachine_hypervisor::{
-    Datamatch, Hypervisor, IoAddress, MsrEntry, Vcpu, VcpuExit, Vm, VmSpec,
+    Datamatch, Hypervisor, IoAddress, MsrEntry, RamRegion, Vcpu, VcpuExit, Vm, VmSpec,
 };
 use supermachine_hypervisor_kvm::KvmHypervisor;
 use supermachine_memory::{Bytes, GuestAddress, GuestRam, MemoryLayout};
@@ -33,14 +33,21 @@ fn assemble(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> 
 
 fn guest_with_ram(code: &[u8], ram_bytes: u64) -> Guest {
     let hv = KvmHypervisor::new().expect("tier-2 tests need /dev/kvm");
-    let vm = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
     let layout = MemoryLayout::x86_64(ram_bytes).unwrap();
     let ram = GuestRam::anonymous(&layout).unwrap();
-    for (slot, m) in ram.host_mappings().iter().enumerate() {
+    let regions = ram
+        .host_mappings()
+        .iter()
         // SAFETY: `ram` lives in the returned Guest next to the VM and
         // outlives it (fields drop in declaration order: vm, vcpu, ram).
-        unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }.unwrap();
-    }
+        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
+        .collect();
+    let vm = hv
+        .create_vm(&VmSpec {
+            vcpu_count: 1,
+            ram: regions,
+        })
+        .unwrap();
     supermachine_boot::write_long_mode_tables(ram.memory()).unwrap();
     ram.memory()
         .write_slice(code, GuestAddress(CODE_ADDR))
@@ -305,11 +312,11 @@ fn interrupt_lines_and_vcpu_indices_are_validated() {
     line.trigger().unwrap();
     assert!(g.vm.create_vcpu(1).is_err(), "only one vCPU was asked for");
     let hv = KvmHypervisor::new().unwrap();
-    assert!(hv.create_vm(&VmSpec { vcpu_count: 0 }).is_err());
-    assert!(
-        hv.create_vm(&VmSpec {
-            vcpu_count: 100_000
-        })
-        .is_err()
-    );
+    for vcpu_count in [0, 100_000] {
+        let spec = VmSpec {
+            vcpu_count,
+            ram: Vec::new(),
+        };
+        assert!(hv.create_vm(&spec).is_err(), "{vcpu_count} vCPUs");
+    }
 }

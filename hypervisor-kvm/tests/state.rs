@@ -6,12 +6,18 @@
 
 use std::sync::Arc;
 
-use supermachine_hypervisor::{Hypervisor, Vcpu, VcpuExit, Vm, VmSpec};
+use supermachine_hypervisor::{Hypervisor, RamRegion, Vcpu, VcpuExit, Vm, VmSpec};
 use supermachine_hypervisor_kvm::KvmHypervisor;
 use supermachine_memory::{Bytes, GuestAddress, GuestRam, MemoryLayout};
 use supermachine_test_guests as guests;
 
 const RAM: u64 = 32 << 20;
+
+/// A one-vCPU VM for checks that never run it.
+const NO_RAM: VmSpec = VmSpec {
+    vcpu_count: 1,
+    ram: Vec::new(),
+};
 
 struct Guest {
     _vm: Arc<dyn Vm>,
@@ -20,12 +26,17 @@ struct Guest {
 }
 
 fn vm_with(hv: &KvmHypervisor, ram: GuestRam) -> (Arc<dyn Vm>, GuestRam) {
-    let vm = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
-    for (slot, m) in ram.host_mappings().iter().enumerate() {
+    let regions = ram
+        .host_mappings()
+        .iter()
         // SAFETY: `ram` is returned next to the VM and kept alive with it.
-        unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }.unwrap();
-    }
-    (vm, ram)
+        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
+        .collect();
+    let spec = VmSpec {
+        vcpu_count: 1,
+        ram: regions,
+    };
+    (hv.create_vm(&spec).unwrap(), ram)
 }
 
 /// Runs until `count` reports have been written; returns them.
@@ -142,7 +153,7 @@ fn a_restored_vcpu_continues_where_it_stopped() {
 #[test]
 fn a_snapshot_from_another_cpu_model_is_refused() {
     let hv = KvmHypervisor::new().expect("tier-2 tests need /dev/kvm");
-    let vm = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
+    let vm = hv.create_vm(&NO_RAM).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut state = vcpu.save_state().unwrap();
     hv.check_restorable(std::slice::from_ref(&state)).unwrap();
@@ -157,7 +168,7 @@ fn a_snapshot_from_another_cpu_model_is_refused() {
 #[test]
 fn a_vcpu_using_features_this_host_lacks_is_refused() {
     let hv = KvmHypervisor::new().expect("tier-2 tests need /dev/kvm");
-    let vm = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
+    let vm = hv.create_vm(&NO_RAM).unwrap();
     let mut state = vm.create_vcpu(0).unwrap().save_state().unwrap();
     let leaf7 = state
         .cpuid
@@ -171,7 +182,7 @@ fn a_vcpu_using_features_this_host_lacks_is_refused() {
     if let Some(leaf1) = os_bits_only.cpuid.iter_mut().find(|e| e.function == 1) {
         leaf1.ecx |= 1 << 27; // OSXSAVE, the same for CR4.OSXSAVE
     }
-    let vm1 = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
+    let vm1 = hv.create_vm(&NO_RAM).unwrap();
     let mut vcpu1 = vm1.create_vcpu(0).unwrap();
     let checked = vcpu1.restore_state(&os_bits_only);
     assert!(
@@ -191,7 +202,7 @@ fn a_vcpu_using_features_this_host_lacks_is_refused() {
         .find(|b| leaf7.ecx & (1 << b) == 0)
         .unwrap();
     leaf7.ecx |= 1 << absent;
-    let vm2 = hv.create_vm(&VmSpec { vcpu_count: 1 }).unwrap();
+    let vm2 = hv.create_vm(&NO_RAM).unwrap();
     let e = vm2
         .create_vcpu(0)
         .unwrap()

@@ -40,10 +40,62 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What a VM needs to know before it is created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSpec {
     /// Number of vCPUs that will be created (1..=max_vcpus()).
     pub vcpu_count: u32,
+    /// Guest RAM, mapped before anything else in the VM exists.
+    pub ram: Vec<RamRegion>,
+}
+
+/// A range of host memory that a VM sees as guest RAM.
+///
+/// Making one is the `unsafe` step: it is the promise that the host
+/// range outlives every VM given it. A backend maps the regions when it
+/// creates the VM, in the order its hypervisor makes cheapest (on KVM,
+/// before the in-kernel interrupt controllers, see `docs/snapshot.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    guest_addr: u64,
+    len: u64,
+    host_addr: u64,
+}
+
+impl RamRegion {
+    /// `len` bytes of host memory at `host_addr`, seen at guest physical
+    /// `guest_addr`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + len` must be a valid, writable mapping in
+    /// this process that stays mapped for as long as any VM created with
+    /// this region exists; the guest reads and writes it behind Rust's back.
+    pub unsafe fn new(guest_addr: u64, len: u64, host_addr: u64) -> Self {
+        Self {
+            guest_addr,
+            len,
+            host_addr,
+        }
+    }
+
+    /// Guest physical start.
+    pub fn guest_addr(&self) -> u64 {
+        self.guest_addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the region is mapped in this process.
+    pub fn host_addr(&self) -> u64 {
+        self.host_addr
+    }
 }
 
 /// A hypervisor on this host.
@@ -52,7 +104,8 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn name(&self) -> &'static str;
     /// The most vCPUs one VM may have.
     fn max_vcpus(&self) -> u32;
-    /// Creates a VM with its platform interrupt controllers and timer.
+    /// Creates a VM with its guest RAM mapped and its platform interrupt
+    /// controllers and timer.
     fn create_vm(&self, spec: &VmSpec) -> Result<Arc<dyn Vm>>;
     /// Whether vCPUs saved as `vcpus` (on this host or another) can be
     /// restored here: same CPU vendor and model, every CPUID feature the
@@ -88,16 +141,6 @@ pub enum Datamatch {
 
 /// A VM: guest memory, vCPUs and interrupt routing.
 pub trait Vm: Send + Sync + Debug {
-    /// Maps `len` bytes of host memory at `host_addr` as guest RAM at
-    /// `guest_addr`, in memory slot `slot`.
-    ///
-    /// # Safety
-    /// `host_addr..host_addr + len` must be a valid, writable mapping in this
-    /// process that stays mapped for as long as the VM exists; the guest will
-    /// read and write it behind Rust's back.
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, len: u64, host_addr: u64)
-    -> Result<()>;
-
     /// Creates vCPU `index` (0-based, below the `VmSpec`'s count) with its CPU
     /// identity (CPUID, APIC id) set up for a `count`-CPU guest.
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>>;

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use supermachine_boot as boot;
-use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, Vm, VmSpec};
+use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, RamRegion, Vm, VmSpec};
 use supermachine_memory::{GuestRam, MemoryLayout};
 use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -482,10 +482,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
         kernel.entry
     );
 
-    let vm = hypervisor.create_vm(&VmSpec {
-        vcpu_count: config.vcpus,
-    })?;
-    map_ram(vm.as_ref(), &ram)?;
+    let vm = hypervisor.create_vm(&vm_spec(config.vcpus, &ram))?;
     let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
     let serial = Arc::new(Mutex::new(SerialPort {
         uart: vm_superio::Serial::with_events(
@@ -648,8 +645,7 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
         ));
     }
     let console_out = open_console(config.console)?;
-    let vm = hypervisor.create_vm(&VmSpec { vcpu_count })?;
-    map_ram(vm.as_ref(), &ram)?;
+    let vm = hypervisor.create_vm(&vm_spec(vcpu_count, &ram))?;
     vm.restore_state(&state.vm)?;
     let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
     let uart = vm_superio::Serial::from_state(
@@ -695,13 +691,16 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     })
 }
 
-fn map_ram(vm: &dyn Vm, ram: &Arc<GuestRam>) -> Result<()> {
-    for (slot, m) in ram.host_mappings().iter().enumerate() {
+/// A VM of `vcpu_count` vCPUs whose RAM is `ram`.
+fn vm_spec(vcpu_count: u32, ram: &Arc<GuestRam>) -> VmSpec {
+    let ram = ram
+        .host_mappings()
+        .iter()
         // SAFETY: the mapping belongs to `ram`, which RunningVm keeps alive
         // until after the VM (and every vCPU) is dropped.
-        unsafe { vm.map_memory(slot as u32, m.guest_addr, m.len, m.host_addr) }?;
-    }
-    Ok(())
+        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
+        .collect();
+    VmSpec { vcpu_count, ram }
 }
 
 fn serial_input_room() -> Result<InputRoom> {

@@ -107,12 +107,12 @@ pub struct Vsock {
     held_rx: Option<Chain>,
     /// Round-robin position over connections with data for the guest.
     data_order: VecDeque<Key>,
-    /// Restored from a snapshot: the guest's connections died with the old
-    /// VMM's sockets, and it must hear so on the event queue.
-    transport_reset_owed: bool,
-    /// The reset event is out and the guest has not yet re-read its CID,
-    /// the first thing a Linux driver does when it handles the event.
-    reset_unhandled: bool,
+    /// Where the guest is in the transport reset a restore owes it.
+    reset: ResetPhase,
+    /// Host connections made while a reset is under way: their REQUEST
+    /// waits until the guest has finished it, or the reset would kill
+    /// them (and their owners would have to try again).
+    held_requests: Vec<Key>,
     active: Option<ActiveDevice>,
 }
 
@@ -142,8 +142,8 @@ impl Vsock {
             orphan_rsts: VecDeque::new(),
             held_rx: None,
             data_order: VecDeque::new(),
-            transport_reset_owed: false,
-            reset_unhandled: false,
+            reset: ResetPhase::None,
+            held_requests: Vec::new(),
             active: None,
         };
         dev.listener.set_nonblocking(true).map_err(listen_error)?;
@@ -336,7 +336,7 @@ impl Vsock {
             EventSet::IN | EventSet::OUT,
         )?;
         let mut connection = Connection::new(stream, state);
-        connection.before_reset_handled = self.reset_unhandled;
+        connection.before_reset_handled = matches!(self.reset, ResetPhase::Announced { .. });
         self.conns.insert(key, connection);
         self.data_order.push_back(key);
         Ok(())
@@ -533,6 +533,11 @@ impl Vsock {
             c.owe_request = true;
             // Data may already wait behind the line; the edge has passed.
             c.host_readable = true;
+            if self.reset != ResetPhase::None {
+                c.before_reset_handled = false;
+                self.held_requests.push(key);
+                return;
+            }
         }
         self.owe_control(key);
     }
@@ -544,6 +549,7 @@ impl Vsock {
             return;
         }
         self.host_events();
+        self.check_reset_done();
         self.flush_to_host();
         let Some(mut active) = self.active.take() else {
             return;
@@ -724,7 +730,7 @@ impl Vsock {
     /// Sends the owed transport-reset event once the driver has given the
     /// event queue a buffer.
     fn announce_transport_reset(&mut self) {
-        if !self.transport_reset_owed {
+        if self.reset != ResetPhase::Owed {
             return;
         }
         let Some(active) = self.active.as_mut() else {
@@ -749,8 +755,14 @@ impl Vsock {
                 Err(_) => 0,
             };
             queue.add_used(mem, popped.head, written)?;
-            self.transport_reset_owed = written == 0;
-            self.reset_unhandled = written != 0;
+            if written != 0 {
+                // The driver gives the buffer back once it has handled
+                // the event; ask to be told when it does.
+                queue.enable_notification(mem)?;
+                self.reset = ResetPhase::Announced {
+                    avail: queue.avail_idx(mem)?,
+                };
+            }
             Ok(queue.needs_notification(mem).unwrap_or(true))
         })();
         if !active
@@ -763,12 +775,16 @@ impl Vsock {
     }
 
     /// The guest is handling the transport reset: it resets every
-    /// connection it has, silently, including any it accepted from a host
-    /// socket since the restore (its RX work can run before its event
-    /// work). Those host sockets are closed now, so that their owners see
-    /// the end at once instead of waiting for answers that cannot come.
-    fn reset_handled(&mut self) {
-        self.reset_unhandled = false;
+    /// connection it has, silently, including any it opened to the host
+    /// since the restore (its TX work can run before its event work).
+    /// Those host sockets are closed now, so that their owners see the end
+    /// at once instead of waiting for answers that cannot come. (Host
+    /// connections made since the restore are held back, not offered.)
+    fn reset_begun(&mut self) {
+        let ResetPhase::Announced { avail } = self.reset else {
+            return;
+        };
+        self.reset = ResetPhase::Handling { avail };
         let doomed: Vec<Key> = self
             .conns
             .iter()
@@ -781,6 +797,32 @@ impl Vsock {
         }
     }
 
+    /// A Linux driver puts the event buffer back after it has reset its
+    /// connections: from then on a new connection is safe, and the held
+    /// host connections are offered to the guest.
+    fn check_reset_done(&mut self) {
+        let (ResetPhase::Announced { avail } | ResetPhase::Handling { avail }) = self.reset else {
+            return;
+        };
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        match active.queues[EVENT].avail_idx(&active.mem) {
+            Ok(now) if now != avail => {}
+            Ok(_) => return,
+            Err(e) => log::warn!("vsock: event queue: {e}; ending the reset"),
+        }
+        self.reset_begun();
+        self.reset = ResetPhase::None;
+        log::debug!(
+            "vsock: the guest finished its reset; offering {} held connections",
+            self.held_requests.len()
+        );
+        for key in std::mem::take(&mut self.held_requests) {
+            self.owe_control(key);
+        }
+    }
+
     fn drop_everything(&mut self) {
         self.conns.clear();
         self.pending.clear();
@@ -788,7 +830,25 @@ impl Vsock {
         self.orphan_rsts.clear();
         self.data_order.clear();
         self.held_rx = None;
+        self.held_requests.clear();
     }
+}
+
+/// The transport reset after a restore, step by step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetPhase {
+    None,
+    /// Restored: the event is owed as soon as the driver gives a buffer.
+    Owed,
+    /// The event is out; the guest has not started on it. `avail` is the
+    /// event queue's available index just after the event was taken.
+    Announced {
+        avail: u16,
+    },
+    /// The guest re-read its CID, its first step in handling the event.
+    Handling {
+        avail: u16,
+    },
 }
 
 /// Whether returning buffers (`completed`) should interrupt the driver;
@@ -889,8 +949,8 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
-        if self.reset_unhandled && offset < 8 {
-            self.reset_handled();
+        if offset < 8 {
+            self.reset_begun();
         }
     }
 
@@ -908,13 +968,18 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset = ResetPhase::None;
         self.drop_everything();
     }
 
     fn queue_notified(&mut self, index: usize) {
         match index {
             TX => self.process_tx(),
-            EVENT => self.announce_transport_reset(),
+            EVENT => {
+                self.announce_transport_reset();
+                self.check_reset_done();
+                self.pump();
+            }
             _ => self.pump(),
         }
     }
@@ -961,7 +1026,7 @@ impl VirtioDevice for Vsock {
         self.next_host_port = next;
         // Host sockets do not survive the old VMM: the guest's connections
         // are over, and the event tells it so.
-        self.transport_reset_owed = true;
+        self.reset = ResetPhase::Owed;
         Ok(())
     }
 

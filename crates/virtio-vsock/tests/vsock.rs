@@ -613,15 +613,44 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     let mut rest = Vec::new();
     assert_eq!(old_host_side.read_to_end(&mut rest).unwrap(), 0);
 
-    // The restored device works: a host connection reaches the guest, from
-    // a host port after the old device's (a guest that has not yet handled
-    // the reset still holds sockets on those).
+    // A host connection made before the guest has handled the reset is
+    // held back: offered now, the reset would kill it.
     let path = g.path.clone();
     let host = thread::spawn(move || {
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"CONNECT 6000\n").unwrap();
         s
     });
+    let mut held = host.join().unwrap();
+    g.poll(Duration::from_millis(100));
+    assert!(g.received.is_empty(), "offered early: {:?}", g.received);
+
+    // The guest opens a connection to the host before it handles the
+    // reset (its TX work ran first)...
+    let listener = listen(&g.path, 5000);
+    g.send(g.header(5000, 1235, op::REQUEST), &[]);
+    g.expect_op(op::RESPONSE);
+    let (mut early, _) = listener.accept().unwrap();
+    // ...then handles the reset, re-reading its CID first, which resets
+    // that connection in the guest without a packet: its host side is
+    // closed now rather than left waiting forever.
+    let mut cid = [0u8; 8];
+    g.dev.read(0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), CID);
+    early
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(early.read_to_end(&mut rest).unwrap(), 0);
+    g.poll(Duration::from_millis(50));
+    assert!(g.received.is_empty(), "offered mid-reset: {:?}", g.received);
+
+    // The driver puts the event buffer back when it is done: the held
+    // connection is offered then, from a host port after the old
+    // device's (a guest still holds sockets of the old ones until it has
+    // handled the reset).
+    g.event.add(&g.mem, &[Buf::writable(event_buf, 4)]).unwrap();
+    notify(&mut g.dev, 2);
     let req = g.expect_op(op::REQUEST);
     assert_eq!(req.dst_port, 6000);
     assert!(
@@ -629,46 +658,17 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
         "host port {} reused (the old device had reached {old_port})",
         req.src_port
     );
-    // The guest accepts it before it handles the reset (its RX work ran
-    // first): the host gets its OK...
     g.send(g.header(req.src_port, 6000, op::RESPONSE), &[]);
-    let mut early = host.join().unwrap();
-    early
-        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .unwrap();
-    let mut ok = [0u8; 3];
-    early.read_exact(&mut ok).unwrap();
-    assert_eq!(&ok, b"OK ");
-    // ...then the guest handles the reset (re-reading its CID first), which
-    // resets that connection in the guest without a packet: the host side
-    // is closed now rather than left waiting forever.
-    let mut cid = [0u8; 8];
-    g.dev.read(0x100, &mut cid);
-    assert_eq!(u64::from_le_bytes(cid), CID);
-    let mut rest = Vec::new();
-    early.read_to_end(&mut rest).unwrap();
-    assert!(rest.ends_with(b"\n"), "{rest:?}");
-
-    // A connection after that lives.
-    let path = g.path.clone();
-    let host = thread::spawn(move || {
-        let mut s = UnixStream::connect(&path).unwrap();
-        s.write_all(b"CONNECT 6001\n").unwrap();
-        s
-    });
-    let req = g.expect_op(op::REQUEST);
-    g.send(g.header(req.src_port, 6001, op::RESPONSE), &[]);
-    let mut late = host.join().unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut line = [0u8; 3];
-    late.read_exact(&mut line).unwrap();
+    held.read_exact(&mut line).unwrap();
     assert_eq!(&line, b"OK ");
-    g.dev.read(0x100, &mut cid);
-    late.set_nonblocking(true).unwrap();
-    let mut byte = [0u8; 16];
     // Only the rest of the OK line, then nothing: still open.
-    let n = late.read(&mut byte).unwrap_or(0);
+    held.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 16];
+    let n = held.read(&mut byte).unwrap_or(0);
     assert!(byte[..n].ends_with(b"\n"));
-    assert!(matches!(late.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    assert!(matches!(held.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
 }
 
 #[test]

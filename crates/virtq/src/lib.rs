@@ -252,6 +252,14 @@ impl Virtqueue {
         Ok(Some(Popped { head, chain }))
     }
 
+    /// How far the driver has published buffers (its available index).
+    pub fn avail_idx(&self, mem: &GuestMemoryMmapped) -> Result<u16> {
+        self.queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map(|i| i.0)
+            .map_err(Error::Ring)
+    }
+
     /// Serves every available chain with `serve` (which returns the bytes
     /// it wrote; refused chains are returned with 0 without calling it),
     /// until the ring stays empty with notifications re-enabled. Returns

@@ -224,6 +224,20 @@ impl DriverQueue {
             .expect("used_event");
     }
 
+    /// The available index as this driver has published it.
+    pub fn avail_index(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// With EVENT_IDX: whether a driver that moved the available index
+    /// from `old` to where it is now must notify the device (Linux's
+    /// `vring_need_event`).
+    pub fn must_notify(&self, mem: &GuestMemoryMmapped, old: u16) -> bool {
+        let event = self.avail_event(mem);
+        let new = self.avail_idx;
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    }
+
     /// With EVENT_IDX: the available index after which the device wants a
     /// notification.
     pub fn avail_event(&self, mem: &GuestMemoryMmapped) -> u16 {

@@ -758,9 +758,8 @@ impl Vsock {
             if written != 0 {
                 // The driver gives the buffer back once it has handled
                 // the event; ask to be told when it does.
-                queue.enable_notification(mem)?;
                 self.reset = ResetPhase::Announced {
-                    avail: queue.avail_idx(mem)?,
+                    avail: queue.notify_on_new_buffers(mem)?,
                 };
             }
             Ok(queue.needs_notification(mem).unwrap_or(true))

@@ -567,11 +567,15 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     g.send(g.header(5000, 1234, op::REQUEST), &[]);
     g.expect_op(op::RESPONSE);
     let (mut old_host_side, _) = listener.accept().unwrap();
-    // The driver's event buffer, as Linux posts it at probe; nothing is
-    // written to it before a restore.
+    // The driver's event buffers, as Linux posts them at probe (it posts
+    // 8); nothing is written to them before a restore.
     let event_buf = g.alloc.alloc(4);
     g.mem.write_obj(u32::MAX, GuestAddress(event_buf)).unwrap();
     g.event.add(&g.mem, &[Buf::writable(event_buf, 4)]).unwrap();
+    let spare_event_buf = g.alloc.alloc(4);
+    g.event
+        .add(&g.mem, &[Buf::writable(spare_event_buf, 4)])
+        .unwrap();
     notify(&mut g.dev, 2);
     assert!(g.event.pop_used(&g.mem).is_none());
 
@@ -649,7 +653,12 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     // connection is offered then, from a host port after the old
     // device's (a guest still holds sockets of the old ones until it has
     // handled the reset).
+    let before = g.event.avail_index();
     g.event.add(&g.mem, &[Buf::writable(event_buf, 4)]).unwrap();
+    assert!(
+        g.event.must_notify(&g.mem, before),
+        "the driver would not notify the event queue"
+    );
     notify(&mut g.dev, 2);
     let req = g.expect_op(op::REQUEST);
     assert_eq!(req.dst_port, 6000);

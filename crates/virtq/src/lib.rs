@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use supermachine_memory::{GuestAddress, GuestMemoryMmapped};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 pub use chain::{Chain, ChainError, DESCRIPTOR_SIZE, RawDescriptor, Segment};
 pub use io::{Reader, Writer};
@@ -258,6 +258,29 @@ impl Virtqueue {
             .avail_idx(mem, Ordering::Acquire)
             .map(|i| i.0)
             .map_err(Error::Ring)
+    }
+
+    /// Asks the driver to notify the device when it publishes a buffer
+    /// beyond those available now, even if the device has not taken those
+    /// yet (plain [`Virtqueue::enable_notification`] asks only past what
+    /// the device has taken). Returns the available index the request is
+    /// relative to.
+    pub fn notify_on_new_buffers(&mut self, mem: &GuestMemoryMmapped) -> Result<u16> {
+        if !self.queue.event_idx_enabled() {
+            self.enable_notification(mem)?;
+            return self.avail_idx(mem);
+        }
+        let now = self.avail_idx(mem)?;
+        let avail_event = self
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(self.size()))
+            .ok_or(Error::Ring(virtio_queue::Error::AddressOverflow))?;
+        // `validate` checked that the used ring, this word included, is
+        // inside guest RAM.
+        mem.store(now.to_le(), GuestAddress(avail_event), Ordering::Release)
+            .map_err(|e| Error::Ring(virtio_queue::Error::GuestMemory(e)))?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(now)
     }
 
     /// Serves every available chain with `serve` (which returns the bytes

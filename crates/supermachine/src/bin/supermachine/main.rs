@@ -20,7 +20,11 @@ struct Cli {
     command: Command,
 }
 
+/// Each subcommand's arguments are built only when it is the one given:
+/// that takes a third off parsing, which is a fresh-process restore's
+/// largest user-space cost (see docs/snapshot.md).
 #[derive(Subcommand)]
+#[command(defer = true)]
 enum Command {
     /// Run an image's program in a new VM (as `docker run` does).
     Run(run::RunArgs),

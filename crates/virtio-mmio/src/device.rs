@@ -96,12 +96,14 @@ impl Interrupt {
     pub(crate) fn restore(&self, status: u32, needs_reset: bool) {
         self.status.store(status, Ordering::SeqCst);
         self.needs_reset.store(needs_reset, Ordering::SeqCst);
-        if status != 0 {
-            // The driver may not have seen the edge before the snapshot;
-            // an extra one only makes it read the status again.
-            if let Err(e) = self.line.trigger() {
-                log::error!("virtio: raising the interrupt failed: {e}");
-            }
+    }
+
+    /// Raises the line again if any status bit is set.
+    pub(crate) fn raise_pending(&self) {
+        if self.status() != 0
+            && let Err(e) = self.line.trigger()
+        {
+            log::error!("virtio: raising the interrupt failed: {e}");
         }
     }
 }

@@ -264,6 +264,11 @@ impl MmioTransport {
             queues: Vec::new(),
             active: false,
         };
+        // Before activation: a restored device may have news for the
+        // driver at once (vsock's transport reset), whose bits must add to
+        // the saved ones, not be overwritten by them.
+        t.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
         if state.active {
             let active = ActiveDevice {
                 mem: t.mem.clone(),
@@ -276,9 +281,17 @@ impl MmioTransport {
         } else {
             t.queues = queues;
         }
-        t.interrupt
-            .restore(state.interrupt_status, state.needs_reset);
         Ok(t)
+    }
+
+    /// Raises the interrupt again if the driver has anything to look at.
+    /// A restore calls it once the vCPUs' interrupt controllers are
+    /// restored: an edge raised before is lost (no vCPU to take it, or a
+    /// local APIC state written over it), and the driver may not have seen
+    /// the one before the snapshot either; an extra one only makes it read
+    /// the status again.
+    pub fn raise_pending_interrupt(&self) {
+        self.interrupt.raise_pending();
     }
 
     /// The virtio device ID.

@@ -589,8 +589,13 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     let old_port = g.expect_op(op::REQUEST).src_port;
     let _old_host_connection = host.join().unwrap();
 
+    // The driver has acknowledged every interrupt so far.
+    let mut status = [0u8; 4];
+    g.dev.read(0x60, &mut status);
+    g.dev.write(0x64, &status);
     let state = g.dev.save();
     assert!(state.active);
+    assert_eq!(state.interrupt_status, 0);
     // The device holds an RX buffer for its next packet; the snapshot hands
     // it back, so the restored device takes exactly where the guest expects.
     assert_eq!(state.queues[0].next_avail, g.rx.used_idx(&g.mem));
@@ -608,6 +613,14 @@ fn a_restored_device_resets_the_guests_connections_and_loses_no_buffer() {
     g.backend = g.dev.backend_fd().unwrap();
     g.path = new_path;
 
+    // The event's interrupt status survives the restore of the saved
+    // (empty) status, and the line is raised again once the VMM says the
+    // vCPUs can take it.
+    g.dev.read(0x60, &mut status);
+    assert_eq!(u32::from_le_bytes(status) & 1, 1, "used-buffer status");
+    let edges = irq.count();
+    g.dev.raise_pending_interrupt();
+    assert_eq!(irq.count(), edges + 1);
     let (_, len) = g.event.pop_used(&g.mem).expect("a transport-reset event");
     assert_eq!(len, 4);
     let id: u32 = g.mem.read_obj(GuestAddress(event_buf)).unwrap();

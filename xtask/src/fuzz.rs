@@ -7,7 +7,13 @@ use anyhow::{Context, Result, bail};
 use crate::util::{run, workspace_root};
 
 /// Every target, in `fuzz/fuzz_targets/`.
-pub const TARGETS: &[&str] = &["virtq_chain", "blk_request", "vsock_packet", "agent_frames"];
+pub const TARGETS: &[&str] = &[
+    "virtq_chain",
+    "blk_request",
+    "vsock_packet",
+    "agent_frames",
+    "net_frames",
+];
 
 fn ensure_tooling() -> Result<()> {
     let nightly = Command::new("rustup")

@@ -14,6 +14,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod net;
 pub mod reaper;
 pub mod system;
 pub mod user;

@@ -24,6 +24,10 @@ pub struct BootParams {
     pub hostname: Option<String>,
     /// virtio-fs shares to mount.
     pub shares: Vec<ShareMount>,
+    /// The network interface's settings (`supermachine.net=`).
+    pub net: Option<crate::net::NetParams>,
+    /// Extra `/etc/hosts` entries (`supermachine.host=NAME:ADDR`).
+    pub hosts: Vec<(String, std::net::IpAddr)>,
 }
 
 /// A virtio-fs share: `supermachine.share=TAG,ro|rw,PATH` with the guest
@@ -76,6 +80,16 @@ impl BootParams {
                 p.upper = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("supermachine.hostname=") {
                 p.hostname = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("supermachine.net=") {
+                p.net = crate::net::NetParams::parse(v);
+                if p.net.is_none() {
+                    log::warn!("ignoring malformed supermachine.net={v}");
+                }
+            } else if let Some(v) = word.strip_prefix("supermachine.host=") {
+                match crate::net::parse_host_entry(v) {
+                    Some(entry) => p.hosts.push(entry),
+                    None => log::warn!("ignoring malformed supermachine.host={v}"),
+                }
             } else if let Some(v) = word.strip_prefix("supermachine.share=") {
                 match ShareMount::parse(v) {
                     Some(share) => p.shares.push(share),
@@ -164,6 +178,21 @@ pub fn boot() -> io::Result<String> {
         mount(&share.tag, &share.path, "virtiofs", flags, None)?;
     }
     bring_up_loopback()?;
+    if let Some(net) = &params.net {
+        // A workload without its network is still a workload: say why
+        // and go on.
+        if let Err(e) = crate::net::configure("eth0", net) {
+            log::error!("configuring eth0: {e}");
+        }
+        if !net.dns.is_empty() && Path::new("/etc").is_dir() {
+            // A symlink (systemd's stub, say) is replaced, as Docker does.
+            let _ = fs::remove_file("/etc/resolv.conf");
+            if let Err(e) = fs::write("/etc/resolv.conf", crate::net::resolv_conf(&net.dns)) {
+                log::warn!("writing /etc/resolv.conf: {e}");
+            }
+        }
+    }
+    let _ = EXTRA_HOSTS.set(params.hosts.clone());
     let hostname = params
         .hostname
         .clone()
@@ -300,13 +329,20 @@ fn set_hostname(name: &str) -> io::Result<()> {
 
 /// /etc/hostname and /etc/hosts as Docker provides them. They land in the
 /// overlay's upper layer; an image without /etc gets none.
+/// `--add-host` entries, kept for every rewrite of `/etc/hosts`.
+static EXTRA_HOSTS: std::sync::OnceLock<Vec<(String, std::net::IpAddr)>> =
+    std::sync::OnceLock::new();
+
 fn write_host_files(hostname: &str) {
     if !Path::new("/etc").is_dir() {
         return;
     }
-    let hosts = format!(
+    let mut hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
     );
+    for (name, addr) in EXTRA_HOSTS.get().into_iter().flatten() {
+        hosts.push_str(&format!("{addr}\t{name}\n"));
+    }
     for (path, text) in [
         ("/etc/hostname", format!("{hostname}\n")),
         ("/etc/hosts", hosts),

@@ -373,6 +373,7 @@ impl Vm {
                 socket: socket.clone(),
             }),
             filesystems,
+            net: None,
         };
         let machine = Machine::start(config)?;
         let created = started.elapsed();
@@ -941,6 +942,7 @@ impl Vm {
             console: console_out,
             forward_stdin: false,
             vsock_socket: Some(socket.clone()),
+            net: None,
         })?;
         let created = started.elapsed();
         let about = About {

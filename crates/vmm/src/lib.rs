@@ -30,6 +30,10 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 pub use bus::{Bus, BusDevice};
 use snapshot::DeviceSnapshot;
 pub use snapshot::{DeviceKind, MachineState};
+pub use supermachine_virtio_net::{
+    DatagramBackend, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule, StreamBackend,
+    policy::is_private,
+};
 
 use devices::console::ConsoleSink;
 use devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_SPAN};
@@ -92,6 +96,35 @@ pub struct VmConfig {
     /// already listening on its socket. With any, guest RAM is a shared
     /// memfd mapping the backends map too.
     pub filesystems: Vec<FsConfig>,
+    /// A virtio-net device and where its frames go.
+    pub net: Option<NetConfig>,
+}
+
+/// A virtio-net device: its identity, what may leave through it, and the
+/// backend its frames go to.
+#[derive(Debug)]
+pub struct NetConfig {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The link MTU the guest is told.
+    pub mtu: u16,
+    /// Enforced on every frame the guest sends.
+    pub policy: EgressPolicy,
+    /// Where frames go (passt's socket, say).
+    pub backend: Box<dyn FrameBackend>,
+}
+
+impl NetConfig {
+    fn device(self) -> Result<supermachine_virtio_net::Net> {
+        Ok(supermachine_virtio_net::Net::new(
+            supermachine_virtio_net::NetConfig {
+                mac: self.mac,
+                mtu: self.mtu,
+                policy: self.policy,
+            },
+            self.backend,
+        )?)
+    }
 }
 
 /// A virtio-fs share: the tag the guest mounts and the vhost-user
@@ -140,6 +173,7 @@ impl VmConfig {
             entropy: true,
             vsock: None,
             filesystems: Vec::new(),
+            net: None,
         }
     }
 }
@@ -176,6 +210,9 @@ pub enum Error {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] supermachine_virtio_vsock::Error),
+    /// The network device could not be set up.
+    #[error(transparent)]
+    Net(#[from] supermachine_virtio_net::Error),
     /// Guest RAM could not be set up.
     #[error(transparent)]
     Memory(#[from] supermachine_memory::Error),
@@ -439,7 +476,7 @@ impl Drop for RunningVm {
 }
 
 /// Builds the VM described by `config` on `hypervisor` and starts it.
-pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm> {
+pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<RunningVm> {
     if config.vcpus == 0 || config.vcpus > boot::MAX_CPUS.min(hypervisor.max_vcpus()) {
         return Err(Error::Config(format!(
             "{} vCPUs requested; between 1 and {} are possible here",
@@ -450,7 +487,7 @@ pub fn start(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<RunningVm>
     // Guest-independent checks and loading first: no hypervisor VM exists
     // until the kernel, initrd and command line have all been accepted.
     let mut kernel_image = boot::KernelImage::open(&config.kernel)?;
-    let virtio_devices = virtio_devices(&config)?;
+    let virtio_devices = virtio_devices(&mut config)?;
     let mut cmdline = config.cmdline.clone();
     for d in &virtio_devices {
         cmdline.push(' ');
@@ -540,6 +577,9 @@ pub struct RestoreConfig {
     /// The vsock socket for the restored VM; required exactly when the
     /// snapshot has a vsock device.
     pub vsock_socket: Option<PathBuf>,
+    /// The network device's backend and policy; required exactly when the
+    /// snapshot has one, whose MAC and MTU it must repeat.
+    pub net: Option<NetConfig>,
 }
 
 impl RestoreConfig {
@@ -550,6 +590,7 @@ impl RestoreConfig {
             console: Console::Stdout,
             forward_stdin: false,
             vsock_socket: None,
+            net: None,
         }
     }
 }
@@ -597,6 +638,7 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     // Every device's host side, checked against what the snapshot names.
     let mut devices = Vec::with_capacity(state.devices.len());
     let mut vsock_socket = config.vsock_socket;
+    let mut net = config.net;
     for (i, saved) in state.devices.iter().enumerate() {
         let (expected_base, expected_irq) = virtio::slot(i)
             .ok_or_else(|| bad(format!("the snapshot has too many devices ({})", i + 1)))?;
@@ -636,12 +678,31 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
                 "virtio-rng".into(),
                 Box::new(supermachine_virtio_rng::Rng::new()),
             ),
+            DeviceKind::Net { mac, mtu } => {
+                let net = net.take().ok_or_else(|| {
+                    bad("the snapshot has a network device: a backend for it is needed".into())
+                })?;
+                if (net.mac, net.mtu) != (*mac, *mtu) {
+                    return Err(bad(format!(
+                        "the snapshot's network device has MAC {} and MTU {mtu}; this one {} and {}",
+                        format_mac(mac),
+                        format_mac(&net.mac),
+                        net.mtu
+                    )));
+                }
+                ("virtio-net".into(), Box::new(net.device()?))
+            }
         };
         devices.push((name, device));
     }
     if vsock_socket.is_some() {
         return Err(bad(
             "a vsock socket was given, but the snapshot has no vsock device".into(),
+        ));
+    }
+    if net.is_some() {
+        return Err(bad(
+            "a network backend was given, but the snapshot has no network device".into(),
         ));
     }
     let console_out = open_console(config.console)?;
@@ -678,6 +739,14 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
         let mut vcpu = vm.create_vcpu(index)?;
         vcpu.restore_state(saved)?;
         vcpus.push(vcpu);
+    }
+    // Only now can an interrupt reach a vCPU and stay pending there.
+    for placed in &transports {
+        placed
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
     }
     launch(Assembled {
         vm,
@@ -857,7 +926,7 @@ struct PlacedDevice {
 /// Opens every virtio device's host side (disk images first, so a missing
 /// one is reported before anything else is built) and gives each its MMIO
 /// base and interrupt line.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
+fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
     let mut devices = Vec::new();
     let mut place =
         |name: String, kind: Option<DeviceKind>, device: Box<dyn VirtioDevice>| -> Result<()> {
@@ -897,6 +966,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
             Box::new(vsock),
         )?;
     }
+    if let Some(net) = config.net.take() {
+        let kind = DeviceKind::Net {
+            mac: net.mac,
+            mtu: net.mtu,
+        };
+        place("virtio-net".into(), Some(kind), Box::new(net.device()?))?;
+    }
     for fs in &config.filesystems {
         let device = supermachine_virtio_fs::Fs::new(&fs.tag, &fs.socket)?;
         place(format!("virtio-fs {}", fs.tag), None, Box::new(device))?;
@@ -909,6 +985,14 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlacedDevice>> {
         )?;
     }
     Ok(devices)
+}
+
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// An anonymous shared-memory file (memfd) for guest RAM, closed on exec.

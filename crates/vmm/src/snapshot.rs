@@ -68,6 +68,13 @@ pub enum DeviceKind {
     },
     /// virtio-rng.
     Entropy,
+    /// virtio-net; the backend is given anew to each restore.
+    Net {
+        /// The guest's MAC address.
+        mac: [u8; 6],
+        /// The MTU the guest was told.
+        mtu: u16,
+    },
 }
 
 /// One virtio device: what it is, where it sits, and its transport state.

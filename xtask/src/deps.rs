@@ -24,7 +24,7 @@ pub const KERNEL_BUILD: &[&str] = &[
 /// compile C in static builds.
 pub const MUSL_CC: &[&str] = &["musl-tools"];
 /// Debian packages needed for guest images and the QEMU test host.
-pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static"];
+pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static", "passt"];
 /// Debian packages the OCI image tests and benchmark drive: a real
 /// registry, a real OCI client to push with, htpasswd and openssl for its
 /// auth and TLS, the EROFS tools that build root disks, and umoci as the

@@ -250,6 +250,23 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ifconfig lo 127.0.0.1 up
+# An uplink that leads nowhere (a tap device nothing reads; this machine
+# has no network card): passt needs a default route to pick an interface.
+# The tests only reach the host's own loopback through passt's gateway.
+tunctl -t up0 >/dev/null
+ip link set up0 up
+ip addr add 192.0.2.1/24 dev up0
+ip route add default via 192.0.2.254 dev up0
+ip -6 addr add 2001:db8::1/64 dev up0
+ip -6 route add default via 2001:db8::fe dev up0
+# The host's resolver: a DNS server the tests run on loopback.
+mkdir -p /etc
+echo 'nameserver 127.0.0.1' > /etc/resolv.conf
+# passt drops root to nobody.
+echo 'root:x:0:0:root:/root:/bin/sh' > /etc/passwd
+echo 'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >> /etc/passwd
+echo 'root:x:0:' > /etc/group
+echo 'nogroup:x:65534:' >> /etc/group
 export HOME=/root PATH=/e2e:$PATH
 mkdir -p $HOME
 cd /e2e
@@ -379,7 +396,7 @@ reboot -f
 
 /// Dynamically linked host programs the test host gets, with their
 /// libraries, at the paths they have here.
-const HOST_PROGRAMS: &[&str] = &["/usr/bin/mkfs.erofs"];
+const HOST_PROGRAMS: &[&str] = &["/usr/bin/mkfs.erofs", "/usr/bin/passt"];
 
 /// Host programs copied in when installed (crun: `bench run`'s baseline).
 const OPTIONAL_HOST_PROGRAMS: &[&str] = &["/usr/bin/crun"];

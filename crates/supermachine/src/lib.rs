@@ -40,6 +40,7 @@ use std::sync::Arc;
 mod exec;
 mod guest;
 mod image;
+mod network;
 mod pool;
 mod ports;
 mod shares;
@@ -52,6 +53,10 @@ pub use exec::{
 };
 pub use guest::GuestImage;
 pub use image::Image;
+pub use network::{
+    GATEWAY_IPV4, GATEWAY_IPV6, GUEST_IPV4, GUEST_IPV6, Network, NetworkMode, RESOLVER_IPV4,
+    RESOLVER_IPV6, find_passt, parse_host_entry,
+};
 pub use pool::{Pool, PoolConfig, PoolStats, PooledVm};
 pub use ports::{PortForward, PortMapping};
 pub use shares::{Share, find_virtiofsd};
@@ -59,6 +64,7 @@ pub use snapshot::{
     BakeOptions, DiskIdentity, SNAPSHOT_INFO_VERSION, Snapshot, SnapshotInfo, Workload,
     WorkloadSpec, baked_snapshots,
 };
+pub use supermachine_vmm::{NetRule, PolicyMode};
 pub use vm::{StartTimings, Vm, VmConfig, runtime_dir};
 
 pub use supermachine_hypervisor::Hypervisor;

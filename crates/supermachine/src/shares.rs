@@ -84,25 +84,32 @@ impl Share {
     }
 }
 
+/// A helper program: `$env_var` if set, else `name` on PATH, else in one
+/// of `elsewhere`.
+pub(crate) fn find_helper(name: &str, env_var: &str, elsewhere: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(elsewhere.iter().cloned())
+        .find(|p| p.is_file())
+}
+
 /// The virtiofsd program: `$SUPERMACHINE_VIRTIOFSD`, else `virtiofsd` on
 /// PATH, else where distributions and `cargo install` put it.
 pub fn find_virtiofsd() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SUPERMACHINE_VIRTIOFSD").filter(|p| !p.is_empty()) {
-        return Ok(PathBuf::from(p));
-    }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("virtiofsd"))
-                .collect()
-        })
-        .unwrap_or_default();
-    candidates.push("/usr/libexec/virtiofsd".into());
-    candidates.push("/usr/lib/qemu/virtiofsd".into());
+    let mut elsewhere: Vec<PathBuf> = vec![
+        "/usr/libexec/virtiofsd".into(),
+        "/usr/lib/qemu/virtiofsd".into(),
+    ];
     if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/virtiofsd"));
+        elsewhere.push(PathBuf::from(home).join(".cargo/bin/virtiofsd"));
     }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+    find_helper("virtiofsd", "SUPERMACHINE_VIRTIOFSD", &elsewhere).ok_or_else(|| {
         Error::InvalidOption(
             "-v needs virtiofsd, which is not installed (cargo install virtiofsd, or set SUPERMACHINE_VIRTIOFSD)"
                 .into(),

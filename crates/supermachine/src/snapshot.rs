@@ -68,6 +68,10 @@ pub struct SnapshotInfo {
     pub bake_ms: u64,
     /// The root disk it was taken with; a restore needs this very file.
     pub root_disk: DiskIdentity,
+    /// The guest's network settings, when it has a network device (a
+    /// restore gives it a backend).
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 /// The workload process in a snapshot: its pid, and what it runs (the
@@ -264,20 +268,21 @@ struct KeyParts<'a> {
     cpus: u32,
     memory_bytes: u64,
     workload: Option<&'a WorkloadSpec>,
+    /// Left out when there is none, so that keys of snapshots baked
+    /// before networking stay valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<&'a str>,
 }
 
 /// The directory a bake of `image` with this VM size and workload goes to.
-fn baked_dir(
-    image: &Image,
-    cpus: u32,
-    memory_bytes: u64,
-    workload: Option<&WorkloadSpec>,
-) -> Result<PathBuf> {
+fn baked_dir(image: &Image, vm: &VmConfig, workload: Option<&WorkloadSpec>) -> Result<PathBuf> {
+    let network = crate::network::guest_view(&vm.network)?;
     let parts = KeyParts {
         image_id: image.id(),
-        cpus,
-        memory_bytes,
+        cpus: vm.cpus,
+        memory_bytes: vm.memory_bytes,
         workload,
+        network: network.as_deref(),
     };
     let json = serde_json::to_vec(&parts).map_err(|e| Error::InvalidOption(e.to_string()))?;
     let key: String = Sha256::digest(&json)[..8]
@@ -341,12 +346,7 @@ impl Image {
         check_snapshottable(&options.vm)?;
         let spec = self.command(&options.overrides)?;
         let workload_spec = options.start_workload.then(|| WorkloadSpec::from(&spec));
-        let dest = baked_dir(
-            self,
-            options.vm.cpus,
-            options.vm.memory_bytes,
-            workload_spec.as_ref(),
-        )?;
+        let dest = baked_dir(self, &options.vm, workload_spec.as_ref())?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)
                 .map_err(io_error(format!("creating {}", parent.display())))?;
@@ -387,18 +387,16 @@ impl Image {
         Snapshot::open(&dest)
     }
 
-    /// The baked snapshot `run` would restore for `spec` with this VM
-    /// size: one whose workload is `spec`, else one with no workload.
-    /// Snapshots whose root disk was rebuilt since are passed over.
-    pub fn baked_snapshot(
-        &self,
-        spec: &ProcessSpec,
-        cpus: u32,
-        memory_bytes: u64,
-    ) -> Result<Option<Snapshot>> {
+    /// The baked snapshot `run` would restore for `spec` with `vm`'s size
+    /// and guest network settings: one whose workload is `spec`, else one
+    /// with no workload. Snapshots whose root disk was rebuilt since are
+    /// passed over.
+    pub fn baked_snapshot(&self, spec: &ProcessSpec, vm: &VmConfig) -> Result<Option<Snapshot>> {
         let wanted = WorkloadSpec::from(spec);
+        let network = crate::network::guest_view(&vm.network)?;
+        let (cpus, memory_bytes) = (vm.cpus, vm.memory_bytes);
         for workload in [Some(&wanted), None] {
-            let dir = baked_dir(self, cpus, memory_bytes, workload)?;
+            let dir = baked_dir(self, vm, workload)?;
             if !dir.is_dir() {
                 continue;
             }
@@ -407,7 +405,8 @@ impl Image {
             let matches = i.image_id.as_deref() == Some(self.id())
                 && i.cpus == cpus
                 && i.memory_bytes == memory_bytes
-                && i.workload.as_ref().map(|w| &w.spec) == workload;
+                && i.workload.as_ref().map(|w| &w.spec) == workload
+                && i.network == network;
             let disk = DiskIdentity::of(&i.root_disk.path).ok();
             if matches && disk.as_ref() == Some(&i.root_disk) {
                 return Ok(Some(snapshot));

@@ -28,6 +28,7 @@ use crate::MachineConfig;
 
 use crate::exec::{ExecBuilder, KeptProcesses};
 use crate::guest::GuestImage;
+use crate::network::{self, Network, Passt};
 use crate::shares::{Share, Virtiofsd, find_virtiofsd};
 use crate::snapshot::{DiskIdentity, Snapshot, SnapshotInfo, Workload, check_snapshottable};
 use crate::{Error, ExitReason, Machine, Result, images, io_error};
@@ -70,6 +71,8 @@ pub struct VmConfig {
     /// `KEY=VALUE` entries every process started through the agent gets
     /// beneath its own environment (a restored VM's identity, say).
     pub env: Vec<(String, String)>,
+    /// The guest's network (default: passt when it is installed).
+    pub network: Network,
 }
 
 impl Default for VmConfig {
@@ -85,6 +88,7 @@ impl Default for VmConfig {
             ready_timeout: Duration::from_secs(120),
             stop_grace: Duration::from_secs(5),
             env: Vec::new(),
+            network: Network::default(),
         }
     }
 }
@@ -258,6 +262,17 @@ struct About {
     kept_pids: Vec<i32>,
     workload: Option<Workload>,
     restored: bool,
+    /// The guest's network settings, if it has a network.
+    network: Option<String>,
+}
+
+/// The helper processes a VM this process runs keeps.
+#[derive(Debug, Default)]
+struct Helpers {
+    /// Each exits once the VMM's connection closes.
+    _virtiofsd: Vec<Virtiofsd>,
+    /// Exits once the VMM's end of its socket closes.
+    passt: Option<Passt>,
 }
 
 /// A running VM whose agent has answered.
@@ -272,9 +287,8 @@ pub struct Vm {
     kept: KeptProcesses,
     /// What a snapshot of this VM records about it (`None`: attached).
     about: Option<About>,
-    /// After the machine (which `Drop` stops first): each exits once the
-    /// VMM's connection closes.
-    _virtiofsd: Vec<Virtiofsd>,
+    /// After the machine (which `Drop` stops first).
+    helpers: Helpers,
     // Last: the sockets live in it (`None` when another process owns the
     // VM and its directory).
     _dir: Option<RuntimeDir>,
@@ -316,6 +330,7 @@ impl Vm {
         } else {
             Some(find_virtiofsd()?)
         };
+        let network = network::plan(&options.network)?;
         let dir = RuntimeDir::create()?;
         let mut daemons = Vec::new();
         let mut filesystems = Vec::new();
@@ -351,6 +366,17 @@ impl Vm {
             cmdline.push(' ');
             cmdline.push_str(&share.agent_param(&fs.tag));
         }
+        let network = network
+            .map(|plan| plan.attach(&options.network))
+            .transpose()?;
+        let (net, passt, guest_network) = match network {
+            Some(a) => {
+                cmdline.push(' ');
+                cmdline.push_str(&a.cmdline);
+                (Some(a.device), a.passt, Some(a.cmdline))
+            }
+            None => (None, None, None),
+        };
         if let Some(upper) = &options.writable_disk {
             cmdline.push_str(" supermachine.upper=/dev/vdb");
             disks.push(DiskConfig {
@@ -373,7 +399,7 @@ impl Vm {
                 socket: socket.clone(),
             }),
             filesystems,
-            net: None,
+            net,
         };
         let machine = Machine::start(config)?;
         let created = started.elapsed();
@@ -385,12 +411,18 @@ impl Vm {
             kept_pids: Vec::new(),
             workload: None,
             restored: false,
+            network: guest_network,
         };
-        let mut vm = Vm::owned(machine, socket, console, options, about, daemons, dir);
+        let helpers = Helpers {
+            _virtiofsd: daemons,
+            passt,
+        };
+        let mut vm = Vm::owned(machine, socket, console, options, about, helpers, dir);
         let (conn, kernel_boot, agent_setup) = vm.await_agent(&ready, options.ready_timeout)?;
         drop(ready);
         let _ = fs::remove_file(&ready_path);
         vm.idle_push(conn);
+        vm.check_network();
         if !options.env.is_empty() {
             vm.send_identity(None, &options.env)?;
         }
@@ -411,7 +443,7 @@ impl Vm {
         console: ConsoleTail,
         options: &VmConfig,
         about: About,
-        virtiofsd: Vec<Virtiofsd>,
+        helpers: Helpers,
         dir: RuntimeDir,
     ) -> Vm {
         Vm {
@@ -426,8 +458,16 @@ impl Vm {
             timings: StartTimings::default(),
             kept: KeptProcesses::default(),
             about: Some(about),
-            _virtiofsd: virtiofsd,
+            helpers,
             _dir: Some(dir),
+        }
+    }
+
+    /// Warns (once the guest is up) if its passt has already ended: the
+    /// guest then has a network device whose link is down.
+    fn check_network(&mut self) {
+        if let Some(why) = self.helpers.passt.as_mut().and_then(Passt::ended) {
+            log::warn!("{why}; the VM has no network");
         }
     }
 
@@ -606,7 +646,7 @@ impl Vm {
             timings: StartTimings::default(),
             kept: KeptProcesses::default(),
             about: None,
-            _virtiofsd: Vec::new(),
+            helpers: Helpers::default(),
             _dir: None,
         };
         vm.ping().map_err(|e| match e {
@@ -865,6 +905,7 @@ impl Vm {
                 .unwrap_or(0),
             bake_ms: 0,
             root_disk: DiskIdentity::of(&about.root_disk)?,
+            network: about.network.clone(),
         })
     }
 
@@ -934,15 +975,34 @@ impl Vm {
                 ),
             });
         }
+        // The guest keeps the network settings it was baked with; this
+        // restore gives its device a backend of its own and `options`'
+        // policy.
+        let network = match &info.network {
+            None => None,
+            Some(_) => Some(
+                network::plan(&options.network)?.ok_or_else(|| Error::Snapshot {
+                    path: snapshot.path().to_path_buf(),
+                    why: "it has a network device, and this VM is to have no network".into(),
+                })?,
+            ),
+        };
         let dir = RuntimeDir::create()?;
         let socket = dir.0.join("vsock.sock");
         let (console, console_out) = open_console(options)?;
+        let network = network
+            .map(|plan| plan.attach(&options.network))
+            .transpose()?;
+        let (net, passt) = match network {
+            Some(a) => (Some(a.device), a.passt),
+            None => (None, None),
+        };
         let machine = Machine::restore(crate::RestoreConfig {
             snapshot: snapshot.path().to_path_buf(),
             console: console_out,
             forward_stdin: false,
             vsock_socket: Some(socket.clone()),
-            net: None,
+            net,
         })?;
         let created = started.elapsed();
         let about = About {
@@ -953,8 +1013,13 @@ impl Vm {
             kept_pids: info.kept.clone(),
             workload: info.workload.clone(),
             restored: true,
+            network: info.network.clone(),
         };
-        let mut vm = Vm::owned(machine, socket, console, options, about, Vec::new(), dir);
+        let helpers = Helpers {
+            _virtiofsd: Vec::new(),
+            passt,
+        };
+        let mut vm = Vm::owned(machine, socket, console, options, about, helpers, dir);
         // The guest handles the vsock transport reset when it runs again;
         // a connection the host opens before that is reset with the old
         // ones, so the first exchange is retried until it holds.

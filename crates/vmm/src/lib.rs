@@ -31,8 +31,8 @@ pub use bus::{Bus, BusDevice};
 use snapshot::DeviceSnapshot;
 pub use snapshot::{DeviceKind, MachineState};
 pub use supermachine_virtio_net::{
-    DatagramBackend, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule, StreamBackend,
-    policy::is_private,
+    DEFAULT_MTU, DatagramBackend, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule,
+    StreamBackend, policy::is_private,
 };
 
 use devices::console::ConsoleSink;

@@ -1,6 +1,7 @@
 //! The `supermachine` command-line tool.
 
 mod detached;
+mod netargs;
 mod run;
 mod session;
 mod snapshot;
@@ -27,7 +28,7 @@ struct Cli {
 #[command(defer = true)]
 enum Command {
     /// Run an image's program in a new VM (as `docker run` does).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List detached VMs (running ones; -a for all).
     Ps {
         /// Also VMs that have exited.

@@ -20,6 +20,8 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub network: crate::netargs::NetworkArgs,
     /// Set an environment variable (NAME=VALUE, or NAME for this
     /// shell's value). Repeatable.
     #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]")]
@@ -187,6 +189,7 @@ impl RunArgs {
             hostname: self.hostname.clone().unwrap_or_else(|| id.to_string()),
             stop_grace: Duration::from_secs(self.stop_timeout),
             shares,
+            network: self.network.network()?,
             ..VmConfig::default()
         };
         Ok(Prepared {
@@ -286,12 +289,7 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
 pub fn start_vm(prepared: &Prepared, args: &RunArgs) -> Result<(Vm, Option<i32>)> {
     let config = &prepared.config;
     let eligible = !args.no_snapshot && !args.interactive && !args.tty && config.shares.is_empty();
-    if eligible
-        && let Some(snapshot) =
-            prepared
-                .image
-                .baked_snapshot(&prepared.spec, config.cpus, config.memory_bytes)?
-    {
+    if eligible && let Some(snapshot) = prepared.image.baked_snapshot(&prepared.spec, config)? {
         match snapshot.start(config) {
             Ok(vm) => {
                 let pid = vm.workload().map(|w| w.pid);

@@ -12,7 +12,7 @@ use crate::{human_age, human_size, parse_size, print_table};
 pub enum SnapshotCommand {
     /// Boot an image, start its command, wait until it is ready, and keep
     /// a snapshot of the VM that `run` then restores in milliseconds.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List baked snapshots.
     Ls {
         /// Print JSON instead of a table.
@@ -53,6 +53,10 @@ pub struct CreateArgs {
     /// Guest RAM, e.g. 512M or 2G.
     #[arg(short = 'm', long, default_value = "512M", value_parser = parse_size)]
     memory: u64,
+    /// The guest's network as `run` will give it (the snapshot is found
+    /// by these settings; a policy applies per restore).
+    #[command(flatten)]
+    network: crate::netargs::NetworkArgs,
     /// The image (name or ID; pulled when not stored).
     image: String,
     /// The command, replacing the image's Cmd.
@@ -82,6 +86,7 @@ fn create(args: &CreateArgs) -> Result<()> {
         vm: VmConfig {
             cpus: args.cpus,
             memory_bytes: args.memory,
+            network: args.network.network()?,
             ..VmConfig::default()
         },
         start_workload: !args.no_workload,

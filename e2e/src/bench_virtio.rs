@@ -157,10 +157,27 @@ fn socket_pair_peer(command: u8) -> io::Result<UnixStream> {
     Ok(ours)
 }
 
+/// A stream whose writing half can be closed on its own.
+pub(crate) trait HalfClose: Read + Write {
+    fn close_write(&self) -> io::Result<()>;
+}
+
+impl HalfClose for UnixStream {
+    fn close_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl HalfClose for std::net::TcpStream {
+    fn close_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
 /// Round trips and both throughput directions, `runs` times, through
 /// streams that `open` starts with a command byte.
-pub(crate) fn measure_streams(
-    open: &dyn Fn(u8) -> io::Result<UnixStream>,
+pub(crate) fn measure_streams<S: HalfClose>(
+    open: &dyn Fn(u8) -> io::Result<S>,
     runs: usize,
 ) -> io::Result<Figures> {
     let mut f = Figures::default();
@@ -184,7 +201,7 @@ pub(crate) fn measure_streams(
             s.write_all(&chunk[..n])?;
             left -= n as u64;
         }
-        s.shutdown(Shutdown::Write)?;
+        s.close_write()?;
         let mut count = [0u8; 8];
         s.read_exact(&mut count)?;
         f.to_peer.push(began.elapsed());

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 mod agent;
 mod bench_exec;
+mod bench_net;
 mod bench_proto;
 mod bench_run;
 mod bench_snapshot;
@@ -23,6 +24,7 @@ mod bench_snapshot_linux;
 mod bench_virtio;
 mod exchange;
 mod firecracker;
+mod net;
 mod run;
 mod snapshot;
 
@@ -482,6 +484,26 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             Box::new(move || run::bad_input_is_one_line_and_leaves_nothing(env)),
         ),
         (
+            "net-guest-reaches-the-host-by-name-over-tcp-and-udp",
+            Box::new(move || net::guest_reaches_the_host_by_name_tcp_and_udp(env)),
+        ),
+        (
+            "net-a-gibibyte-each-way-arrives-intact",
+            Box::new(move || net::a_gibibyte_each_way_arrives_intact(env)),
+        ),
+        (
+            "net-deny-private-refuses-what-it-should",
+            Box::new(move || net::deny_private_refuses_what_it_should(env)),
+        ),
+        (
+            "net-none-has-only-loopback",
+            Box::new(move || net::network_none_has_only_loopback(env)),
+        ),
+        (
+            "net-killing-the-vmm-leaves-no-passt",
+            Box::new(move || net::killing_the_vmm_leaves_no_passt(env)),
+        ),
+        (
             "snapshot-agent-only-serves-any-run",
             Box::new(move || snapshot::agent_snapshot_serves_any_run(env)),
         ),
@@ -891,7 +913,7 @@ fn main() -> ExitCode {
         value("--assets"),
     ) else {
         eprintln!(
-            "usage: supermachine-e2e test|bench-boot|bench-virtio|bench-exec|bench-run --supermachine BIN --assets DIR [--runs N]"
+            "usage: supermachine-e2e test|bench-boot|bench-virtio|bench-net|bench-exec|bench-run --supermachine BIN --assets DIR [--runs N]"
         );
         return ExitCode::from(2);
     };
@@ -931,6 +953,10 @@ fn main() -> ExitCode {
         "bench-virtio" => {
             let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
             bench_virtio::run(&env, runs)
+        }
+        "bench-net" => {
+            let runs = value("--runs").and_then(|r| r.parse().ok()).unwrap_or(5);
+            bench_net::run(&env, runs)
         }
         other => {
             eprintln!("supermachine-e2e: unknown mode {other}");

@@ -192,6 +192,20 @@ impl Cli {
                 }
             }
         }
+        // A passt outliving its VM (a kept VM's is its VMM's child).
+        for pid in list(Path::new("/proc")) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() != "passt" {
+                continue;
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+            let mut fields = fields.split_whitespace();
+            let (state, parent) = (fields.next(), fields.next().unwrap_or(""));
+            if state != Some("Z") && !kept_pids.iter().any(|k| k == parent) {
+                found.push(format!("passt process {pid} (parent {parent})"));
+            }
+        }
         for name in list(&self.runtime()) {
             let owner = name.strip_prefix("vm-").and_then(|r| r.split('-').next());
             if let Some(pid) = owner
@@ -466,7 +480,17 @@ pub fn ctrl_c_reaches_the_workload(env: &Env) -> Check {
     expect(left.is_empty(), &format!("left behind: {left:?}"), &r)
 }
 
-fn signal(pid: u32, signal: i32) -> Result<(), String> {
+/// The VMM process of the (one) detached VM running, from `ps --json`.
+pub(crate) fn vmm_pid(cli: &Cli) -> Result<u32, String> {
+    let ps = cli.run(&["ps", "--json"]);
+    ps.stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"pid\": "))
+        .and_then(|p| p.trim_end_matches(',').parse::<u32>().ok())
+        .ok_or_else(|| format!("no pid in ps --json:\n{}", ps.stdout))
+}
+
+pub(crate) fn signal(pid: u32, signal: i32) -> Result<(), String> {
     let target = rustix::process::Pid::from_raw(pid as i32).ok_or("pid 0")?;
     let signal = rustix::process::Signal::from_named_raw(signal).ok_or("bad signal")?;
     rustix::process::kill_process(target, signal).map_err(|e| format!("kill {pid}: {e}"))
@@ -646,13 +670,7 @@ fn killed_vmm(cli: &Cli) -> Check {
         0,
         "victim",
     )?;
-    let ps = cli.run(&["ps", "--json"]);
-    let pid = ps
-        .stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"pid\": "))
-        .and_then(|p| p.trim_end_matches(',').parse::<u32>().ok())
-        .ok_or_else(|| format!("no pid in ps --json:\n{}", ps.stdout))?;
+    let pid = vmm_pid(cli)?;
     signal(pid, 9)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {

@@ -102,6 +102,13 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Guest-to-host TCP round trips and throughput through virtio-net
+    /// and passt, against vsock in the same VM and TCP over the host's
+    /// loopback, in one run.
+    Net {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Exec round trips of `true` against raw vsock round trips, and exec
     /// stdout throughput against a raw vsock stream, in one VM.
     Exec {
@@ -484,6 +491,9 @@ fn main() -> Result<()> {
         Task::Bench {
             which: Bench::Virtio { runs },
         } => bench("virtio", runs, "")?,
+        Task::Bench {
+            which: Bench::Net { runs },
+        } => bench("net", runs, "")?,
         Task::Bench {
             which: Bench::Exec { runs, probe },
         } => bench("exec", runs, if probe { "--probe" } else { "" })?,

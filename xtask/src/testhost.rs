@@ -250,15 +250,15 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ifconfig lo 127.0.0.1 up
-# An uplink that leads nowhere (a tap device nothing reads; this machine
-# has no network card): passt needs a default route to pick an interface.
-# The tests only reach the host's own loopback through passt's gateway.
-tunctl -t up0 >/dev/null
-ip link set up0 up
-ip addr add 192.0.2.1/24 dev up0
-ip route add default via 192.0.2.254 dev up0
-ip -6 addr add 2001:db8::1/64 dev up0
-ip -6 route add default via 2001:db8::fe dev up0
+# An uplink that leads nowhere (the kernel's dummy device, which drops
+# everything; this machine has no network card): passt needs a default
+# route on a link that is up to pick an interface. The tests only reach
+# the host's own loopback, through passt's gateway.
+ip link set dummy0 up
+ip addr add 192.0.2.1/24 dev dummy0
+ip route add default via 192.0.2.254 dev dummy0
+ip -6 addr add 2001:db8::1/64 dev dummy0
+ip -6 route add default via 2001:db8::fe dev dummy0
 # The host's resolver: a DNS server the tests run on loopback.
 mkdir -p /etc
 echo 'nameserver 127.0.0.1' > /etc/resolv.conf

@@ -1,7 +1,10 @@
 //! The guest half of `cargo xtask bench virtio`. First it times sequential
 //! O_DIRECT writes and reads over the whole of /dev/vda (`--blk-runs`
 //! times each) and prints one `BENCH-BLK` line per pass; then it serves
-//! vsock commands from the host on `PORT` until told to quit.
+//! vsock commands from the host on `PORT` until told to quit. With
+//! `--tcp-connect HOST:PORT` it first serves the same commands over TCP,
+//! connecting out to the host (through the guest's network) for each
+//! one, until told to quit there.
 
 #[path = "../bench_proto.rs"]
 mod bench_proto;
@@ -33,6 +36,12 @@ fn main() -> ExitCode {
         && let Err(e) = bench_blk(runs)
     {
         println!("BENCH-FAIL blk: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(target) = std::env::args().skip_while(|a| a != "--tcp-connect").nth(1)
+        && let Err(e) = serve_tcp(&target)
+    {
+        println!("BENCH-FAIL tcp: {e}");
         return ExitCode::FAILURE;
     }
     match serve_vsock() {
@@ -112,6 +121,24 @@ fn serve_vsock() -> io::Result<()> {
             })),
             other => println!("BENCH-FAIL unknown command {other}"),
         }
+    }
+}
+
+/// One command per connection to `target`, served in turn.
+fn serve_tcp(target: &str) -> io::Result<()> {
+    loop {
+        let mut s = std::net::TcpStream::connect(target)?;
+        s.set_nodelay(true)?;
+        let mut command = [0u8; 1];
+        s.read_exact(&mut command)?;
+        let result = match command[0] {
+            QUIT => return Ok(()),
+            ECHO => bench_proto::echo(s),
+            SINK => bench_proto::sink(s),
+            SOURCE => bench_proto::source(s, |s| s.shutdown(Shutdown::Write)),
+            other => Err(io::Error::other(format!("unknown command {other}"))),
+        };
+        report("tcp", result);
     }
 }
 

@@ -1,0 +1,476 @@
+//! Tier 3 of guest networking: virtio-net and passt, driven through the
+//! CLI. Every server here listens on the test host's loopback and the
+//! guest reaches it through passt's gateway address (10.0.2.2 and
+//! fd00:5e6d::2 are the host's 127.0.0.1 and ::1); the test host's own
+//! uplink leads nowhere, so nothing leaves the machine whatever happens.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::run::{Cli, ok_with};
+use crate::{Check, Env, expect};
+
+/// The name the tests' DNS server answers for (with the gateway's
+/// addresses, i.e. the host's loopback).
+const WEB_NAME: &str = "web.test";
+
+/// Servers on the test host's loopback, stopped when dropped.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Servers {
+    fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    /// An HTTP server on 127.0.0.1:port and [::1]:port answering every
+    /// GET with `body`; returns the port and a count of requests by
+    /// family (IPv4, IPv6).
+    fn http(&mut self, body: &str) -> Result<(u16, Arc<[AtomicUsize; 2]>), String> {
+        let v4 = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("http: {e}"))?;
+        let port = v4.local_addr().map_err(|e| e.to_string())?.port();
+        let v6 = TcpListener::bind(("::1", port)).map_err(|e| format!("http on ::1: {e}"))?;
+        let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        for (i, listener) in [v4, v6].into_iter().enumerate() {
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let (stop, counts, body) = (self.stop.clone(), counts.clone(), body.to_string());
+            self.threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            counts[i].fetch_add(1, Ordering::SeqCst);
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                            let mut req = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match s.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            let reply = format!(
+                                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = s.write_all(reply.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }));
+        }
+        Ok((port, counts))
+    }
+
+    /// A UDP echo server on 127.0.0.1:port and [::1]:port; returns the
+    /// port and how many datagrams it echoed.
+    fn udp_echo(&mut self) -> Result<(u16, Arc<AtomicUsize>), String> {
+        let v4 = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("udp: {e}"))?;
+        let port = v4.local_addr().map_err(|e| e.to_string())?.port();
+        let v6 = UdpSocket::bind(("::1", port)).map_err(|e| format!("udp on ::1: {e}"))?;
+        let count = Arc::new(AtomicUsize::new(0));
+        for socket in [v4, v6] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            let (stop, count) = (self.stop.clone(), count.clone());
+            self.threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let _ = socket.send_to(&buf[..n], from);
+                    }
+                }
+            }));
+        }
+        Ok((port, count))
+    }
+
+    /// The test host's resolver (its /etc/resolv.conf names 127.0.0.1):
+    /// A and AAAA for [`WEB_NAME`], NXDOMAIN for the rest. Counts queries.
+    fn dns(&mut self) -> Result<Arc<AtomicUsize>, String> {
+        let socket = UdpSocket::bind("127.0.0.1:53")
+            .map_err(|e| format!("serving DNS on 127.0.0.1:53: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let count = Arc::new(AtomicUsize::new(0));
+        let (stop, seen) = (self.stop.clone(), count.clone());
+        self.threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf)
+                    && let Some(reply) = dns_answer(&buf[..n])
+                {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        }));
+        Ok(count)
+    }
+}
+
+/// The answer to one DNS query.
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // The question: labels, then type and class.
+    let mut at = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(at..at + len)?).to_lowercase());
+        at += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let question = &query[12..at + 4];
+    let rdata: Option<Vec<u8>> = match (labels.join(".") == WEB_NAME, qtype) {
+        (true, 1) => Some(Ipv4Addr::new(10, 0, 2, 2).octets().to_vec()),
+        (true, 28) => Some(supermachine::GATEWAY_IPV6.octets().to_vec()),
+        _ => None,
+    };
+    let found = labels.join(".") == WEB_NAME;
+    let mut out = Vec::new();
+    out.extend_from_slice(&query[0..2]);
+    out.extend_from_slice(&[0x81, if found { 0x80 } else { 0x83 }]);
+    out.extend_from_slice(&[0, 1, 0, u8::from(rdata.is_some()), 0, 0, 0, 0]);
+    out.extend_from_slice(question);
+    if let Some(rdata) = rdata {
+        out.extend_from_slice(&[0xc0, 0x0c]);
+        out.extend_from_slice(&qtype.to_be_bytes());
+        out.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        out.extend_from_slice(&rdata);
+    }
+    Some(out)
+}
+
+/// The guest resolves a name through the host's resolver and fetches a
+/// page over HTTP from a server on the host's loopback, over IPv4 and
+/// IPv6, and exchanges UDP datagrams both ways, in the Debian image
+/// (glibc's resolver, Python's sockets).
+pub fn guest_reaches_the_host_by_name_tcp_and_udp(env: &Env) -> Check {
+    let cli = Cli::with_debian(env)?;
+    let mut servers = Servers::new();
+    let token = format!("served-to-the-guest-{}", std::process::id());
+    let (http_port, http_counts) = servers.http(&token)?;
+    let (udp_port, udp_count) = servers.udp_echo()?;
+    let dns_count = servers.dns()?;
+    let script = format!(
+        r#"
+import socket, urllib.request
+print("v4", urllib.request.urlopen("http://{WEB_NAME}:{http_port}/", timeout=60).read().decode())
+print("aaaa", socket.getaddrinfo("{WEB_NAME}", {http_port}, socket.AF_INET6)[0][4][0])
+print("v6", urllib.request.urlopen("http://[{gw6}]:{http_port}/", timeout=60).read().decode())
+for family, host in ((socket.AF_INET, "{WEB_NAME}"), (socket.AF_INET6, "{gw6}")):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(30)
+    s.sendto(b"echo-%d" % family, (host, {udp_port}))
+    print("udp", s.recvfrom(100)[0].decode())
+"#,
+        gw6 = supermachine::GATEWAY_IPV6,
+    );
+    let r = cli.run(&["run", "debian-python:bookworm", "python3", "-c", &script]);
+    ok_with(&r, 0, &format!("v4 {token}"))?;
+    for want in [
+        format!("aaaa {}", supermachine::GATEWAY_IPV6),
+        format!("v6 {token}"),
+        // Linux's AF_INET and AF_INET6.
+        "udp echo-2".to_string(),
+        "udp echo-10".to_string(),
+    ] {
+        expect(r.stdout.contains(&want), &format!("expected {want:?}"), &r)?;
+    }
+    let (v4, v6) = (
+        http_counts[0].load(Ordering::SeqCst),
+        http_counts[1].load(Ordering::SeqCst),
+    );
+    expect(
+        v4 >= 1 && v6 >= 1,
+        &format!("the host's servers saw {v4} IPv4 and {v6} IPv6 requests"),
+        &r,
+    )?;
+    expect(
+        dns_count.load(Ordering::SeqCst) >= 1 && udp_count.load(Ordering::SeqCst) >= 2,
+        "the host's resolver and UDP echo server were asked",
+        &r,
+    )?;
+    println!(
+        "  {} DNS queries, {v4}+{v6} HTTP requests, {} datagrams reached the host",
+        dns_count.load(Ordering::SeqCst),
+        udp_count.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+/// The bytes a stream of `len` carries: a fast generator, so that the
+/// host side is never the bottleneck.
+fn pattern_chunk(seed: &mut u64, chunk: &mut [u8]) {
+    for word in chunk.chunks_exact_mut(8) {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        word.copy_from_slice(&seed.to_le_bytes());
+    }
+}
+
+const TRANSFER: u64 = 1 << 30;
+
+/// 1 GiB from the host to the guest and the same 1 GiB back: the guest
+/// relays one TCP connection into another, and the host compares the
+/// SHA-256 of what it sent with what came back.
+pub fn a_gibibyte_each_way_arrives_intact(env: &Env) -> Check {
+    let cli = Cli::with_debian(env)?;
+    let source = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let sink = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let (src_port, sink_port) = (
+        source.local_addr().map_err(|e| e.to_string())?.port(),
+        sink.local_addr().map_err(|e| e.to_string())?.port(),
+    );
+    let sender = std::thread::spawn(move || -> Result<String, String> {
+        let (mut s, _) = source.accept().map_err(|e| e.to_string())?;
+        let mut hash = Sha256::new();
+        let (mut seed, mut chunk) = (0x9e37_79b9_7f4a_7c15u64, vec![0u8; 1 << 20]);
+        for _ in 0..TRANSFER / (1 << 20) {
+            pattern_chunk(&mut seed, &mut chunk);
+            hash.update(&chunk);
+            s.write_all(&chunk).map_err(|e| format!("sending: {e}"))?;
+        }
+        Ok(format!("{:x}", hash.finalize()))
+    });
+    let receiver = std::thread::spawn(move || -> Result<(String, u64), String> {
+        let (mut s, _) = sink.accept().map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| e.to_string())?;
+        let mut hash = Sha256::new();
+        let (mut total, mut buf) = (0u64, vec![0u8; 1 << 20]);
+        while total < TRANSFER {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    total += n as u64;
+                }
+                Err(e) => return Err(format!("receiving after {total} bytes: {e}")),
+            }
+        }
+        Ok((format!("{:x}", hash.finalize()), total))
+    });
+    let began = Instant::now();
+    let relay = format!(
+        r#"
+import socket
+source = socket.create_connection(("10.0.2.2", {src_port}))
+sink = socket.create_connection(("10.0.2.2", {sink_port}))
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+total = 0
+while True:
+    n = source.recv_into(buf)
+    if not n:
+        break
+    sink.sendall(view[:n])
+    total += n
+sink.shutdown(socket.SHUT_WR)
+print("relayed", total)
+"#
+    );
+    let child = cli
+        .spawn(&["run", "debian-python:bookworm", "python3", "-c", &relay])
+        .map_err(|e| e.to_string())?;
+    let r = crate::finish_within(child, began, Duration::from_secs(1200), |_| {
+        "the relay did not finish within 20 minutes".into()
+    });
+    let sent = sender
+        .join()
+        .map_err(|_| "sender panicked")?
+        .map_err(|e| format!("{e}\n  {}", r.describe()))?;
+    let (received, total) = receiver
+        .join()
+        .map_err(|_| "receiver panicked")?
+        .map_err(|e| format!("{e}\n  {}", r.describe()))?;
+    let secs = began.elapsed().as_secs_f64();
+    expect(
+        total == TRANSFER && sent == received,
+        &format!("{total} bytes came back, SHA-256 {received}, sent {sent}"),
+        &r,
+    )?;
+    println!(
+        "  1 GiB each way through the guest in {secs:.1} s ({:.1} MB/s each way), SHA-256 {}",
+        TRANSFER as f64 / secs / 1e6,
+        &sent[..16]
+    );
+    Ok(())
+}
+
+/// `--network-policy deny-private` with one allowed exception: the
+/// allowed port of the host (through the gateway) answers; another port
+/// of the same host is refused at once, and its server never hears of
+/// it; so are UDP datagrams to it.
+pub fn deny_private_refuses_what_it_should(env: &Env) -> Check {
+    let cli = Cli::with_debian(env)?;
+    let mut servers = Servers::new();
+    let (allowed, allowed_counts) = servers.http("allowed")?;
+    let (denied, denied_counts) = servers.http("denied")?;
+    let (udp_port, udp_count) = servers.udp_echo()?;
+    let script = format!(
+        r#"
+import socket, urllib.request
+print("allowed", urllib.request.urlopen("http://10.0.2.2:{allowed}/", timeout=60).read().decode())
+try:
+    urllib.request.urlopen("http://10.0.2.2:{denied}/", timeout=60)
+    print("denied answered")
+except Exception as e:
+    print("denied refused:", e)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("10.0.2.2", {udp_port}))
+try:
+    s.send(b"x")
+    s.recv(10)
+    print("udp answered")
+except Exception as e:
+    print("udp refused:", e)
+"#
+    );
+    let allow = format!("10.0.2.2:{allowed}");
+    let r = cli.run(&[
+        "run",
+        "--network-policy",
+        "deny-private",
+        "--network-allow",
+        &allow,
+        "debian-python:bookworm",
+        "python3",
+        "-c",
+        &script,
+    ]);
+    ok_with(&r, 0, "allowed allowed")?;
+    expect(
+        r.stdout.contains("denied refused:") && r.stdout.contains("Connection refused"),
+        "expected the denied port refused",
+        &r,
+    )?;
+    expect(
+        r.stdout.contains("udp refused:"),
+        "expected the datagram refused",
+        &r,
+    )?;
+    let (a, d, u) = (
+        allowed_counts[0].load(Ordering::SeqCst),
+        denied_counts[0].load(Ordering::SeqCst) + denied_counts[1].load(Ordering::SeqCst),
+        udp_count.load(Ordering::SeqCst),
+    );
+    expect(
+        a >= 1 && d == 0 && u == 0,
+        &format!("the host saw {a} allowed, {d} denied requests and {u} datagrams"),
+        &r,
+    )
+}
+
+/// `--network none`: no network device, no address but loopback's.
+pub fn network_none_has_only_loopback(env: &Env) -> Check {
+    let cli = Cli::shared(env)?;
+    let r = cli.run(&[
+        "run",
+        "--network",
+        "none",
+        "./demo-image",
+        "sh",
+        "-c",
+        "ls /sys/class/net; ip -o addr | grep -v ' lo ' | grep inet; echo done",
+    ]);
+    ok_with(&r, 0, "done")?;
+    expect(!r.stdout.contains("eth0"), "expected no eth0", &r)?;
+    expect(
+        !r.stdout.contains("inet"),
+        "expected no address but loopback's",
+        &r,
+    )
+}
+
+/// The passt processes whose parent is `parent`.
+fn passt_children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+            let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            ppid == Some(parent) && comm.trim() == "passt"
+        })
+        .collect()
+}
+
+/// A detached VM's passt dies with its VMM, even when the VMM is killed
+/// outright.
+pub fn killing_the_vmm_leaves_no_passt(env: &Env) -> Check {
+    let cli = Cli::shared(env)?;
+    cli.cleaning_up("netkill", || {
+        let r = cli.run(&[
+            "run",
+            "-d",
+            "--name",
+            "netkill",
+            "./demo-image",
+            "sleep",
+            "1000",
+        ]);
+        ok_with(&r, 0, "netkill")?;
+        let vmm = crate::run::vmm_pid(cli)?;
+        let passt = passt_children(vmm);
+        expect(
+            passt.len() == 1,
+            &format!("expected one passt under the VMM, found {passt:?}"),
+            &r,
+        )?;
+        crate::run::signal(vmm, 9)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{}", passt[0])).exists() {
+            let state =
+                std::fs::read_to_string(format!("/proc/{}/stat", passt[0])).unwrap_or_default();
+            if state.contains(") Z ") {
+                break; // gone, waiting for init to reap it
+            }
+            if Instant::now() > deadline {
+                return Err(format!("passt {} outlived its killed VMM", passt[0]));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = cli.run(&["rm", "-f", "netkill"]);
+        Ok(())
+    })
+}

@@ -187,8 +187,10 @@ pub fn guest_reaches_the_host_by_name_tcp_and_udp(env: &Env) -> Check {
     let script = format!(
         r#"
 import socket, urllib.request
-print("v4", urllib.request.urlopen("http://{WEB_NAME}:{http_port}/", timeout=60).read().decode())
+print("name", urllib.request.urlopen("http://{WEB_NAME}:{http_port}/", timeout=60).read().decode())
+print("a", socket.getaddrinfo("{WEB_NAME}", {http_port}, socket.AF_INET)[0][4][0])
 print("aaaa", socket.getaddrinfo("{WEB_NAME}", {http_port}, socket.AF_INET6)[0][4][0])
+print("v4", urllib.request.urlopen("http://10.0.2.2:{http_port}/", timeout=60).read().decode())
 print("v6", urllib.request.urlopen("http://[{gw6}]:{http_port}/", timeout=60).read().decode())
 for family, host in ((socket.AF_INET, "{WEB_NAME}"), (socket.AF_INET6, "{gw6}")):
     s = socket.socket(family, socket.SOCK_DGRAM)
@@ -199,9 +201,11 @@ for family, host in ((socket.AF_INET, "{WEB_NAME}"), (socket.AF_INET6, "{gw6}"))
         gw6 = supermachine::GATEWAY_IPV6,
     );
     let r = cli.run(&["run", "debian-python:bookworm", "python3", "-c", &script]);
-    ok_with(&r, 0, &format!("v4 {token}"))?;
+    ok_with(&r, 0, &format!("name {token}"))?;
     for want in [
+        format!("a {}", supermachine::GATEWAY_IPV4),
         format!("aaaa {}", supermachine::GATEWAY_IPV6),
+        format!("v4 {token}"),
         format!("v6 {token}"),
         // Linux's AF_INET and AF_INET6.
         "udp echo-2".to_string(),

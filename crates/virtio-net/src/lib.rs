@@ -378,50 +378,54 @@ impl Net {
         mergeable: bool,
     ) -> supermachine_virtq::Result<bool> {
         let mut completed = false;
-        while let Some(frame) = self.next_frame() {
-            let need = HEADER_SIZE + frame.len();
-            // Gather receive buffers until the frame fits.
-            let mut room: usize = self
-                .held_rx
-                .iter()
-                .map(|b| b.chain.writable_len() as usize)
-                .sum();
-            while room < need && (mergeable || self.held_rx.is_empty()) {
-                let Some(popped) = queue.pop(mem)? else {
+        loop {
+            let mut starved = false;
+            while let Some(frame) = self.next_frame() {
+                let need = HEADER_SIZE + frame.len();
+                // Gather receive buffers until the frame fits.
+                let mut room: usize = self
+                    .held_rx
+                    .iter()
+                    .map(|b| b.chain.writable_len() as usize)
+                    .sum();
+                while room < need && (mergeable || self.held_rx.is_empty()) {
+                    let Some(popped) = queue.pop(mem)? else {
+                        break;
+                    };
+                    match popped.chain {
+                        Ok(chain) if chain.writable_len() as usize >= HEADER_SIZE => {
+                            room += chain.writable_len() as usize;
+                            self.held_rx.push(HeldBuffer { chain });
+                        }
+                        _ => {
+                            // Unusable (refused, or too short for a header).
+                            queue.add_used(mem, popped.head, 0)?;
+                            completed = true;
+                        }
+                    }
+                }
+                if room < need {
+                    if !mergeable && !self.held_rx.is_empty() {
+                        // One buffer is all a frame gets; this one is too big.
+                        self.stats.rx_dropped += 1;
+                        continue;
+                    }
+                    self.waiting.push_front(frame);
+                    starved = true;
                     break;
-                };
-                match popped.chain {
-                    Ok(chain) if chain.writable_len() as usize >= HEADER_SIZE => {
-                        room += chain.writable_len() as usize;
-                        self.held_rx.push(HeldBuffer { chain });
-                    }
-                    _ => {
-                        // Unusable (refused, or too short for a header).
-                        queue.add_used(mem, popped.head, 0)?;
-                        completed = true;
-                    }
                 }
+                self.deliver(mem, queue, &frame)?;
+                completed = true;
             }
-            if room < need {
-                if !mergeable && !self.held_rx.is_empty() {
-                    // One buffer is all a frame gets; this one is too big.
-                    self.stats.rx_dropped += 1;
-                    continue;
-                }
-                self.waiting.push_front(frame);
+            // Out of buffers with a frame waiting: ask the driver to say
+            // when it adds the next one (EVENT_IDX: past those taken), and
+            // go on at once if it already has. Without this the device
+            // would hear of new buffers only by chance.
+            if !starved || !queue.enable_notification(mem)? {
                 break;
             }
-            self.deliver(mem, queue, &frame)?;
-            completed = true;
         }
-        if !completed {
-            // Asking for buffers only matters while frames wait.
-            if !self.waiting.is_empty() && queue.enable_notification(mem)? {
-                return self.fill_rx(mem, queue, mergeable);
-            }
-            return Ok(false);
-        }
-        queue.needs_notification(mem)
+        Ok(completed && queue.needs_notification(mem)?)
     }
 
     /// Writes `frame` behind a header across the held buffers (which

@@ -324,7 +324,8 @@ fn frames_wait_for_buffers_and_the_backend_is_held_back() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     const FRAMES: usize = 300;
     const LEN: usize = 60_000;
-    let (mut g, peer) = stream_guest(EgressPolicy::default(), FEATURES, 0, 4096);
+    // Room for one frame: the device delivers it, then starves.
+    let (mut g, peer) = stream_guest(EgressPolicy::default(), FEATURES, 20, 4096);
     let written = Arc::new(AtomicUsize::new(0));
     let counter = written.clone();
     let writer = std::thread::spawn(move || {
@@ -335,8 +336,8 @@ fn frames_wait_for_buffers_and_the_backend_is_held_back() {
         }
         peer
     });
-    // No receive buffers: the device keeps a bounded number of frames
-    // and stops reading, so the writer blocks.
+    // Out of receive buffers: the device keeps a bounded number of
+    // frames and stops reading, so the writer blocks.
     for _ in 0..20 {
         g.poll(Duration::from_millis(10));
     }
@@ -345,8 +346,18 @@ fn frames_wait_for_buffers_and_the_backend_is_held_back() {
         stalled_at < MAX_WAITING_FRAMES + 20,
         "the device read {stalled_at} frames with nowhere to put them"
     );
+    // The device asked to be told of the next buffer the driver adds (a
+    // Linux driver notifies only when asked).
+    let before = g.rx.avail_index();
+    let a = g.alloc.alloc(4096);
+    let head = g.rx.add(&g.mem, &[Buf::writable(a, 4096)]).unwrap();
+    g.rx_bufs.insert(u32::from(head), a);
+    assert!(
+        g.rx.must_notify(&g.mem, before),
+        "a driver adding a buffer would not notify the starved device"
+    );
     // Buffers arrive: every frame comes through, in order, intact.
-    g.add_rx_buffers(64);
+    g.add_rx_buffers(63);
     let got = g.expect_frames_slowly(FRAMES);
     for (i, f) in got.iter().enumerate() {
         assert_eq!(f, &ethernet(0x0800, &pattern(LEN, i as u8)), "frame {i}");

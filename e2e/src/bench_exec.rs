@@ -51,21 +51,7 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
         .exec(["bench-peer", "--blk-runs", "0"])
         .spawn()
         .map_err(|e| format!("starting bench-peer: {e}"))?;
-    let open = |command: u8| -> io::Result<std::os::unix::net::UnixStream> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match vm.connect_vsock(PORT) {
-                Ok(mut s) => {
-                    s.write_all(&[command])?;
-                    return Ok(s);
-                }
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => return Err(io::Error::other(e.to_string())),
-            }
-        }
-    };
+    let open = |command: u8| open_peer(&vm, command);
     let mut raw = measure_streams(&open, runs).map_err(|e| format!("raw vsock: {e}"))?;
     let _ = open(QUIT);
     let _ = peer.wait();
@@ -209,4 +195,20 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
         a / b.max(1e-12)
     );
     Ok(())
+}
+
+/// A connection to the guest's `bench-peer` on vsock, started with
+/// `command` (the peer may not be listening yet).
+pub(crate) fn open_peer(vm: &Vm, command: u8) -> io::Result<std::os::unix::net::UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match vm.connect_vsock(PORT) {
+            Ok(mut s) => {
+                s.write_all(&[command])?;
+                return Ok(s);
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use supermachine::{GuestImage, Network, NetworkMode, Vm, VmConfig};
 
 use crate::Env;
-use crate::bench_proto::{self, ECHO, MESSAGE, PORT, QUIT, SINK, SOURCE};
+use crate::bench_proto::{self, ECHO, MESSAGE, QUIT, SINK, SOURCE};
 use crate::bench_virtio::{Figures, ROUND_TRIPS, STREAM_BYTES, measure_streams, percentile};
 
 pub fn run(env: &Env, runs: usize) -> ExitCode {
@@ -105,21 +105,7 @@ fn measure(env: &Env, runs: usize) -> Result<[Figures; 3], String> {
     };
     let net = measure_streams(&open_tcp, runs).map_err(|e| format!("virtio-net: {e}"))?;
     open_tcp(QUIT).map_err(|e| e.to_string())?;
-    let open_vsock = |command: u8| -> io::Result<std::os::unix::net::UnixStream> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match vm.connect_vsock(PORT) {
-                Ok(mut s) => {
-                    s.write_all(&[command])?;
-                    return Ok(s);
-                }
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => return Err(io::Error::other(e.to_string())),
-            }
-        }
-    };
+    let open_vsock = |command: u8| crate::bench_exec::open_peer(&vm, command);
     let vsock = measure_streams(&open_vsock, runs).map_err(|e| format!("vsock: {e}"))?;
     let _ = open_vsock(QUIT);
     let _ = peer.wait();

@@ -421,24 +421,6 @@ pub fn network_none_has_only_loopback(env: &Env) -> Check {
     )
 }
 
-/// The passt processes whose parent is `parent`.
-fn passt_children(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-            let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            ppid == Some(parent) && comm.trim() == "passt"
-        })
-        .collect()
-}
-
 /// A detached VM's passt dies with its VMM, even when the VMM is killed
 /// outright.
 pub fn killing_the_vmm_leaves_no_passt(env: &Env) -> Check {
@@ -455,7 +437,11 @@ pub fn killing_the_vmm_leaves_no_passt(env: &Env) -> Check {
         ]);
         ok_with(&r, 0, "netkill")?;
         let vmm = crate::run::vmm_pid(cli)?;
-        let passt = passt_children(vmm);
+        let passt: Vec<u32> = crate::run::passt_processes()
+            .into_iter()
+            .filter(|p| p.parent == vmm)
+            .map(|p| p.pid)
+            .collect();
         expect(
             passt.len() == 1,
             &format!("expected one passt under the VMM, found {passt:?}"),

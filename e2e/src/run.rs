@@ -193,17 +193,9 @@ impl Cli {
             }
         }
         // A passt outliving its VM (a kept VM's is its VMM's child).
-        for pid in list(Path::new("/proc")) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() != "passt" {
-                continue;
-            }
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let fields = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-            let mut fields = fields.split_whitespace();
-            let (state, parent) = (fields.next(), fields.next().unwrap_or(""));
-            if state != Some("Z") && !kept_pids.iter().any(|k| k == parent) {
-                found.push(format!("passt process {pid} (parent {parent})"));
+        for p in passt_processes() {
+            if !p.zombie && !kept_pids.iter().any(|k| *k == p.parent.to_string()) {
+                found.push(format!("passt process {} (parent {})", p.pid, p.parent));
             }
         }
         for name in list(&self.runtime()) {
@@ -229,6 +221,41 @@ impl Cli {
         }
         found
     }
+}
+
+/// A passt process on this machine.
+pub(crate) struct PasstProcess {
+    pub(crate) pid: u32,
+    pub(crate) parent: u32,
+    /// Ended, waiting to be reaped.
+    pub(crate) zombie: bool,
+}
+
+/// Every passt process, from /proc.
+pub(crate) fn passt_processes() -> Vec<PasstProcess> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            if comm.trim() != "passt" {
+                return None;
+            }
+            // After the command name in parentheses: state, parent.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(") ")?.1.split_whitespace();
+            let zombie = fields.next()? == "Z";
+            let parent = fields.next()?.parse().ok()?;
+            Some(PasstProcess {
+                pid,
+                parent,
+                zombie,
+            })
+        })
+        .collect()
 }
 
 fn failed_to_start(bin: &Path, e: &std::io::Error, started: Instant) -> Run {

@@ -149,7 +149,7 @@ impl Passt {
         let fd = theirs.as_raw_fd();
         let mut command = Command::new(program);
         command
-            .args(["--foreground", "--one-off", "--quiet", "--stderr"])
+            .args(["--foreground", "--one-off"])
             .args(["--fd", &fd.to_string()])
             .args(["--mtu", &MTU.to_string()])
             // No port of the host is forwarded into the guest (`-p` goes
@@ -171,6 +171,7 @@ impl Passt {
         } else {
             command.arg("--ipv4-only");
         }
+        command.args(["--quiet", "--stderr"]);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -113,6 +113,9 @@ pub struct Net {
     /// Receive chains taken for the next frame (several when buffers are
     /// merged), in ring order.
     held_rx: Vec<HeldBuffer>,
+    /// The guest has no room for the next frame: the backend is not read
+    /// (nor watched) until it adds buffers.
+    rx_starved: bool,
     stats: NetStats,
     active: Option<ActiveDevice>,
 }
@@ -144,6 +147,7 @@ impl Net {
             interest,
             waiting: VecDeque::new(),
             held_rx: Vec::new(),
+            rx_starved: false,
             stats: NetStats::default(),
             active: None,
         })
@@ -193,7 +197,9 @@ impl Net {
             return;
         }
         let mut want = EventSet::empty();
-        if self.waiting.len() < MAX_WAITING_FRAMES {
+        // Watching a readable socket whose frames cannot go anywhere
+        // would wake the event loop without end.
+        if !self.rx_starved && self.waiting.len() < MAX_WAITING_FRAMES {
             want |= EventSet::IN;
         }
         if self.backend.busy() {
@@ -421,7 +427,12 @@ impl Net {
             // when it adds the next one (EVENT_IDX: past those taken), and
             // go on at once if it already has. Without this the device
             // would hear of new buffers only by chance.
-            if !starved || !queue.enable_notification(mem)? {
+            if !starved {
+                self.rx_starved = false;
+                break;
+            }
+            if !queue.enable_notification(mem)? {
+                self.rx_starved = true;
                 break;
             }
         }
@@ -568,6 +579,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+        self.rx_starved = false;
         self.held_rx.clear();
         self.waiting.clear();
         self.after_work();

@@ -24,12 +24,14 @@ use supermachine_virtio_testing::{
 const MEM: usize = 64 << 20;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MTU: u64 = 1 << 3;
 const F_MAC: u64 = 1 << 5;
 const F_GUEST_TSO4: u64 = 1 << 7;
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
-const FEATURES: u64 = F_VERSION_1 | F_EVENT_IDX | F_CSUM | F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS;
+const FEATURES: u64 =
+    F_VERSION_1 | F_EVENT_IDX | F_CSUM | F_GUEST_CSUM | F_MTU | F_MAC | F_MRG_RXBUF | F_STATUS;
 
 struct Guest {
     mem: GuestMemoryMmapped,
@@ -41,6 +43,8 @@ struct Guest {
     rx_bufs: HashMap<u32, u64>,
     rx_buf_len: u32,
     backend_fd: RawFd,
+    /// What every received frame's header flags must be.
+    rx_flags: u8,
 }
 
 fn device(policy: EgressPolicy, backend: Box<dyn FrameBackend>) -> Net {
@@ -76,6 +80,8 @@ impl Guest {
             rx_bufs: HashMap::new(),
             rx_buf_len,
             backend_fd,
+            // DATA_VALID exactly when the driver took GUEST_CSUM.
+            rx_flags: if features & F_GUEST_CSUM != 0 { 2 } else { 0 },
         };
         g.add_rx_buffers(rx_buffers);
         g
@@ -195,6 +201,7 @@ impl Guest {
             self.poll(Duration::from_millis(20));
             got.extend(self.received().into_iter().map(|(h, f)| {
                 assert_eq!(h[1], 0, "no GSO");
+                assert_eq!(h[0], self.rx_flags, "header flags");
                 f
             }));
         }
@@ -315,7 +322,7 @@ fn frames_cross_both_ways_with_merged_buffers() {
 
 #[test]
 fn without_merged_buffers_a_frame_too_big_for_a_buffer_is_dropped_alone() {
-    let features = FEATURES & !F_MRG_RXBUF;
+    let features = FEATURES & !F_MRG_RXBUF & !F_GUEST_CSUM;
     let (mut g, mut peer) = stream_guest(EgressPolicy::default(), features, 8, 2048);
     let small = [
         ethernet(0x0800, &pattern(200, 5)),

@@ -132,6 +132,9 @@ fn vm_config(env: &Env, hostname: &str) -> VmConfig {
         guest: Some(guest(env)),
         memory_bytes: MEMORY_MIB << 20,
         hostname: hostname.into(),
+        // Firecracker's guest has no network card: neither has ours (and
+        // `boot --restore` gives a restored NIC no backend).
+        network: supermachine::Network::none(),
         ..VmConfig::default()
     }
 }

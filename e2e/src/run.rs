@@ -192,11 +192,28 @@ impl Cli {
                 }
             }
         }
-        // A passt outliving its VM (a kept VM's is its VMM's child).
-        for p in passt_processes() {
-            if !p.zombie && !kept_pids.iter().any(|k| *k == p.parent.to_string()) {
-                found.push(format!("passt process {} (parent {})", p.pid, p.parent));
-            }
+        // A passt outliving its VM. A kept VM's is its VMM's child; the
+        // library VMs this runner holds have theirs as its children. One
+        // whose VMM just ended may take a moment to see the end of its
+        // socket and go.
+        let stray = || -> Vec<PasstProcess> {
+            passt_processes()
+                .into_iter()
+                .filter(|p| {
+                    !p.zombie
+                        && p.parent != std::process::id()
+                        && !kept_pids.iter().any(|k| *k == p.parent.to_string())
+                })
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut strays = stray();
+        while !strays.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            strays = stray();
+        }
+        for p in strays {
+            found.push(format!("passt process {} (parent {})", p.pid, p.parent));
         }
         for name in list(&self.runtime()) {
             let owner = name.strip_prefix("vm-").and_then(|r| r.split('-').next());

@@ -565,7 +565,8 @@ impl Drop for Net {
     }
 }
 
-fn format_mac(mac: &[u8; 6]) -> String {
+/// `52:54:00:12:34:56`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

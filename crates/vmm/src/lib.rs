@@ -32,7 +32,7 @@ use snapshot::DeviceSnapshot;
 pub use snapshot::{DeviceKind, MachineState};
 pub use supermachine_virtio_net::{
     DEFAULT_MTU, DatagramBackend, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule,
-    StreamBackend, policy::is_private,
+    StreamBackend, format_mac, policy::is_private,
 };
 
 use devices::console::ConsoleSink;
@@ -985,14 +985,6 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
         )?;
     }
     Ok(devices)
-}
-
-/// `52:54:00:12:34:56`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// An anonymous shared-memory file (memfd) for guest RAM, closed on exec.

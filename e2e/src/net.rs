@@ -248,115 +248,126 @@ fn pattern_chunk(seed: &mut u64, chunk: &mut [u8]) {
 
 const TRANSFER: u64 = 1 << 30;
 
-/// 1 GiB from the host to the guest, then 1 GiB from the guest to the
-/// host, each checked by SHA-256 on both ends (the guest hashes what it
-/// received and what it sent; the host what it sent and received).
-pub fn a_gibibyte_each_way_arrives_intact(env: &Env) -> Check {
+/// Which way [`a_gibibyte_arrives_intact`] sends.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Way {
+    /// From a server on the host to the guest.
+    Down,
+    /// From the guest to a server on the host.
+    Up,
+}
+
+/// 1 GiB one way over one TCP connection through passt, checked by
+/// SHA-256 on both ends.
+pub fn a_gibibyte_arrives_intact(env: &Env, way: Way) -> Check {
     let cli = Cli::with_debian(env)?;
-    let source = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let sink = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let (src_port, sink_port) = (
-        source.local_addr().map_err(|e| e.to_string())?.port(),
-        sink.local_addr().map_err(|e| e.to_string())?.port(),
-    );
-    let sender = std::thread::spawn(move || -> Result<String, String> {
-        let (mut s, _) = source.accept().map_err(|e| e.to_string())?;
-        let mut hash = Sha256::new();
-        let (mut seed, mut chunk) = (0x9e37_79b9_7f4a_7c15u64, vec![0u8; 1 << 20]);
-        for _ in 0..TRANSFER / (1 << 20) {
-            pattern_chunk(&mut seed, &mut chunk);
-            hash.update(&chunk);
-            s.write_all(&chunk).map_err(|e| format!("sending: {e}"))?;
-        }
-        Ok(format!("{:x}", hash.finalize()))
-    });
-    let receiver = std::thread::spawn(move || -> Result<(String, u64), String> {
-        let (mut s, _) = sink.accept().map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let host_end = std::thread::spawn(move || -> Result<(String, u64), String> {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(300)))
             .map_err(|e| e.to_string())?;
         let mut hash = Sha256::new();
-        let (mut total, mut buf) = (0u64, vec![0u8; 1 << 20]);
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    total += n as u64;
+        let mut total = 0u64;
+        if way == Way::Down {
+            let (mut seed, mut chunk) = (0x9e37_79b9_7f4a_7c15u64, vec![0u8; 1 << 20]);
+            while total < TRANSFER {
+                pattern_chunk(&mut seed, &mut chunk);
+                hash.update(&chunk);
+                s.write_all(&chunk)
+                    .map_err(|e| format!("sending after {total} bytes: {e}"))?;
+                total += chunk.len() as u64;
+            }
+        } else {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        total += n as u64;
+                    }
+                    Err(e) => return Err(format!("receiving after {total} bytes: {e}")),
                 }
-                Err(e) => return Err(format!("receiving after {total} bytes: {e}")),
             }
         }
         Ok((format!("{:x}", hash.finalize()), total))
     });
     let began = Instant::now();
-    let script = format!(
-        r#"
-import hashlib, os, socket, struct, time
+    let script = if way == Way::Down {
+        format!(
+            r#"
+import hashlib, socket, time
 t = time.time()
-down = socket.create_connection(("10.0.2.2", {src_port}))
+s = socket.create_connection(("10.0.2.2", {port}))
 h, total, buf = hashlib.sha256(), 0, bytearray(1 << 20)
 view = memoryview(buf)
 while True:
-    n = down.recv_into(buf)
+    n = s.recv_into(buf)
     if not n:
         break
     h.update(view[:n])
     total += n
-print("down", total, h.hexdigest(), round(time.time() - t, 1))
+print("moved", total, h.hexdigest(), round(time.time() - t, 1))
+"#
+        )
+    } else {
+        format!(
+            r#"
+import hashlib, os, socket, struct, time
 t = time.time()
-up = socket.create_connection(("10.0.2.2", {sink_port}))
+s = socket.create_connection(("10.0.2.2", {port}))
 h, block = hashlib.sha256(), bytearray(os.urandom(1 << 20))
 for i in range({TRANSFER} >> 20):
     struct.pack_into("<Q", block, 0, i)
     h.update(block)
-    up.sendall(block)
-up.shutdown(socket.SHUT_WR)
-up.recv(1)
-print("up", {TRANSFER}, h.hexdigest(), round(time.time() - t, 1))
+    s.sendall(block)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print("moved", {TRANSFER}, h.hexdigest(), round(time.time() - t, 1))
 "#
-    );
-    let child = cli
-        .spawn(&["run", "debian-python:bookworm", "python3", "-c", &script])
-        .map_err(|e| e.to_string())?;
-    let r = crate::finish_within(child, began, Duration::from_secs(1500), |_| {
-        "the transfers did not finish within 25 minutes".into()
+        )
+    };
+    let args = ["run", "debian-python:bookworm", "python3", "-c", &script];
+    // Debian 12's passt resets an upload whose server has been slow to
+    // take it for 16 s in all (see docs/devices.md): the upload goes
+    // through a newer passt, which xtask builds and stages.
+    let newer_passt = env.asset("passt-newer");
+    let vars: &[(&str, &std::path::Path)] = match way {
+        Way::Down => &[],
+        Way::Up => &[("SUPERMACHINE_PASST", &newer_passt)],
+    };
+    let child = cli.spawn_with(&args, vars).map_err(|e| e.to_string())?;
+    // Inside the runner's 600 s for this test, so a slow transfer fails
+    // here with the guest's output.
+    let r = crate::finish_within(child, began, Duration::from_secs(570), |_| {
+        "the transfer did not finish within 570 s".into()
     });
-    // A guest that failed before connecting leaves a listener waiting:
+    // A guest that failed before connecting leaves the listener waiting:
     // an empty connection of our own ends the wait (and the check fails).
-    for (port, thread_done) in [
-        (src_port, sender.is_finished()),
-        (sink_port, receiver.is_finished()),
-    ] {
-        if !thread_done {
-            let _ = std::net::TcpStream::connect(("127.0.0.1", port));
-        }
+    if !host_end.is_finished() {
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
     }
-    let sent = sender
+    let (hash, total) = host_end
         .join()
-        .map_err(|_| "sender panicked")?
+        .map_err(|_| "the host's end panicked")?
         .map_err(|e| format!("{e}\n  {}", r.describe()))?;
-    let (received, total) = receiver
-        .join()
-        .map_err(|_| "receiver panicked")?
-        .map_err(|e| format!("{e}\n  {}", r.describe()))?;
-    ok_with(&r, 0, &format!("down {TRANSFER} {sent}"))?;
+    ok_with(&r, 0, "moved").map_err(|e| format!("{e}\n  the host's end had {total} bytes"))?;
     expect(
-        total == TRANSFER && r.stdout.contains(&format!("up {TRANSFER} {received}")),
-        &format!("the host received {total} bytes with SHA-256 {received}"),
+        total == TRANSFER && r.stdout.contains(&format!("moved {TRANSFER} {hash}")),
+        &format!("the host's end moved {total} bytes with SHA-256 {hash}"),
         &r,
     )?;
-    let secs = |dir: &str| {
-        r.stdout
-            .lines()
-            .find(|l| l.starts_with(dir))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let secs = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("moved"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(0.0);
     println!(
-        "  1 GiB down in {:.0} s, 1 GiB up in {:.0} s, SHA-256 intact both ways",
-        secs("down"),
-        secs("up")
+        "  1 GiB {} in {secs:.0} s, SHA-256 intact",
+        if way == Way::Down { "down" } else { "up" }
     );
     Ok(())
 }

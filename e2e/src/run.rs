@@ -137,7 +137,17 @@ impl Cli {
 
     /// Starts `supermachine ARGS` without waiting.
     pub(crate) fn spawn(&self, args: &[&str]) -> std::io::Result<Child> {
+        self.spawn_with(args, &[])
+    }
+
+    /// [`Cli::spawn`] with more environment variables.
+    pub(crate) fn spawn_with(
+        &self,
+        args: &[&str],
+        vars: &[(&str, &std::path::Path)],
+    ) -> std::io::Result<Child> {
         self.command(args)
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -120,6 +120,58 @@ pub fn ensure_cargo_subcommand(subcommand: &str, package: &str) -> Result<()> {
 /// The virtiofsd release `-v` is tested with (crates.io).
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 
+/// Upstream passt as Debian 13 packages it (source snapshot 2025-05-03).
+/// Debian 12's passt (2023-03-09) never clears its "waiting for the
+/// guest's ACK" state on a connection the guest opened until it has sent
+/// the guest data, so on an upload to a server that never answers, every
+/// two seconds without an ACK to the guest count as a retransmission and
+/// the eighth resets the connection. The 1 GiB upload test runs against
+/// this one; everything else uses the system's passt.
+const NEWER_PASST_VERSION: &str = "2025_05_03.587980c";
+const NEWER_PASST_SOURCE: &str =
+    "http://deb.debian.org/debian/pool/main/p/passt/passt_0.0~git20250503.587980c.orig.tar.xz";
+const NEWER_PASST_SHA256: &str = "69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49";
+
+/// [`NEWER_PASST_VERSION`], built once from its verified source into the
+/// cache.
+pub fn newer_passt() -> Result<std::path::PathBuf> {
+    use sha2::Digest;
+    let cache = crate::util::cache_root()?;
+    let root = cache.join(format!("passt-{NEWER_PASST_VERSION}"));
+    let binary = root.join("passt");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    ensure_packages(&["curl", "make", "gcc", "xz-utils"])?;
+    eprintln!("xtask: building passt {NEWER_PASST_VERSION} from Debian's source");
+    let staging = crate::util::Staging::new(&cache, "passt")?;
+    let tarball = staging.path().join("source.tar.xz");
+    run(Command::new("curl")
+        .args(["-fsSL", "--retry", "3", "-o"])
+        .arg(&tarball)
+        .arg(NEWER_PASST_SOURCE))?;
+    let digest = format!("{:x}", sha2::Sha256::digest(std::fs::read(&tarball)?));
+    if digest != NEWER_PASST_SHA256 {
+        bail!("{NEWER_PASST_SOURCE} has SHA-256 {digest}, not {NEWER_PASST_SHA256}");
+    }
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(staging.path()))?;
+    let source = staging.path().join(format!("passt-{NEWER_PASST_VERSION}"));
+    run(Command::new("make")
+        .arg("-C")
+        .arg(&source)
+        .arg(format!("VERSION={NEWER_PASST_VERSION}"))
+        .arg("passt"))?;
+    std::fs::rename(source.join("passt"), staging.path().join("passt"))?;
+    std::fs::remove_dir_all(&source)?;
+    std::fs::remove_file(&tarball)?;
+    staging.commit(&root)?;
+    Ok(binary)
+}
+
 /// virtiofsd, built once by `cargo install` into the cache (it needs
 /// libseccomp and libcap-ng to build and run).
 pub fn virtiofsd() -> Result<std::path::PathBuf> {

@@ -98,7 +98,10 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     images::build_demo_layout(&dir.join("demo-image"))?;
     images::build_debian_layout(&dir.join("debian-image"))?;
     images::build_demo_bundle(&dir.join("crun-bundle"))?;
-    images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)
+    images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)?;
+    // The 1 GiB upload test's passt (see deps::newer_passt).
+    fs::copy(deps::newer_passt()?, dir.join("passt-newer"))?;
+    Ok(())
 }
 
 /// Runs `command` (a shell command line, run in `/e2e` with `supermachine`,

@@ -22,8 +22,8 @@ use crate::bench_virtio::{Figures, ROUND_TRIPS, STREAM_BYTES, measure_streams, p
 
 pub fn run(env: &Env, runs: usize) -> ExitCode {
     match measure(env, runs) {
-        Ok([net, vsock, host]) => {
-            print_table(runs, net, vsock, host);
+        Ok(figures) => {
+            print_table(runs, figures);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -31,6 +31,22 @@ pub fn run(env: &Env, runs: usize) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A passt newer than Debian 12's, when xtask staged one (see its
+/// `deps::newer_passt`): measured in a second VM, as a column of its own.
+const NEWER_PASST: &str = "passt-newer";
+
+/// What one invocation measures.
+struct Measured {
+    /// virtio-net through the system's passt.
+    net: Figures,
+    /// virtio-net through [`NEWER_PASST`], if there is one.
+    newer_net: Option<Figures>,
+    /// vsock in the first VM.
+    vsock: Figures,
+    /// TCP over the host's loopback.
+    host: Figures,
 }
 
 /// The baseline: TCP over the host's loopback, its far end served by the
@@ -56,11 +72,32 @@ fn loopback_peer(listener: &TcpListener) -> impl Fn(u8) -> io::Result<TcpStream>
     }
 }
 
-fn measure(env: &Env, runs: usize) -> Result<[Figures; 3], String> {
+fn measure(env: &Env, runs: usize) -> Result<Measured, String> {
     let baseline = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let host = measure_streams(&loopback_peer(&baseline), runs)
         .map_err(|e| format!("loopback baseline: {e}"))?;
+    let (net, vsock) = measure_vm(env, runs, None)?;
+    let newer = env.asset(NEWER_PASST);
+    let newer_net = match newer.is_file() {
+        true => Some(measure_vm(env, runs, Some(newer))?.0),
+        false => None,
+    };
+    Ok(Measured {
+        net,
+        newer_net,
+        vsock: vsock.ok_or("vsock was not measured")?,
+        host,
+    })
+}
 
+/// virtio-net through `passt` (the system's when `None`) in a new VM, and
+/// vsock in the same VM when `passt` is the system's.
+fn measure_vm(
+    env: &Env,
+    runs: usize,
+    passt: Option<std::path::PathBuf>,
+) -> Result<(Figures, Option<Figures>), String> {
+    let with_vsock = passt.is_none();
     let options = VmConfig {
         guest: Some(GuestImage {
             kernel: env.asset("vmlinux"),
@@ -70,6 +107,7 @@ fn measure(env: &Env, runs: usize) -> Result<[Figures; 3], String> {
         memory_bytes: 512 << 20,
         network: Network {
             mode: NetworkMode::Passt,
+            passt,
             ..Network::default()
         },
         ..VmConfig::default()
@@ -106,43 +144,66 @@ fn measure(env: &Env, runs: usize) -> Result<[Figures; 3], String> {
     let net = measure_streams(&open_tcp, runs).map_err(|e| format!("virtio-net: {e}"))?;
     open_tcp(QUIT).map_err(|e| e.to_string())?;
     let open_vsock = |command: u8| crate::bench_exec::open_peer(&vm, command);
-    let vsock = measure_streams(&open_vsock, runs).map_err(|e| format!("vsock: {e}"))?;
+    let vsock = if with_vsock {
+        Some(measure_streams(&open_vsock, runs).map_err(|e| format!("vsock: {e}"))?)
+    } else {
+        None
+    };
     let _ = open_vsock(QUIT);
     let _ = peer.wait();
-    Ok([net, vsock, host])
+    Ok((net, vsock))
 }
 
-fn print_table(runs: usize, mut net: Figures, mut vsock: Figures, mut host: Figures) {
+fn print_table(runs: usize, m: Measured) {
+    let Measured {
+        mut net,
+        mut newer_net,
+        mut vsock,
+        mut host,
+    } = m;
     println!(
         "net: {runs} runs; latency over {} round trips of {MESSAGE} B, throughput = median run of {} MiB",
         runs * ROUND_TRIPS,
         STREAM_BYTES >> 20
     );
+    let newer_label = match newer_net {
+        Some(_) => "virtio-net + passt 2025-05-03",
+        None => "virtio-net + passt 2025-05-03 (not staged)",
+    };
     println!(
-        "| measure | virtio-net + passt | vsock (same VM) | TCP over the host's loopback | net / vsock | net / loopback |"
+        "| measure | virtio-net + system passt | {newer_label} | vsock (same VM) | TCP over the host's loopback | net / vsock | net / loopback |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
+    let cell = |v: Option<f64>, unit: &str, digits: usize| match v {
+        Some(v) => format!("{v:.digits$} {unit}"),
+        None => "-".to_string(),
+    };
     for (label, p) in [("round trip p50", 0.5), ("round trip p99", 0.99)] {
-        let [a, b, c] = [&mut net, &mut vsock, &mut host]
-            .map(|f| percentile(&mut f.round_trips, p).as_secs_f64() * 1e6);
+        let us = |f: &mut Figures| percentile(&mut f.round_trips, p).as_secs_f64() * 1e6;
+        let [a, b, c] = [&mut net, &mut vsock, &mut host].map(us);
+        let newer = newer_net.as_mut().map(us);
         println!(
-            "| {label} | {a:.1} us | {b:.1} us | {c:.1} us | {:.2}x | {:.2}x |",
+            "| {label} | {a:.1} us | {} | {b:.1} us | {c:.1} us | {:.2}x | {:.2}x |",
+            cell(newer, "us", 1),
             a / b.max(1e-9),
             a / c.max(1e-9)
         );
     }
     let mbps = |d: Duration| STREAM_BYTES as f64 / d.as_secs_f64().max(1e-9) / 1e6;
     for (label, pick) in [("guest to host", 0usize), ("host to guest", 1usize)] {
-        let [a, b, c] = [&mut net, &mut vsock, &mut host].map(|f| {
+        let rate = |f: &mut Figures| {
             let v = if pick == 0 {
                 &mut f.from_peer
             } else {
                 &mut f.to_peer
             };
             mbps(percentile(v, 0.5))
-        });
+        };
+        let [a, b, c] = [&mut net, &mut vsock, &mut host].map(rate);
+        let newer = newer_net.as_mut().map(rate);
         println!(
-            "| {label} throughput | {a:.0} MB/s | {b:.0} MB/s | {c:.0} MB/s | {:.2}x | {:.2}x |",
+            "| {label} throughput | {a:.0} MB/s | {} | {b:.0} MB/s | {c:.0} MB/s | {:.2}x | {:.2}x |",
+            cell(newer, "MB/s", 0),
             a / b.max(1e-9),
             a / c.max(1e-9)
         );

@@ -99,6 +99,8 @@ pub struct Network {
     pub dns: Vec<IpAddr>,
     /// Extra `/etc/hosts` entries (`--add-host NAME:ADDR`).
     pub hosts: Vec<(String, IpAddr)>,
+    /// The passt program to run; `None` finds it ([`find_passt`]).
+    pub passt: Option<PathBuf>,
 }
 
 impl Network {
@@ -108,12 +110,6 @@ impl Network {
             mode: NetworkMode::None,
             ..Self::default()
         }
-    }
-
-    /// A stable text form of everything that shapes the guest's view of
-    /// the network (for snapshot keys).
-    pub fn describe(&self) -> String {
-        format!("{self:?}")
     }
 }
 
@@ -328,30 +324,32 @@ pub(crate) fn plan(network: &Network) -> Result<Option<Plan>> {
     let (mut ipv4, mut ipv6) = (host_has_default_route(false), host_has_default_route(true));
     let backend = match &network.mode {
         NetworkMode::None => return Ok(None),
-        NetworkMode::Auto | NetworkMode::Passt => match (find_passt(), ipv4 || ipv6) {
-            (Some(program), true) => Backend::Passt(program),
-            (None, _) if network.mode == NetworkMode::Passt => {
-                return Err(Error::InvalidOption(
+        NetworkMode::Auto | NetworkMode::Passt => {
+            match (network.passt.clone().or_else(find_passt), ipv4 || ipv6) {
+                (Some(program), true) => Backend::Passt(program),
+                (None, _) if network.mode == NetworkMode::Passt => {
+                    return Err(Error::InvalidOption(
                     "--network passt needs passt, which is not installed (apt-get install passt, or set SUPERMACHINE_PASST)".into(),
                 ));
+                }
+                (Some(_), false) if network.mode == NetworkMode::Passt => {
+                    return Err(Error::InvalidOption(
+                        "--network passt: this host has no default route for passt to use".into(),
+                    ));
+                }
+                (program, _) => {
+                    log::info!(
+                        "no guest network: {}",
+                        if program.is_none() {
+                            "passt is not installed"
+                        } else {
+                            "this host has no default route"
+                        }
+                    );
+                    return Ok(None);
+                }
             }
-            (Some(_), false) if network.mode == NetworkMode::Passt => {
-                return Err(Error::InvalidOption(
-                    "--network passt: this host has no default route for passt to use".into(),
-                ));
-            }
-            (program, _) => {
-                log::info!(
-                    "no guest network: {}",
-                    if program.is_none() {
-                        "passt is not installed"
-                    } else {
-                        "this host has no default route"
-                    }
-                );
-                return Ok(None);
-            }
-        },
+        }
         // Another backend is assumed to serve these addresses (gvproxy's
         // and vfkit's users set theirs to match).
         NetworkMode::Stream(path) => {

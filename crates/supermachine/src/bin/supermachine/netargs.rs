@@ -69,6 +69,7 @@ impl NetworkArgs {
                 .iter()
                 .map(|h| supermachine::parse_host_entry(h))
                 .collect::<Result<Vec<_>>>()?,
+            passt: None,
         };
         if network.mode == NetworkMode::None {
             let given = self.policy.is_some()

@@ -143,6 +143,23 @@ impl Passt {
         let (ours, theirs) =
             UnixStream::pair().map_err(crate::io_error("making passt's socket pair"))?;
         let fd = theirs.as_raw_fd();
+        // passt drops the frames its socket will not take, and the guest's
+        // TCP then waits for them to be sent again: give the socket all
+        // the room an unprivileged process may (the kernel caps this at
+        // net.core.wmem_max). Measured in the test host, this doubled
+        // host-to-guest throughput with either passt.
+        let room: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt reads an int through a valid pointer for the
+        // given length; a refusal only leaves the default size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&room as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         let mut command = Command::new(program);
         command
             .args(["--foreground", "--one-off"])

@@ -1,6 +1,8 @@
-//! Direct boot of a Linux kernel on x86_64: load the kernel and initrd,
-//! write the boot tables, and compute the 64-bit entry state.
+//! Direct boot of a Linux kernel: on x86_64, load the kernel and initrd,
+//! write the boot tables, and compute the 64-bit entry state; on aarch64
+//! ([`aarch64`]), the device tree that describes the machine.
 
+pub mod aarch64;
 mod cpu;
 mod kernel;
 pub mod layout;
@@ -70,6 +72,17 @@ pub enum Error {
     /// Too many vCPUs for the MP table.
     #[error("{0} vCPUs do not fit the MP table (at most 254)")]
     TooManyCpus(u32),
+    /// A vCPU count the aarch64 machine cannot describe.
+    #[error("{cpus} vCPUs: an aarch64 VM has 1 to {max}")]
+    CpuCount {
+        /// What was asked for.
+        cpus: u32,
+        /// The most the GIC's redistributor space holds.
+        max: u32,
+    },
+    /// The device tree could not be written.
+    #[error("writing the device tree: {0}")]
+    Fdt(String),
     /// A write to guest memory failed (the layout does not fit in RAM).
     #[error("writing {what} to guest memory: {source}")]
     GuestMemory {

@@ -1,5 +1,5 @@
-//! Guest physical memory: the x86_64 address-space layout and the mapping
-//! that backs it.
+//! Guest physical memory: the address-space layout of each architecture
+//! (x86_64, aarch64) and the mapping that backs it.
 //!
 //! Everything the VMM reads from or writes to guest memory goes through
 //! `vm-memory`'s `Bytes` interface on [`GuestAddress`]es, which checks every
@@ -21,6 +21,10 @@ pub type GuestMemoryMmapped = GuestMemoryMmap<()>;
 pub const MMIO_GAP_START: u64 = 0xC000_0000;
 /// End of the 32-bit MMIO gap; RAM continues from here.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Where RAM starts on aarch64: everything below is left to devices (the
+/// GIC, the UART, virtio-mmio), as on QEMU's and Firecracker's `virt`
+/// machines.
+pub const AARCH64_RAM_START: u64 = 0x8000_0000;
 /// The smallest guest that makes sense: room for the boot structures, a kernel and its initrd.
 pub const MIN_RAM_BYTES: u64 = 16 << 20;
 /// A ceiling that keeps size arithmetic far from overflow (1 TiB).
@@ -92,6 +96,20 @@ impl MemoryLayout {
         Ok(Self { ranges })
     }
 
+    /// The aarch64 layout for `size` bytes of RAM: one range from
+    /// [`AARCH64_RAM_START`] up, with all of the MMIO space below it.
+    pub fn aarch64(size: u64) -> Result<Self> {
+        if !(MIN_RAM_BYTES..=MAX_RAM_BYTES).contains(&size) || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::InvalidSize(size));
+        }
+        Ok(Self {
+            ranges: vec![RamRange {
+                start: GuestAddress(AARCH64_RAM_START),
+                len: size,
+            }],
+        })
+    }
+
     /// The RAM ranges, sorted by address.
     pub fn ranges(&self) -> &[RamRange] {
         &self.ranges
@@ -102,7 +120,8 @@ impl MemoryLayout {
         self.ranges.iter().map(|r| r.len).sum()
     }
 
-    /// The RAM range that starts at guest address 0 (always present).
+    /// The lowest RAM range (from address 0 on x86_64, from
+    /// [`AARCH64_RAM_START`] on aarch64; always present).
     pub fn low_range(&self) -> RamRange {
         self.ranges[0]
     }
@@ -307,6 +326,29 @@ mod tests {
         let mut buf = [0u8; 8];
         reader.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"snapshot");
+    }
+
+    #[test]
+    fn aarch64_ram_is_one_range_above_the_devices() {
+        let layout = MemoryLayout::aarch64(6 << 30).unwrap();
+        assert_eq!(
+            layout.ranges(),
+            &[RamRange {
+                start: GuestAddress(AARCH64_RAM_START),
+                len: 6 << 30
+            }]
+        );
+        assert_eq!(layout.low_range().start, GuestAddress(AARCH64_RAM_START));
+        assert!(MemoryLayout::aarch64(8 << 20).is_err());
+        assert!(MemoryLayout::aarch64((64 << 20) + 1).is_err());
+        let ram = GuestRam::anonymous(&MemoryLayout::aarch64(32 << 20).unwrap()).unwrap();
+        let mem = ram.memory();
+        assert!(mem.write_obj(1u8, GuestAddress(0)).is_err(), "no RAM at 0");
+        mem.write_obj(1u8, GuestAddress(AARCH64_RAM_START)).unwrap();
+        assert!(
+            mem.write_obj(1u8, GuestAddress(AARCH64_RAM_START + (32 << 20)))
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! Booting Linux on aarch64: the machine's layout below RAM and the
+//! device tree that describes it to the kernel. Plain data, built and
+//! tested on any host; the aarch64 VMM and backends put it to use.
+
+pub mod fdt;
+pub mod layout;
+
+pub use fdt::{Machine, VirtioMmio, mpidr, write_fdt};

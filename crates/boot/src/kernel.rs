@@ -58,6 +58,7 @@ impl KernelImage {
         };
         let invalid = |reason: String| Error::KernelInvalid {
             path: path.to_owned(),
+            arch: "x86_64",
             reason,
         };
         let mut file = File::open(path).map_err(read_err)?;

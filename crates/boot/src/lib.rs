@@ -29,10 +29,12 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The kernel file is not a kernel we can boot.
-    #[error("{path} is not a bootable x86_64 Linux kernel: {reason}")]
+    #[error("{path} is not a bootable {arch} Linux kernel: {reason}")]
     KernelInvalid {
         /// The file.
         path: PathBuf,
+        /// The architecture it was checked for.
+        arch: &'static str,
         /// What is wrong with it.
         reason: String,
     },
@@ -44,6 +46,16 @@ pub enum Error {
         /// The loader's error.
         #[source]
         source: linux_loader::loader::Error,
+    },
+    /// The kernel does not fit in guest RAM.
+    #[error("kernel {path} needs {needed} bytes of RAM from {load:#x}; give the VM more memory")]
+    KernelTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Where it would be loaded.
+        load: u64,
+        /// What it needs from there (its `image_size`).
+        needed: u64,
     },
     /// The initrd cannot be read.
     #[error("cannot read initrd {path}: {source}")]

@@ -23,6 +23,9 @@ pub const KERNEL_BUILD: &[&str] = &[
 /// The musl C compiler wrapper (`x86_64-linux-musl-gcc`), for crates that
 /// compile C in static builds.
 pub const MUSL_CC: &[&str] = &["musl-tools"];
+/// Debian packages that build aarch64 binaries here and run their unit
+/// tests: the cross linker and user-mode QEMU.
+pub const AARCH64_CROSS: &[&str] = &["gcc-aarch64-linux-gnu", "qemu-user"];
 /// Debian packages needed for guest images and the QEMU test host.
 pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static", "passt"];
 /// Debian packages the OCI image tests and benchmark drive: a real

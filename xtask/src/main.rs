@@ -447,10 +447,48 @@ fn ci() -> Result<()> {
         &["nextest", "run", "--workspace", "--no-fail-fast"],
     )?;
     step("doc tests", &["test", "--workspace", "--doc"])?;
+    aarch64_shared_crates()?;
     eprintln!("xtask: == fuzz smoke ==");
     fuzz::run_targets(&[], SMOKE_SECONDS)?;
     eprintln!("xtask: == tier 3 (end to end) ==");
     e2e()
+}
+
+/// The crates that already build for aarch64 (`docs/architecture.md`).
+const AARCH64_CRATES: &[&str] = &[
+    "supermachine-memory",
+    "supermachine-hypervisor",
+    "supermachine-boot",
+];
+
+/// Lints [`AARCH64_CRATES`] for aarch64 and runs their unit tests there,
+/// under user-mode QEMU.
+fn aarch64_shared_crates() -> Result<()> {
+    const TARGET: &str = "aarch64-unknown-linux-musl";
+    eprintln!("xtask: == aarch64: shared crates (clippy, unit tests under qemu-aarch64) ==");
+    deps::ensure_rust_target(TARGET)?;
+    deps::ensure_packages(deps::AARCH64_CROSS)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let packages: Vec<&str> = AARCH64_CRATES.iter().flat_map(|p| ["-p", *p]).collect();
+    for (verb, tail) in [
+        ("clippy", &["--all-targets", "--", "-D", "warnings"][..]),
+        ("test", &[][..]),
+    ] {
+        run(Command::new(&cargo)
+            .current_dir(workspace_root())
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                "aarch64-linux-gnu-gcc",
+            )
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER",
+                "qemu-aarch64",
+            )
+            .args([verb, "--target", TARGET])
+            .args(&packages)
+            .args(tail))?;
+    }
+    Ok(())
 }
 
 /// Seconds each fuzz target runs in a smoke run.

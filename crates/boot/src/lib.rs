@@ -3,17 +3,27 @@
 //! ([`aarch64`]), the device tree that describes the machine.
 
 pub mod aarch64;
+// linux-loader's ELF and bzImage loaders build only for x86 hosts.
+#[cfg(target_arch = "x86_64")]
 mod cpu;
+#[cfg(target_arch = "x86_64")]
 mod kernel;
+#[cfg(target_arch = "x86_64")]
 pub mod layout;
+#[cfg(target_arch = "x86_64")]
 mod mptable;
+#[cfg(target_arch = "x86_64")]
 mod zero_page;
 
 use std::path::PathBuf;
 
+#[cfg(target_arch = "x86_64")]
 pub use cpu::{boot_cpu_state, boot_msrs, write_long_mode_tables};
+#[cfg(target_arch = "x86_64")]
 pub use kernel::{KernelFormat, KernelImage, LoadedKernel, load_kernel};
+#[cfg(target_arch = "x86_64")]
 pub use mptable::{MAX_CPUS, write_mptable};
+#[cfg(target_arch = "x86_64")]
 pub use zero_page::{InitrdPlacement, load_initrd, write_zero_page};
 
 /// Errors from loading and booting a kernel.

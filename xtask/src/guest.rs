@@ -10,6 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use crate::arch::Arch;
 use crate::cpio::Archive;
 use crate::util::{Staging, cache_root, hash_parts, run, workspace_root};
 use crate::{deps, kernel};
@@ -60,7 +61,7 @@ pub fn write_initramfs(agent: &Path, dest: &Path) -> Result<()> {
 
 /// Builds (or finds in the cache) the guest image around `agent`.
 pub fn build(agent: &Path) -> Result<GuestImage> {
-    let kernel = kernel::build(kernel::Flavor::Guest, None)?;
+    let kernel = kernel::build(kernel::Flavor::Guest, Arch::X86_64, None)?;
     let agent_bytes = fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
     let kernel_id = kernel
         .dir

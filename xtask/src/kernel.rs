@@ -8,11 +8,12 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Arch;
 use crate::deps;
 use crate::util::{Staging, cache_root, hash_file, hash_parts, run, workspace_root};
 
 /// Bump when the build recipe below changes in a way the inputs don't show.
-const RECIPE_VERSION: &[u8] = b"kernel-recipe-1";
+const RECIPE_VERSION: &[u8] = b"kernel-recipe-2";
 const SOURCE_PACKAGE: &str = "linux-source-6.12";
 
 /// Which kernel.
@@ -32,18 +33,20 @@ impl Flavor {
         }
     }
 
-    fn fragments(self) -> Vec<PathBuf> {
+    fn fragments(self, arch: Arch) -> Vec<PathBuf> {
         let dir = workspace_root().join("guest/kernel");
-        match self {
-            Flavor::Guest => vec![dir.join("guest.config"), dir.join("container.config")],
+        let mut names = vec![
+            "guest.config".to_string(),
+            format!("guest-{}.config", arch.name()),
             // The test host runs container tools too (crun, for the `run`
             // benchmark's baseline).
-            Flavor::TestHost => vec![
-                dir.join("guest.config"),
-                dir.join("container.config"),
-                dir.join("testhost.config"),
-            ],
+            "container.config".to_string(),
+        ];
+        if self == Flavor::TestHost {
+            names.push("testhost.config".into());
+            names.push(format!("testhost-{}.config", arch.name()));
         }
+        names.into_iter().map(|n| dir.join(n)).collect()
     }
 }
 
@@ -51,14 +54,17 @@ impl Flavor {
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub dir: PathBuf,
+    pub arch: Arch,
 }
 
 impl Kernel {
     pub fn vmlinux(&self) -> PathBuf {
         self.dir.join("vmlinux")
     }
-    pub fn bzimage(&self) -> PathBuf {
-        self.dir.join("bzImage")
+    /// The image a boot loader (or QEMU's `-kernel`) takes: `bzImage` on
+    /// x86_64, `Image` on aarch64.
+    pub fn boot_image(&self) -> PathBuf {
+        self.dir.join(self.arch.boot_image().0)
     }
 }
 
@@ -182,8 +188,8 @@ fn verify_config(config: &Path, fragments: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Builds (or finds in the cache) the kernel of `flavor`.
-pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
+/// Builds (or finds in the cache) the kernel of `flavor` for `arch`.
+pub fn build(flavor: Flavor, arch: Arch, tarball: Option<&Path>) -> Result<Kernel> {
     let cache = cache_root()?;
     let src_dir = cache.join("src");
     fs::create_dir_all(&src_dir)?;
@@ -197,33 +203,36 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
             Source::DebianPackage(find_or_download_package(&src_dir)?)
         }
     };
-    let fragments = flavor.fragments();
+    let fragments = flavor.fragments(arch);
     let mut parts: Vec<Vec<u8>> = vec![
         RECIPE_VERSION.to_vec(),
         flavor.name().as_bytes().to_vec(),
+        arch.name().as_bytes().to_vec(),
         source.identity()?.into_bytes(),
     ];
     for f in &fragments {
         parts.push(fs::read(f).with_context(|| format!("reading {}", f.display()))?);
     }
     let key = hash_parts(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
-    let out_dir = cache
-        .join("kernels")
-        .join(format!("{}-{key}", flavor.name()));
+    let label = format!("{}-{}", flavor.name(), arch.name());
+    let out_dir = cache.join("kernels").join(format!("{label}-{key}"));
     let kernel = Kernel {
         dir: out_dir.clone(),
+        arch,
     };
-    if kernel.bzimage().exists() {
+    if kernel.boot_image().exists() {
         return Ok(kernel);
     }
 
     deps::ensure_packages(deps::KERNEL_BUILD)?;
+    if let Some((_, package)) = arch.cross_compiler() {
+        deps::ensure_packages(&[package])?;
+    }
     let tree = unpack(&source, &src_dir)?;
     // One build directory per flavor and source, reused across fragment
     // changes so that a changed fragment rebuilds incrementally.
     let build_dir = cache.join("kernel-build").join(format!(
-        "{}-{}",
-        flavor.name(),
+        "{label}-{}",
         hash_parts(&[source.identity()?.as_bytes()])
     ));
     fs::create_dir_all(&build_dir)?;
@@ -235,20 +244,24 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
         cmd.arg("-C")
             .arg(&tree)
             .arg(format!("O={}", build_dir.display()))
-            .args(args)
+            .arg(format!("ARCH={}", arch.kernel_arch()));
+        if let Some((prefix, _)) = arch.cross_compiler() {
+            cmd.arg(format!("CROSS_COMPILE={prefix}"));
+        }
+        cmd.args(args)
             .stdout(log.try_clone()?)
             .stderr(log.try_clone()?);
         run(&mut cmd).with_context(|| format!("kernel build failed; see {}", log_path.display()))
     };
     let started = std::time::Instant::now();
     eprintln!(
-        "xtask: building the {} kernel (log: {})",
-        flavor.name(),
+        "xtask: building the {label} kernel (log: {})",
         log_path.display()
     );
     make(&["tinyconfig"])?;
     let mut merge = Command::new(tree.join("scripts/kconfig/merge_config.sh"));
     merge
+        .env("ARCH", arch.kernel_arch())
         .arg("-m")
         .arg("-O")
         .arg(&build_dir)
@@ -260,20 +273,17 @@ pub fn build(flavor: Flavor, tarball: Option<&Path>) -> Result<Kernel> {
     run(&mut merge)?;
     make(&["olddefconfig"])?;
     verify_config(&build_dir.join(".config"), &fragments)?;
-    make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"])?;
+    let (image_target, image_path) = arch.boot_image();
+    make(&[&format!("-j{jobs}"), "vmlinux", image_target])?;
 
-    let staging = Staging::new(out_dir.parent().context("no parent")?, flavor.name())?;
+    let staging = Staging::new(out_dir.parent().context("no parent")?, &label)?;
     fs::copy(build_dir.join("vmlinux"), staging.path().join("vmlinux"))?;
     fs::copy(
-        build_dir.join("arch/x86/boot/bzImage"),
-        staging.path().join("bzImage"),
+        build_dir.join(image_path),
+        staging.path().join(image_target),
     )?;
     fs::copy(build_dir.join(".config"), staging.path().join("config"))?;
     staging.commit(&out_dir)?;
-    eprintln!(
-        "xtask: {} kernel built in {:.0?}",
-        flavor.name(),
-        started.elapsed()
-    );
+    eprintln!("xtask: {label} kernel built in {:.0?}", started.elapsed());
     Ok(kernel)
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask ...`: the project's build, test and benchmark tasks.
 
+mod arch;
 mod bench_oci;
 mod cpio;
 mod deps;
@@ -17,6 +18,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use arch::Arch;
 use testhost::Mode;
 use util::{run, workspace_root};
 
@@ -29,17 +31,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build (or find in the cache) the minimal x86_64 guest kernel.
+    /// Build (or find in the cache) the minimal guest kernel.
     GuestKernel {
         /// A kernel source tarball to use instead of Debian's linux-source-6.12.
         #[arg(long)]
         source: Option<PathBuf>,
+        /// The architecture (aarch64 is cross-built).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
     },
     /// Build (or find in the cache) the QEMU test host's kernel.
     TesthostKernel {
         /// A kernel source tarball to use instead of Debian's linux-source-6.12.
         #[arg(long)]
         source: Option<PathBuf>,
+        /// The architecture (aarch64 is cross-built).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
     },
     /// Build (or find in the cache) the guest image every `supermachine`
     /// VM boots: the guest kernel and the agent's initramfs.
@@ -497,14 +505,14 @@ const SMOKE_SECONDS: u64 = 30;
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::GuestKernel { source } => {
-            let k = kernel::build(kernel::Flavor::Guest, source.as_deref())?;
+        Task::GuestKernel { source, arch } => {
+            let k = kernel::build(kernel::Flavor::Guest, arch, source.as_deref())?;
             println!("{}", k.vmlinux().display());
-            println!("{}", k.bzimage().display());
+            println!("{}", k.boot_image().display());
         }
-        Task::TesthostKernel { source } => {
-            let k = kernel::build(kernel::Flavor::TestHost, source.as_deref())?;
-            println!("{}", k.bzimage().display());
+        Task::TesthostKernel { source, arch } => {
+            let k = kernel::build(kernel::Flavor::TestHost, arch, source.as_deref())?;
+            println!("{}", k.boot_image().display());
         }
         Task::Guest => {
             let agent = guest::build_agent()?;

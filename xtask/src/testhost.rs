@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Arch;
 use crate::cpio::Archive;
 use crate::kernel;
 use crate::util::{cache_root, workspace_root};
@@ -88,10 +89,10 @@ pub fn build_static_binaries() -> Result<Binaries> {
 /// kernel (both formats), the guest images, the agent's initramfs and the
 /// test image's root disk.
 pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
-    let guest = kernel::build(kernel::Flavor::Guest, None)?;
+    let guest = kernel::build(kernel::Flavor::Guest, Arch::X86_64, None)?;
     fs::create_dir_all(dir)?;
     fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
-    fs::copy(guest.bzimage(), dir.join("bzImage"))?;
+    fs::copy(guest.boot_image(), dir.join("bzImage"))?;
     crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
     images::build_test_images(dir, bins)?;
     images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
@@ -178,7 +179,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 
 fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) -> Result<Boot> {
     deps::ensure_packages(deps::TEST_HOST)?;
-    let host_kernel = kernel::build(kernel::Flavor::TestHost, None)?;
+    let host_kernel = kernel::build(kernel::Flavor::TestHost, Arch::X86_64, None)?;
     let work = cache_root()?.join("testhost-run");
     fs::create_dir_all(&work)?;
     let initramfs = work.join(format!("host-{}.cpio", std::process::id()));
@@ -302,7 +303,7 @@ reboot -f
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
-        .arg(host_kernel.bzimage())
+        .arg(host_kernel.boot_image())
         .arg("-initrd")
         .arg(&initramfs)
         .args([

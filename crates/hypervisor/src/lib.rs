@@ -1,9 +1,12 @@
-//! The backend-agnostic hypervisor interface: `Hypervisor` -> `Vm` -> `Vcpu`.
+//! The backend-agnostic hypervisor interface: `Hypervisor` -> `Vm` -> `Vcpu`,
+//! and the state types of each architecture (`x86_64`, `aarch64`) that
+//! backends produce and consume.
 //!
 //! Nothing here names a particular hypervisor: KVM, HVF and WHP each
 //! implement these traits in their own crate. The VMM holds only
 //! `Arc<dyn Hypervisor>`, `Arc<dyn Vm>` and `Box<dyn Vcpu>`.
 
+pub mod aarch64;
 pub mod x86_64;
 
 use std::fmt::Debug;

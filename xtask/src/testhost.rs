@@ -158,13 +158,20 @@ enum Boot {
     Froze(String),
 }
 
-/// Silence, with QEMU using no CPU, after which the test host is taken
-/// for stalled. Anything running under TCG keeps QEMU busy; an idle test
-/// host waits for timers of a few seconds at most.
-const FROZEN_AFTER: Duration = Duration::from_secs(60);
-/// Stalls answered with a key press on the test host's console (an
-/// interrupt that wakes its halted vCPU) before it is given up.
-const NUDGES: usize = 5;
+/// How often the test host's activity is checked: a window with no
+/// console output in which QEMU used under [`IDLE_TICKS`] of CPU is idle.
+/// Anything running under TCG keeps QEMU far busier than that.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// CPU ticks (hundredths of a second) below which a window is idle.
+const IDLE_TICKS: u64 = 3;
+/// Idle windows in a row, each answered with a key press on the test
+/// host's console, after which it is taken for stalled for good. A QEMU
+/// TCG stall (seen in restore-heavy runs, and once in the middle of a
+/// test's 200 HTTP clients, which then all timed out) leaves the test
+/// host's vCPU halted with no timer due; the serial interrupt of a key
+/// press wakes it, and a key press on a test host that is merely idle
+/// does nothing (nothing reads the console).
+const FROZEN_AFTER: Duration = Duration::from_secs(300);
 
 /// CPU time QEMU (`pid`) has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -318,7 +325,6 @@ reboot -f
     // The console's input: nothing in the test host reads it, but a byte
     // arriving raises the serial interrupt.
     let mut console_in = child.stdin.take();
-    let mut nudges = 0;
     let stdout = child.stdout.take().context("no qemu stdout")?;
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -335,11 +341,15 @@ reboot -f
     let mut console = String::new();
     let mut exit = None;
     let mut bad_clock = None;
-    let mut quiet_since = (Instant::now(), cpu_ticks(child.id()));
+    // The current activity window (its start and QEMU's CPU ticks then),
+    // and since when every window has been idle.
+    let mut window = (Instant::now(), cpu_ticks(child.id()));
+    let mut idle_since: Option<Instant> = None;
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(line) => {
-                quiet_since = (Instant::now(), cpu_ticks(child.id()));
+                window = (Instant::now(), cpu_ticks(child.id()));
+                idle_since = None;
                 if let Some(code) = line.strip_prefix("TESTHOST-EXIT ") {
                     exit = code.trim().parse().ok();
                 }
@@ -357,34 +367,36 @@ reboot -f
             let _ = child.wait();
             bail!("the test host did not finish within {timeout:?}");
         }
-        if exit.is_none() && quiet_since.0.elapsed() > FROZEN_AFTER {
-            let used = cpu_ticks(child.id())
-                .zip(quiet_since.1)
+        if exit.is_none() && window.0.elapsed() >= IDLE_WINDOW {
+            let ticks = cpu_ticks(child.id());
+            let used = ticks
+                .zip(window.1)
                 .map(|(now, then)| now.saturating_sub(then));
-            // Under a fifth of a CPU second in a minute of silence. The
-            // test host's one vCPU is then halted with no timer due (a
-            // QEMU TCG stall seen in restore-heavy runs); an interrupt
-            // from its console wakes it.
-            let stalled = used.is_some_and(|ticks| ticks < 20);
-            if stalled
-                && nudges < NUDGES
-                && let Some(input) = console_in.as_mut()
-                && input.write_all(b"\n").and_then(|()| input.flush()).is_ok()
-            {
-                nudges += 1;
-                eprintln!(
-                    "xtask: the test host has been silent and idle for {FROZEN_AFTER:?}; pressing Enter on its console ({nudges}/{NUDGES})"
-                );
-                quiet_since = (Instant::now(), cpu_ticks(child.id()));
+            window = (Instant::now(), ticks);
+            if used.is_none_or(|t| t >= IDLE_TICKS) {
+                idle_since = None;
                 continue;
             }
-            if stalled {
+            let first = idle_since.is_none();
+            let since = *idle_since.get_or_insert_with(|| {
+                Instant::now()
+                    .checked_sub(IDLE_WINDOW)
+                    .unwrap_or_else(Instant::now)
+            });
+            if since.elapsed() > FROZEN_AFTER {
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = reader.join();
                 return Ok(Boot::Froze(console));
             }
-            quiet_since = (Instant::now(), cpu_ticks(child.id()));
+            let pressed = console_in
+                .as_mut()
+                .is_some_and(|input| input.write_all(b"\n").and_then(|()| input.flush()).is_ok());
+            if pressed && first {
+                eprintln!(
+                    "xtask: the test host has been silent and idle for {IDLE_WINDOW:?}; pressing Enter on its console (every {IDLE_WINDOW:?} while it stays idle)"
+                );
+            }
         }
     }
     let status = child.wait()?;

@@ -52,15 +52,8 @@ impl KernelImage {
     /// Opens `path` and checks that it is an x86_64 kernel we can boot:
     /// its headers are well formed and the file is as long as they say.
     pub fn open(path: &Path) -> Result<Self> {
-        let read_err = |source| Error::KernelRead {
-            path: path.to_owned(),
-            source,
-        };
-        let invalid = |reason: String| Error::KernelInvalid {
-            path: path.to_owned(),
-            arch: "x86_64",
-            reason,
-        };
+        let read_err = crate::kernel_read_error(path);
+        let invalid = crate::kernel_invalid(path, "x86_64");
         let mut file = File::open(path).map_err(read_err)?;
         let meta = file.metadata().map_err(read_err)?;
         if !meta.is_file() {

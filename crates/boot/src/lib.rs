@@ -119,6 +119,28 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// [`Error::KernelRead`] for `path`.
+pub(crate) fn kernel_read_error(
+    path: &std::path::Path,
+) -> impl Fn(std::io::Error) -> Error + Copy + '_ {
+    move |source| Error::KernelRead {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// [`Error::KernelInvalid`] for `path`, checked as an `arch` kernel.
+pub(crate) fn kernel_invalid<'a>(
+    path: &'a std::path::Path,
+    arch: &'static str,
+) -> impl Fn(String) -> Error + Copy + 'a {
+    move |reason| Error::KernelInvalid {
+        path: path.to_owned(),
+        arch,
+        reason,
+    }
+}
+
 pub(crate) fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
     move |source| Error::GuestMemory { what, source }
 }

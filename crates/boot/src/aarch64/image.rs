@@ -53,15 +53,8 @@ pub struct LoadedImage {
 impl Image {
     /// Opens `path` and checks its header.
     pub fn open(path: &Path) -> Result<Self> {
-        let read_err = |source| Error::KernelRead {
-            path: path.to_owned(),
-            source,
-        };
-        let invalid = |reason: String| Error::KernelInvalid {
-            path: path.to_owned(),
-            arch: "arm64",
-            reason,
-        };
+        let read_err = crate::kernel_read_error(path);
+        let invalid = crate::kernel_invalid(path, "arm64");
         let mut file = File::open(path).map_err(read_err)?;
         let file_size = file.metadata().map_err(read_err)?.len();
         let mut header = [0u8; HEADER_SIZE];

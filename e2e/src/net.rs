@@ -387,7 +387,7 @@ pub fn deny_private_refuses_what_it_should(env: &Env) -> Check {
 import socket, urllib.request
 print("allowed", urllib.request.urlopen("http://10.0.2.2:{allowed}/", timeout=60).read().decode())
 try:
-    urllib.request.urlopen("http://10.0.2.2:{denied}/", timeout=60)
+    urllib.request.urlopen("http://10.0.2.2:{denied}/", timeout=20)
     print("denied answered")
 except Exception as e:
     print("denied refused:", e)

@@ -635,7 +635,15 @@ impl VirtioDevice for Net {
 
     fn queue_notified(&mut self, index: usize) {
         match index {
-            TX => self.process_tx(),
+            TX => {
+                self.process_tx();
+                // The policy's answers to what the guest just sent (a
+                // reset, an ICMP refusal) go back at once, not with the
+                // next frame that happens to come from the backend.
+                if !self.waiting.is_empty() {
+                    self.process_rx();
+                }
+            }
             _ => self.process_rx(),
         }
         self.after_work();

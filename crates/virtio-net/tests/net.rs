@@ -123,8 +123,10 @@ impl Guest {
         self.send_with([0; HEADER_SIZE], frame);
     }
 
-    /// Waits for the backend socket (or `timeout`), then lets the device
-    /// work.
+    /// Waits for the device's descriptor (or `timeout`) and lets the
+    /// device work when it is ready, as the VMM's event loop does: work
+    /// that waits for a readiness the device never asked for never
+    /// happens here either.
     fn poll(&mut self, timeout: Duration) {
         let mut pfd = libc::pollfd {
             fd: self.backend_fd,
@@ -132,8 +134,9 @@ impl Guest {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the call's duration.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-        self.dev.backend_ready();
+        if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } > 0 {
+            self.dev.backend_ready();
+        }
     }
 
     /// Whether the device's backend descriptor would wake the event loop.

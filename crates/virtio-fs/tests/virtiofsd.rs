@@ -89,8 +89,6 @@ fn in_header(len: usize, opcode: u32, unique: u64, nodeid: u64) -> Vec<u8> {
     h
 }
 
-/// Sends one FUSE request on the request queue and waits for its answer:
-/// (error, body).
 /// Whether the device's call eventfd becomes readable within `timeout_ms`.
 fn call_is_pending(t: &supermachine_virtio_mmio::MmioTransport, timeout_ms: i32) -> bool {
     let fd = t.backend_fd().expect("the call eventfd");
@@ -104,6 +102,8 @@ fn call_is_pending(t: &supermachine_virtio_mmio::MmioTransport, timeout_ms: i32)
     p.revents & libc::POLLIN != 0
 }
 
+/// Sends one FUSE request on the request queue and waits for its answer:
+/// (error, body).
 fn request(
     t: &mut supermachine_virtio_mmio::MmioTransport,
     mem: &GuestMemoryMmapped,

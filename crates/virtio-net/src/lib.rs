@@ -118,9 +118,6 @@ pub struct Net {
     /// Receive chains taken for the next frame (several when buffers are
     /// merged), in ring order.
     held_rx: Vec<HeldBuffer>,
-    /// The guest has no room for the next frame: frames from the backend
-    /// queue up in `waiting` (to its bound) until it adds buffers.
-    rx_starved: bool,
     stats: NetStats,
     active: Option<ActiveDevice>,
 }
@@ -152,7 +149,6 @@ impl Net {
             interest,
             waiting: VecDeque::new(),
             held_rx: Vec::new(),
-            rx_starved: false,
             stats: NetStats::default(),
             active: None,
         })
@@ -464,11 +460,11 @@ impl Net {
             // go on at once if it already has. Without this the device
             // would hear of new buffers only by chance.
             if !starved {
-                self.rx_starved = false;
                 break;
             }
             if !queue.enable_notification(mem)? {
-                self.rx_starved = true;
+                // While the guest has no room, frames from the backend
+                // queue up in `waiting` (to its bound).
                 self.read_ahead();
                 break;
             }
@@ -627,7 +623,6 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
-        self.rx_starved = false;
         self.held_rx.clear();
         self.waiting.clear();
         self.after_work();

@@ -128,26 +128,25 @@ impl Guest {
     /// that waits for a readiness the device never asked for never
     /// happens here either.
     fn poll(&mut self, timeout: Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.backend_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call's duration.
-        if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } > 0 {
+        if self.readable_within(timeout) {
             self.dev.backend_ready();
         }
     }
 
     /// Whether the device's backend descriptor would wake the event loop.
     fn backend_readable(&self) -> bool {
+        self.readable_within(Duration::ZERO)
+    }
+
+    /// Whether the device's descriptor becomes readable within `timeout`.
+    fn readable_within(&self, timeout: Duration) -> bool {
         let mut pfd = libc::pollfd {
             fd: self.backend_fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd for the call's duration.
-        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) > 0 }
     }
 
     /// Frames the device has given the guest: (header, frame) each,

@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use supermachine::{GuestImage, Vm, VmConfig};
+use supermachine::{Vm, VmConfig};
 
 use crate::exchange::pattern;
 use crate::{Check, Env};
@@ -42,10 +42,7 @@ impl AgentVm {
 
 fn options(env: &Env, hostname: &str) -> VmConfig {
     VmConfig {
-        guest: Some(GuestImage {
-            kernel: env.asset("vmlinux"),
-            initramfs: env.asset("initramfs.cpio"),
-        }),
+        guest: Some(env.guest_image()),
         hostname: hostname.into(),
         memory_bytes: 768 << 20,
         ..VmConfig::default()

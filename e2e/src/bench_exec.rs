@@ -16,7 +16,7 @@ use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use supermachine::{GuestImage, Vm, VmConfig};
+use supermachine::{Vm, VmConfig};
 
 use crate::Env;
 use crate::bench_proto::{PORT, QUIT};
@@ -36,16 +36,7 @@ pub fn run(env: &Env, runs: usize, probe: bool) -> ExitCode {
 }
 
 fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
-    let options = VmConfig {
-        guest: Some(GuestImage {
-            kernel: env.asset("vmlinux"),
-            initramfs: env.asset("initramfs.cpio"),
-        }),
-        hostname: "bench".into(),
-        memory_bytes: 512 << 20,
-        ..VmConfig::default()
-    };
-    let vm = Vm::start(&env.asset("rootfs.erofs"), &options).map_err(|e| e.to_string())?;
+    let vm = Vm::start(&env.asset("rootfs.erofs"), &vm_config(env)).map_err(|e| e.to_string())?;
     let ready_in = vm.ready_in();
     let peer = vm
         .exec(["bench-peer", "--blk-runs", "0"])
@@ -195,6 +186,16 @@ fn measure(env: &Env, runs: usize, probe: bool) -> Result<(), String> {
         a / b.max(1e-12)
     );
     Ok(())
+}
+
+/// The VM the guest-side benchmarks run `bench-peer` in.
+pub(crate) fn vm_config(env: &Env) -> VmConfig {
+    VmConfig {
+        guest: Some(env.guest_image()),
+        hostname: "bench".into(),
+        memory_bytes: 512 << 20,
+        ..VmConfig::default()
+    }
 }
 
 /// A connection to the guest's `bench-peer` on vsock, started with

@@ -14,7 +14,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use supermachine::{GuestImage, Network, NetworkMode, Vm, VmConfig};
+use supermachine::{Network, NetworkMode, Vm, VmConfig};
 
 use crate::Env;
 use crate::bench_proto::{self, ECHO, MESSAGE, QUIT, SINK, SOURCE};
@@ -99,18 +99,12 @@ fn measure_vm(
 ) -> Result<(Figures, Option<Figures>), String> {
     let with_vsock = passt.is_none();
     let options = VmConfig {
-        guest: Some(GuestImage {
-            kernel: env.asset("vmlinux"),
-            initramfs: env.asset("initramfs.cpio"),
-        }),
-        hostname: "bench".into(),
-        memory_bytes: 512 << 20,
         network: Network {
             mode: NetworkMode::Passt,
             passt,
             ..Network::default()
         },
-        ..VmConfig::default()
+        ..crate::bench_exec::vm_config(env)
     };
     let vm = Vm::start(&env.asset("rootfs.erofs"), &options).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use supermachine::{GuestImage, Pool, PoolConfig, Snapshot, Vm, VmConfig};
+use supermachine::{Pool, PoolConfig, Snapshot, Vm, VmConfig};
 use supermachine_agent_protocol::{
     self as proto, AGENT_PORT, AgentMessage, Clock, HostMessage, READY_PORT, Request,
 };
@@ -120,16 +120,9 @@ fn welcome_agent(ready: &UnixListener, patience: Duration) -> Result<(), String>
     .map_err(|e| e.to_string())
 }
 
-fn guest(env: &Env) -> GuestImage {
-    GuestImage {
-        kernel: env.asset("vmlinux"),
-        initramfs: env.asset("initramfs.cpio"),
-    }
-}
-
 fn vm_config(env: &Env, hostname: &str) -> VmConfig {
     VmConfig {
-        guest: Some(guest(env)),
+        guest: Some(env.guest_image()),
         memory_bytes: MEMORY_MIB << 20,
         hostname: hostname.into(),
         // Firecracker's guest has no network card: neither has ours (and

@@ -51,6 +51,14 @@ impl Env {
         self.assets.join(name)
     }
 
+    /// The guest kernel and agent initramfs every library VM here boots.
+    fn guest_image(&self) -> supermachine::GuestImage {
+        supermachine::GuestImage {
+            kernel: self.asset("vmlinux"),
+            initramfs: self.asset("initramfs.cpio"),
+        }
+    }
+
     /// Runs `supermachine boot ARGS`, killing it after [`boot_timeout`].
     fn boot(&self, args: &[&str]) -> Run {
         let started = Instant::now();

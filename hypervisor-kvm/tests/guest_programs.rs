@@ -3,6 +3,7 @@
 //! Each test assembles a few instructions, enters them in 64-bit mode with
 //! the boot crate's tables, and checks the exits the VMM would see.
 
+#![cfg(target_arch = "x86_64")]
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;

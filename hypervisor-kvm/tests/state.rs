@@ -2,6 +2,7 @@
 //! another on the host's real `/dev/kvm`: the guest goes on exactly where
 //! it stopped.
 
+#![cfg(target_arch = "x86_64")]
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;

@@ -7,7 +7,7 @@
 //! (`KVM_{GET,SET}_ONE_REG`, the vGIC device's register groups) and
 //! Hypervisor.framework (`hv_vcpu_get_sys_reg`, `hv_gic_get_*_reg`) both
 //! address them this way, so each backend converts without tables of its
-//! own. Snapshots of aarch64 VMs will serialize these types; nothing
+//! own. Snapshots of aarch64 VMs will serialize these types; no backend
 //! produces them yet (see `docs/architecture.md`).
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,55 @@ pub struct CoreRegs {
     pub fpsr: u32,
     /// FPCR.
     pub fpcr: u32,
+}
+
+/// What the hypervisor calls the core registers on every architecture.
+pub type Regs = CoreRegs;
+
+/// Everything a boot protocol sets on a vCPU before its first `run()`;
+/// every other register keeps its architectural reset value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// X0-X3 (the arm64 Linux boot protocol: X0 the device tree's address,
+    /// X1-X3 zero).
+    pub x: [u64; 4],
+    /// Where the vCPU starts.
+    pub pc: u64,
+    /// PSTATE: exception level, stack pointer selection and masks.
+    pub pstate: u64,
+}
+
+/// PSTATE values, as SPSR encodes them.
+pub mod pstate {
+    /// EL1, running on SP_EL1.
+    pub const MODE_EL1H: u64 = 0b0101;
+    /// Debug, SError, IRQ and FIQ masked.
+    pub const DAIF_MASKED: u64 = 0b1111 << 6;
+}
+
+/// Where every backend places the GICv3 it creates, and how large it is.
+/// The addresses are those of QEMU's `virt` machine; the boot crate's
+/// device tree describes the same.
+pub mod gic {
+    /// The distributor (64 KiB).
+    pub const DISTRIBUTOR_BASE: u64 = 0x0800_0000;
+    /// Size of the distributor.
+    pub const DISTRIBUTOR_SIZE: u64 = 0x1_0000;
+    /// The first redistributor; each vCPU has one of
+    /// [`REDISTRIBUTOR_SIZE`] bytes, back to back, up to
+    /// [`REDISTRIBUTORS_END`].
+    pub const REDISTRIBUTORS_BASE: u64 = 0x080a_0000;
+    /// One redistributor: its RD and SGI frames, 64 KiB each.
+    pub const REDISTRIBUTOR_SIZE: u64 = 0x2_0000;
+    /// Where the redistributors' space ends (the next device starts).
+    pub const REDISTRIBUTORS_END: u64 = 0x0900_0000;
+    /// The most vCPUs whose redistributors fit.
+    pub const MAX_VCPUS: u32 =
+        ((REDISTRIBUTORS_END - REDISTRIBUTORS_BASE) / REDISTRIBUTOR_SIZE) as u32;
+    /// INTIDs of shared peripheral interrupts start here (SPI 0).
+    pub const SPI_INTID_BASE: u32 = 32;
+    /// INTIDs the GIC implements: SGIs, PPIs and 224 SPIs.
+    pub const INTERRUPT_COUNT: u32 = 256;
 }
 
 /// A system register's encoding: `op0, op1, CRn, CRm, op2`, packed as

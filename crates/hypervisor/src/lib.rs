@@ -12,9 +12,23 @@ pub mod x86_64;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-pub use x86_64::{
-    CpuState, DescriptorTable, FpuState, MsrEntry, Regs, Segment, SpecialRegs, VcpuState, VmState,
-};
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("supermachine runs x86_64 and aarch64 guests on hosts of the same architecture");
+
+/// The host's (and so the guest's) architecture: its state types are the
+/// ones the traits below take.
+#[cfg(target_arch = "aarch64")]
+pub use aarch64 as arch;
+/// The host's (and so the guest's) architecture: its state types are the
+/// ones the traits below take.
+#[cfg(target_arch = "x86_64")]
+pub use x86_64 as arch;
+
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::{SysReg, SysRegId};
+pub use arch::{CpuState, Regs, VcpuState, VmState};
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{DescriptorTable, FpuState, MsrEntry, Segment, SpecialRegs};
 
 /// Errors any backend reports through this interface.
 #[derive(Debug, thiserror::Error)]
@@ -240,20 +254,34 @@ pub trait Vcpu: Send + Debug {
     /// A handle other threads use to make `run()` return.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
 
-    /// General-purpose registers.
+    /// The registers the guest's code runs on (x86_64: general-purpose,
+    /// RIP and RFLAGS; aarch64: X0-X30, SP, PC, PSTATE, SIMD).
     fn regs(&self) -> Result<Regs>;
-    /// Sets general-purpose registers.
+    /// Sets what [`Vcpu::regs`] returns.
     fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+
     /// Segment, control and descriptor-table registers.
+    #[cfg(target_arch = "x86_64")]
     fn special_regs(&self) -> Result<SpecialRegs>;
     /// Sets segment, control and descriptor-table registers.
+    #[cfg(target_arch = "x86_64")]
     fn set_special_regs(&mut self, sregs: &SpecialRegs) -> Result<()>;
     /// Sets the x87/SSE control state.
+    #[cfg(target_arch = "x86_64")]
     fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
     /// Reads the MSRs named by `indices`.
+    #[cfg(target_arch = "x86_64")]
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
     /// Writes MSRs; every entry must be accepted.
+    #[cfg(target_arch = "x86_64")]
     fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()>;
+
+    /// Reads the EL1/EL0 system register `id`.
+    #[cfg(target_arch = "aarch64")]
+    fn sys_reg(&self, id: SysRegId) -> Result<u64>;
+    /// Writes the EL1/EL0 system register `id`.
+    #[cfg(target_arch = "aarch64")]
+    fn set_sys_reg(&mut self, id: SysRegId, value: u64) -> Result<()>;
 
     /// The vCPU's complete state. Call on a vCPU that is not in `run()`;
     /// an exit the VMM has just answered (a port read, say) is completed
@@ -265,10 +293,22 @@ pub trait Vcpu: Send + Debug {
     fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
 
     /// Sets the complete boot state in one call.
+    #[cfg(target_arch = "x86_64")]
     fn set_cpu_state(&mut self, state: &CpuState) -> Result<()> {
         self.set_special_regs(&state.sregs)?;
         self.set_regs(&state.regs)?;
         self.set_fpu(&state.fpu)?;
         self.set_msrs(&state.msrs)
+    }
+
+    /// Sets the complete boot state in one call: the boot registers over
+    /// the vCPU's reset state.
+    #[cfg(target_arch = "aarch64")]
+    fn set_cpu_state(&mut self, state: &CpuState) -> Result<()> {
+        let mut regs = self.regs()?;
+        regs.x[..state.x.len()].copy_from_slice(&state.x);
+        regs.pc = state.pc;
+        regs.pstate = state.pstate;
+        self.set_regs(&regs)
     }
 }

@@ -144,3 +144,39 @@ pub(crate) fn kernel_invalid<'a>(
 pub(crate) fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
     move |source| Error::GuestMemory { what, source }
 }
+
+/// Opens an initrd and returns it with its size.
+pub(crate) fn open_initrd(path: &std::path::Path) -> Result<(std::fs::File, u64)> {
+    let read_err = |source| Error::InitrdRead {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Reads the whole initrd `file` (`size` bytes) into guest memory at `addr`.
+pub(crate) fn read_initrd(
+    mem: &supermachine_memory::GuestMemoryMmapped,
+    addr: u64,
+    file: &mut std::fs::File,
+    size: u64,
+    path: &std::path::Path,
+) -> Result<()> {
+    use supermachine_memory::Bytes as _;
+    mem.read_exact_volatile_from(vm_memory::GuestAddress(addr), file, size as usize)
+        .map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(source) => Error::InitrdRead {
+                path: path.to_owned(),
+                source,
+            },
+            other => Error::GuestMemory {
+                what: "initrd",
+                source: other,
+            },
+        })
+}

@@ -1,6 +1,5 @@
 //! The zero page (`struct boot_params`), the command line and the initrd.
 
-use std::fs::File;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
@@ -45,16 +44,7 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     path: &Path,
 ) -> Result<InitrdPlacement> {
-    let read_err = |source| Error::InitrdRead {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if !meta.is_file() {
-        return Err(read_err(std::io::Error::other("not a regular file")));
-    }
-    let size = meta.len();
+    let (mut file, size) = crate::open_initrd(path)?;
     let max_end = kernel
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max) + 1)
@@ -69,14 +59,7 @@ pub fn load_initrd(
     if addr < kernel.end {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-        .map_err(|e| match e {
-            vm_memory::GuestMemoryError::IOError(io) => read_err(io),
-            other => Error::GuestMemory {
-                what: "initrd",
-                source: other,
-            },
-        })?;
+    crate::read_initrd(mem, addr, &mut file, size, path)?;
     Ok(InitrdPlacement { addr, size })
 }
 

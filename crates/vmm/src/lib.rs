@@ -7,6 +7,7 @@
 //! one thread per vCPU and the event loop. Everything that can fail because
 //! of the user's input fails before the hypervisor VM is created.
 
+mod arch;
 mod bus;
 mod devices;
 mod event_loop;
@@ -23,7 +24,7 @@ use std::thread::JoinHandle;
 
 use supermachine_boot as boot;
 use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, RamRegion, Vm, VmSpec};
-use supermachine_memory::{GuestRam, MemoryLayout};
+use supermachine_memory::GuestRam;
 use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -36,15 +37,11 @@ pub use supermachine_virtio_net::{
 };
 
 use devices::console::ConsoleSink;
-use devices::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_SPAN};
-use devices::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_SPAN, InputRoom, IrqTrigger, SerialPort};
+use devices::serial::{InputRoom, IrqTrigger, SerialPort};
 use devices::virtio;
 use lifecycle::Lifecycle;
 
-/// The kernel command line used when the caller gives none: console on
-/// COM1, reset through the i8042 (which ends the VM), reboot at once on a
-/// panic, no I/O-delay port writes.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none";
+pub use arch::DEFAULT_CMDLINE;
 
 /// Where the guest's serial console goes.
 pub enum Console {
@@ -477,23 +474,18 @@ impl Drop for RunningVm {
 
 /// Builds the VM described by `config` on `hypervisor` and starts it.
 pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<RunningVm> {
-    if config.vcpus == 0 || config.vcpus > boot::MAX_CPUS.min(hypervisor.max_vcpus()) {
+    let max_vcpus = arch::MAX_VCPUS.min(hypervisor.max_vcpus());
+    if config.vcpus == 0 || config.vcpus > max_vcpus {
         return Err(Error::Config(format!(
-            "{} vCPUs requested; between 1 and {} are possible here",
+            "{} vCPUs requested; between 1 and {max_vcpus} are possible here",
             config.vcpus,
-            boot::MAX_CPUS.min(hypervisor.max_vcpus())
         )));
     }
     // Guest-independent checks and loading first: no hypervisor VM exists
     // until the kernel, initrd and command line have all been accepted.
-    let mut kernel_image = boot::KernelImage::open(&config.kernel)?;
+    let mut kernel_file = arch::KernelFile::open(&config.kernel)?;
     let virtio_devices = virtio_devices(&mut config)?;
-    let mut cmdline = config.cmdline.clone();
-    for d in &virtio_devices {
-        cmdline.push(' ');
-        cmdline.push_str(&supermachine_virtio_mmio::kernel_cmdline_arg(d.base, d.irq));
-    }
-    let layout = MemoryLayout::x86_64(config.memory_bytes)?;
+    let layout = arch::memory_layout(config.memory_bytes)?;
     let ram = Arc::new(if config.filesystems.is_empty() {
         GuestRam::anonymous(&layout)?
     } else {
@@ -502,28 +494,26 @@ pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<Runnin
         GuestRam::file_backed(&layout, shared_memory_file()?)?
     });
     let mem = ram.memory();
-    let kernel = boot::load_kernel(mem, &mut kernel_image)?;
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(mem, &layout, &kernel, path))
-        .transpose()?;
-    boot::write_zero_page(mem, &layout, &kernel, &cmdline, initrd)?;
-    boot::write_mptable(mem, config.vcpus)?;
-    boot::write_long_mode_tables(mem)?;
+    let virtio_slots: Vec<(u64, u32)> = virtio_devices.iter().map(|d| (d.base, d.irq)).collect();
+    let entry = arch::load_guest(
+        mem,
+        &layout,
+        &mut kernel_file,
+        &arch::BootSetup {
+            cmdline: &config.cmdline,
+            initrd: config.initrd.as_deref(),
+            vcpus: config.vcpus,
+            virtio: &virtio_slots,
+        },
+    )?;
     let console_out = open_console(config.console)?;
-    log::debug!(
-        "kernel {} ({:?}) entry {:#x}, initrd {initrd:?}",
-        config.kernel.display(),
-        kernel_image.format(),
-        kernel.entry
-    );
+    log::debug!("kernel {}", config.kernel.display());
 
     let vm = hypervisor.create_vm(&vm_spec(config.vcpus, &ram))?;
     let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
     let serial = Arc::new(Mutex::new(SerialPort {
         uart: vm_superio::Serial::with_events(
-            IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
+            IrqTrigger(vm.interrupt_line(arch::SERIAL_IRQ)?),
             serial_input_room()?,
             ConsoleSink::new(console_out, lifecycle.clone()),
         ),
@@ -543,12 +533,7 @@ pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<Runnin
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let mut vcpu = vm.create_vcpu(index)?;
-        if index == 0 {
-            vcpu.set_cpu_state(&boot::boot_cpu_state(kernel.entry))?;
-        } else {
-            // Application processors wait for the boot CPU's INIT/SIPI.
-            vcpu.set_msrs(&boot::boot_msrs())?;
-        }
+        arch::boot_vcpu(vcpu.as_mut(), &entry)?;
         vcpus.push(vcpu);
     }
     launch(Assembled {
@@ -619,11 +604,11 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
         )));
     }
     let vcpu_count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
-    if vcpu_count == 0 || vcpu_count > boot::MAX_CPUS.min(hypervisor.max_vcpus()) {
+    if vcpu_count == 0 || vcpu_count > arch::MAX_VCPUS.min(hypervisor.max_vcpus()) {
         return Err(bad(format!("the snapshot has {vcpu_count} vCPUs")));
     }
     hypervisor.check_restorable(&state.vcpus)?;
-    let layout = MemoryLayout::x86_64(state.memory_bytes)?;
+    let layout = arch::memory_layout(state.memory_bytes)?;
     let memory_path = config.snapshot.join(snapshot::MEMORY_FILE);
     let memory_file = File::open(&memory_path).map_err(|source| Error::SnapshotFile {
         path: memory_path.clone(),
@@ -640,7 +625,7 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     let mut vsock_socket = config.vsock_socket;
     let mut net = config.net;
     for (i, saved) in state.devices.iter().enumerate() {
-        let (expected_base, expected_irq) = virtio::slot(i)
+        let (expected_base, expected_irq) = arch::virtio_slot(i)
             .ok_or_else(|| bad(format!("the snapshot has too many devices ({})", i + 1)))?;
         if (saved.base, saved.irq) != (expected_base, expected_irq) {
             return Err(bad(format!(
@@ -711,7 +696,7 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
     let uart = vm_superio::Serial::from_state(
         &(&state.serial).into(),
-        IrqTrigger(vm.interrupt_line(COM1_IRQ)?),
+        IrqTrigger(vm.interrupt_line(arch::SERIAL_IRQ)?),
         serial_input_room()?,
         ConsoleSink::new(console_out, lifecycle.clone()),
     )
@@ -823,18 +808,20 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         forward_stdin,
     } = a;
     let mut pio = Bus::default();
+    let mut mmio = Bus::default();
     let bus_conflict =
         |o: bus::Overlap| Error::Config(format!("device ranges overlap at {:#x}", o.base));
-    pio.insert(COM1_PORT, COM1_PORT_SPAN, serial.clone())
-        .map_err(bus_conflict)?;
-    pio.insert(
-        I8042_DATA_PORT,
-        I8042_PORT_SPAN,
-        Arc::new(Mutex::new(I8042::new(lifecycle.clone()))),
-    )
-    .map_err(bus_conflict)?;
+    let platform = std::iter::once((arch::SERIAL, serial.clone() as bus::SharedDevice))
+        .chain(arch::platform_devices(&lifecycle));
+    for (place, device) in platform {
+        let bus = match place.bus {
+            arch::BusKind::Pio => &mut pio,
+            arch::BusKind::Mmio => &mut mmio,
+        };
+        bus.insert(place.base, place.span, device)
+            .map_err(bus_conflict)?;
+    }
     let pio = Arc::new(pio);
-    let mut mmio = Bus::default();
     let mut subscribers = Vec::with_capacity(transports.len());
     for placed in &transports {
         let (queue_count, backend) = {
@@ -930,10 +917,10 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
     let mut devices = Vec::new();
     let mut place =
         |name: String, kind: Option<DeviceKind>, device: Box<dyn VirtioDevice>| -> Result<()> {
-            let (base, irq) = virtio::slot(devices.len()).ok_or_else(|| {
+            let (base, irq) = arch::virtio_slot(devices.len()).ok_or_else(|| {
                 Error::Config(format!(
                     "too many virtio devices: at most {} fit",
-                    virtio::MAX_DEVICES
+                    arch::MAX_VIRTIO_DEVICES
                 ))
             })?;
             devices.push(PlacedDevice {

@@ -5,6 +5,8 @@
 pub mod fdt;
 pub mod image;
 pub mod layout;
+pub mod place;
 
 pub use fdt::{Machine, VirtioMmio, mpidr, write_fdt};
 pub use image::{Image, LoadedImage};
+pub use place::{fdt_address, load_initrd, write_fdt_blob};

@@ -1,7 +1,6 @@
-//! Platform devices (the 16550 serial console, the i8042 reset line) and
-//! the glue that puts virtio-mmio devices in the VM.
+//! The serial console and the glue that puts virtio-mmio devices in the
+//! VM (each architecture's own platform devices live in `arch`).
 
 pub(crate) mod console;
-pub(crate) mod i8042;
 pub(crate) mod serial;
 pub(crate) mod virtio;

@@ -1,4 +1,4 @@
-//! The 16550A UART at COM1 (0x3f8, IRQ 4), on `vm-superio`.
+//! The 16550A console UART, on `vm-superio` (where it sits: `arch::SERIAL`).
 
 use std::sync::Arc;
 
@@ -9,10 +9,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::console::ConsoleSink;
 use crate::bus::BusDevice;
-
-pub(crate) const COM1_PORT: u64 = 0x3f8;
-pub(crate) const COM1_PORT_SPAN: u64 = 8;
-pub(crate) const COM1_IRQ: u32 = 4;
 
 /// Raises the UART's interrupt line.
 pub(crate) struct IrqTrigger(pub(crate) Arc<dyn InterruptLine>);

@@ -6,28 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use supermachine_hypervisor::IoNotifier;
-use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport};
+use supermachine_virtio_mmio::MmioTransport;
 
 use crate::bus::BusDevice;
 
-/// First device's MMIO base: in the 32-bit gap, clear of the IOAPIC and
-/// local APIC pages at 0xfec00000/0xfee00000.
-pub(crate) const MMIO_BASE: u64 = 0xd000_0000;
-/// Interrupt lines for virtio devices: after the legacy ones we use
-/// (timer 0, keyboard 1, COM1 4), up to the IOAPIC's last pin.
-pub(crate) const FIRST_IRQ: u32 = 5;
-pub(crate) const LAST_IRQ: u32 = 23;
 /// Offset of the QueueNotify register.
 pub(crate) const QUEUE_NOTIFY: u64 = 0x50;
-
-/// Where device `index` lives: (MMIO base, interrupt line).
-pub(crate) fn slot(index: usize) -> Option<(u64, u32)> {
-    let irq = FIRST_IRQ.checked_add(u32::try_from(index).ok()?)?;
-    (irq <= LAST_IRQ).then(|| (MMIO_BASE + index as u64 * MMIO_SIZE, irq))
-}
-
-/// Most virtio devices one VM can have.
-pub(crate) const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {

@@ -111,12 +111,8 @@ fn measure(env: &Env, runs: usize) -> Result<(), String> {
 
     let boot = time_command(runs, |_| {
         let mut c = Command::new(&env.supermachine);
-        c.args(["boot", "--kernel", &env.path("vmlinux")]).args([
-            "--initrd",
-            &env.path("poweroff.cpio"),
-            "--append",
-            "quiet",
-        ]);
+        c.args(["boot", "--kernel", &env.path(crate::KERNEL)])
+            .args(["--initrd", &env.path("poweroff.cpio"), "--append", "quiet"]);
         c
     })?;
 

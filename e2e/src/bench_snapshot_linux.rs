@@ -157,7 +157,7 @@ fn firecracker_snapshot(binary: &Path, env: &Env, dir: &Path) -> Result<Duration
         "/boot-source",
         &format!(
             r#"{{"kernel_image_path":"{}","initrd_path":"{}","boot_args":"{}"}}"#,
-            env.asset("vmlinux").display(),
+            env.asset(crate::KERNEL).display(),
             env.asset("initramfs.cpio").display(),
             boot_args()
         ),

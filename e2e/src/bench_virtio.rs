@@ -92,7 +92,7 @@ fn measure(env: &Env, runs: usize) -> Result<(Figures, Figures), String> {
     };
     let r = env.boot(&[
         "--kernel",
-        &env.path("vmlinux"),
+        &env.path(crate::KERNEL),
         "--initrd",
         &env.path("bench-virtio.cpio"),
         "--disk",

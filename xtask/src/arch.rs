@@ -47,4 +47,38 @@ impl Arch {
             Arch::Aarch64 => ("Image", "arch/arm64/boot/Image"),
         }
     }
+
+    /// The Rust target of our static (musl) binaries.
+    pub fn musl_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        }
+    }
+
+    /// Sets what cargo needs to build (and run, under user-mode QEMU) for
+    /// [`Arch::musl_target`] on this x86_64 machine: the cross linker, the
+    /// C compiler of crates that build C, the runner.
+    pub fn cross_env(self, cmd: &mut std::process::Command) {
+        if self == Arch::Aarch64 {
+            cmd.env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                "aarch64-linux-gnu-gcc",
+            )
+            .env("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc")
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER",
+                "qemu-aarch64",
+            );
+        }
+    }
+
+    /// Debian packages that build for `self` here, beyond the native
+    /// toolchain.
+    pub fn cross_packages(self) -> &'static [&'static str] {
+        match self {
+            Arch::X86_64 => crate::deps::MUSL_CC,
+            Arch::Aarch64 => crate::deps::AARCH64_CROSS,
+        }
+    }
 }

@@ -28,6 +28,9 @@ pub const MUSL_CC: &[&str] = &["musl-tools"];
 pub const AARCH64_CROSS: &[&str] = &["gcc-aarch64-linux-gnu", "qemu-user"];
 /// Debian packages needed for guest images and the QEMU test host.
 pub const TEST_HOST: &[&str] = &["qemu-system-x86", "busybox-static", "passt"];
+/// The same for the arm64 test host (its busybox, passt and EROFS tools
+/// come from Debian's arm64 packages: see `sysroot`).
+pub const TEST_HOST_AARCH64: &[&str] = &["qemu-system-arm", "busybox-static"];
 /// Debian packages the OCI image tests and benchmark drive: a real
 /// registry, a real OCI client to push with, htpasswd and openssl for its
 /// auth and TLS, the EROFS tools that build root disks, and umoci as the

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::arch::Arch;
 use crate::cpio::Archive;
 use crate::deps;
 use crate::testhost::Binaries;
@@ -51,13 +52,24 @@ test -c /dev/hwrng && head -c 64 /dev/hwrng | wc -c | sed 's/^/RNG-BYTES /'
 poweroff -f
 "#;
 
-fn busybox() -> Result<PathBuf> {
-    deps::ensure_packages(&["busybox-static"])?;
-    let path = PathBuf::from(BUSYBOX);
-    let bytes = fs::read(&path).with_context(|| format!("reading {BUSYBOX}"))?;
+/// Debian's static busybox for `arch`: the system's own on x86_64, the
+/// arm64 package's from the sysroot on aarch64.
+fn busybox(arch: Arch) -> Result<PathBuf> {
+    let path = match arch {
+        Arch::X86_64 => {
+            deps::ensure_packages(&["busybox-static"])?;
+            PathBuf::from(BUSYBOX)
+        }
+        Arch::Aarch64 => crate::sysroot::build(arch, crate::sysroot::TEST_HOST_PACKAGES)?
+            .join(BUSYBOX.trim_start_matches('/')),
+    };
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     // A dynamically linked busybox would need its libraries in the image.
     if has_interpreter(&bytes) {
-        bail!("{BUSYBOX} is dynamically linked; install Debian's busybox-static");
+        bail!(
+            "{} is dynamically linked; install Debian's busybox-static",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -76,12 +88,12 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 /// A minimal root: busybox, /dev/console, and `init` as /init.
-pub fn image(init_body: &str, dest: &Path) -> Result<()> {
-    image_with(init_body, &[], dest)
+pub fn image(arch: Arch, init_body: &str, dest: &Path) -> Result<()> {
+    image_with(arch, init_body, &[], dest)
 }
 
 /// [`image`] plus `extra` files (path in the image, host file).
-pub fn image_with(init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Result<()> {
+pub fn image_with(arch: Arch, init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Result<()> {
     let mut a = Archive::default();
     for d in [
         "bin", "dev", "proc", "sys", "tmp", "sbin", "usr", "usr/bin", "usr/sbin",
@@ -90,7 +102,7 @@ pub fn image_with(init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Resu
     }
     a.char_device("dev/console", 5, 1)
         .char_device("dev/null", 1, 3);
-    a.file_from("bin/busybox", 0o755, &busybox()?)?;
+    a.file_from("bin/busybox", 0o755, &busybox(arch)?)?;
     a.symlink("bin/sh", "busybox");
     for (name, path) in extra {
         a.file_from(name, 0o755, path)?;
@@ -105,33 +117,40 @@ pub fn image_with(init_body: &str, extra: &[(&str, &Path)], dest: &Path) -> Resu
 
 /// Writes every guest image the tests and benchmark use into `dir`.
 pub fn build_test_images(dir: &Path, bins: &Binaries) -> Result<()> {
+    let arch = bins.arch;
     fs::create_dir_all(dir)?;
     image(
+        arch,
         &format!("{MARKER_LINE}\npoweroff -f\n"),
         &dir.join("poweroff.cpio"),
     )?;
     image(
+        arch,
         &format!("{MARKER_LINE}\nreboot -f\n"),
         &dir.join("reboot.cpio"),
     )?;
     // /init exiting makes the kernel panic ("Attempted to kill init!").
     image(
+        arch,
         "echo 'init: exiting on purpose'\nexit 3\n",
         &dir.join("panic.cpio"),
     )?;
     image(
+        arch,
         "echo SUPERMACHINE-BENCH-INIT\nsleep 1\npoweroff -f\n",
         &dir.join("bench.cpio"),
     )?;
-    image(DEMO_INIT, &dir.join("demo.cpio"))?;
-    image(BLK_INIT, &dir.join("blk.cpio"))?;
+    image(arch, DEMO_INIT, &dir.join("demo.cpio"))?;
+    image(arch, BLK_INIT, &dir.join("blk.cpio"))?;
     image_with(
+        arch,
         "/bin/vsock-peer\npoweroff -f\n",
         &[("bin/vsock-peer", &bins.vsock_peer)],
         &dir.join("vsock.cpio"),
     )?;
     // `bench_runs=N` on the kernel command line reaches /init's environment.
     image_with(
+        arch,
         "/bin/bench-peer --blk-runs \"${bench_runs:-3}\"\npoweroff -f\n",
         &[("bin/bench-peer", &bins.bench_peer)],
         &dir.join("bench-virtio.cpio"),
@@ -156,7 +175,7 @@ pub fn build_test_rootfs(bins: &Binaries, dest: &Path) -> Result<()> {
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     chown(root.join("home/app"), Some(1000), Some(1000))?;
-    install_busybox(root)?;
+    install_busybox(root, bins.arch)?;
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
@@ -210,10 +229,10 @@ echo "  args:   $*"
 
 /// The demo image as an OCI layout: Debian's static busybox with every
 /// applet linked, accounts, and a `hello` program as its Cmd.
-pub fn build_demo_layout(dest: &Path) -> Result<()> {
+pub fn build_demo_layout(dest: &Path, arch: Arch) -> Result<()> {
     let tree = tempfile::tempdir()?;
     let root = tree.path();
-    demo_tree(root)?;
+    demo_tree(root, arch)?;
     crate::oci_layout::write(
         dest,
         &crate::oci_layout::Image {
@@ -247,7 +266,7 @@ pub fn build_demo_bundle(dest: &Path) -> Result<bool> {
     }
     let rootfs = dest.join("rootfs");
     fs::create_dir_all(&rootfs)?;
-    demo_tree(&rootfs)?;
+    demo_tree(&rootfs, Arch::X86_64)?;
     crate::util::run(
         std::process::Command::new("crun")
             .arg("spec")
@@ -264,11 +283,12 @@ pub fn build_demo_bundle(dest: &Path) -> Result<bool> {
 
 /// Debian's static busybox as `root/bin/busybox`, every applet a symlink
 /// to it in `root/bin`.
-fn install_busybox(root: &Path) -> Result<()> {
-    let busybox = busybox()?;
+fn install_busybox(root: &Path, arch: Arch) -> Result<()> {
     fs::create_dir_all(root.join("bin"))?;
-    fs::copy(&busybox, root.join("bin/busybox"))?;
-    let list = std::process::Command::new(&busybox)
+    fs::copy(busybox(arch)?, root.join("bin/busybox"))?;
+    // The applets, as this machine's busybox (the same Debian version)
+    // lists them.
+    let list = std::process::Command::new(busybox(Arch::X86_64)?)
         .arg("--list")
         .output()?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
@@ -282,13 +302,13 @@ fn install_busybox(root: &Path) -> Result<()> {
 }
 
 /// The demo image's files, written under `root`.
-fn demo_tree(root: &Path) -> Result<()> {
+fn demo_tree(root: &Path, arch: Arch) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for d in ["bin", "etc", "home/demo", "root", "tmp", "usr/local/bin"] {
         fs::create_dir_all(root.join(d))?;
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    install_busybox(root)?;
+    install_busybox(root, arch)?;
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\ndemo:x:1000:1000:demo:/home/demo:/bin/sh\n",

@@ -9,6 +9,7 @@ mod guest;
 mod images;
 mod kernel;
 mod oci_layout;
+mod sysroot;
 mod testhost;
 mod util;
 
@@ -65,6 +66,9 @@ enum Task {
     /// PATH, the guest kernel and agent where it finds them, the demo
     /// image as ./demo-image and the given files in its working directory.
     Testhost {
+        /// The test host's architecture (aarch64: an emulated arm64 host).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
         /// A file or directory (an image archive or OCI layout, say) to
         /// copy in. Repeatable.
         #[arg(long = "file", value_name = "PATH")]
@@ -75,7 +79,12 @@ enum Task {
     },
     /// Tier-3 end-to-end tests: real guest kernel, real KVM (directly, or
     /// inside the QEMU test host when this host's KVM cannot boot Linux).
-    E2e,
+    E2e {
+        /// The guests' architecture (aarch64: in an emulated arm64 test
+        /// host, its tier-2 guest programs first).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -103,6 +112,9 @@ enum Bench {
     Boot {
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// The guests' architecture (aarch64: in the arm64 test host).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
     },
     /// vsock round trips and throughput against a Unix socket pair, and
     /// virtio-blk sequential I/O against the image file, in one run.
@@ -157,8 +169,8 @@ fn assets_dir() -> PathBuf {
     workspace_root().join("target/e2e-assets")
 }
 
-fn prepare() -> Result<(Mode, testhost::Binaries, PathBuf)> {
-    let mode = testhost::detect_mode()?;
+fn prepare(arch: Arch) -> Result<(Mode, testhost::Binaries, PathBuf)> {
+    let mode = testhost::detect_mode(arch)?;
     eprintln!(
         "xtask: tier 3 runs {}",
         match mode {
@@ -166,7 +178,7 @@ fn prepare() -> Result<(Mode, testhost::Binaries, PathBuf)> {
             Mode::TestHost => "inside the QEMU test host (this host's KVM cannot boot Linux)",
         }
     );
-    let bins = testhost::build_static_binaries()?;
+    let bins = testhost::build_static_binaries(arch)?;
     let assets = assets_dir();
     if assets.exists() {
         std::fs::remove_dir_all(&assets)?;
@@ -181,6 +193,17 @@ fn run_runner(
     mode: Mode,
     bins: &testhost::Binaries,
     assets: &Path,
+    args: &str,
+) -> Result<(String, i32)> {
+    run_runner_after(mode, bins, assets, "", args)
+}
+
+/// [`run_runner`], in the test host after the shell command `before`.
+fn run_runner_after(
+    mode: Mode,
+    bins: &testhost::Binaries,
+    assets: &Path,
+    before: &str,
     args: &str,
 ) -> Result<(String, i32)> {
     match mode {
@@ -201,20 +224,29 @@ fn run_runner(
         Mode::TestHost => testhost::run_inside(
             bins,
             assets,
-            &format!("./supermachine-e2e {args} --supermachine /e2e/supermachine --assets /e2e"),
+            &format!(
+                "{before}./supermachine-e2e {args} --supermachine /e2e/supermachine --assets /e2e"
+            ),
         ),
     }
 }
 
-fn e2e() -> Result<()> {
-    let (mode, bins, assets) = prepare()?;
+fn e2e(arch: Arch) -> Result<()> {
+    let (mode, bins, assets) = prepare(arch)?;
+    // The KVM backend's tier-2 guest programs of an architecture this
+    // machine cannot run natively go first, in the same test host.
+    let before = if bins.kvm_guest_programs.is_some() {
+        "./kvm-guest-programs --test-threads=1 || { echo 'FAIL tier-2 KVM guest programs'; exit 1; }; "
+    } else {
+        ""
+    };
     // SUPERMACHINE_E2E_ONLY=substring[,substring] runs only the tests whose names
     // contain it (for working on one test).
     let args = match std::env::var("SUPERMACHINE_E2E_ONLY") {
         Ok(only) if !only.trim().is_empty() => format!("test --only {}", only.trim()),
         _ => "test".to_string(),
     };
-    let (out, code) = run_runner(mode, &bins, &assets, &args)?;
+    let (out, code) = run_runner_after(mode, &bins, &assets, before, &args)?;
     let summary = out
         .lines()
         .rev()
@@ -234,8 +266,8 @@ fn e2e() -> Result<()> {
 
 /// Runs the e2e runner's `bench-<name>` mode and prints its table (the
 /// lines from the one starting with `<name>:`).
-fn bench(name: &str, runs: usize, extra: &str) -> Result<()> {
-    let (mode, bins, assets) = prepare()?;
+fn bench(name: &str, arch: Arch, runs: usize, extra: &str) -> Result<()> {
+    let (mode, bins, assets) = prepare(arch)?;
     let (out, code) = run_runner(
         mode,
         &bins,
@@ -296,7 +328,7 @@ fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
     )?;
     // The Linux-guest half: both VMMs restore the agent guest and are
     // timed to its first answer, where Linux boots (the test host here).
-    let (mode, bins, assets) = prepare()?;
+    let (mode, bins, assets) = prepare(Arch::X86_64)?;
     let args = format!(
         "bench-snapshot-linux --runs {runs} --firecracker {{FC}} --supermachine {{SM}} --assets {{ASSETS}}"
     );
@@ -361,7 +393,7 @@ fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    let mode = testhost::detect_mode()?;
+    let mode = testhost::detect_mode(Arch::X86_64)?;
     match mode {
         Mode::Direct => {
             // `run` builds the image's root disk with mkfs.erofs.
@@ -369,7 +401,7 @@ fn demo() -> Result<()> {
             let agent = guest::build_agent()?;
             guest::build(&agent)?;
             let layout = workspace_root().join("target/demo-image");
-            images::build_demo_layout(&layout)?;
+            images::build_demo_layout(&layout, Arch::X86_64)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo)
                 .current_dir(workspace_root())
@@ -380,7 +412,8 @@ fn demo() -> Result<()> {
             eprintln!(
                 "xtask: this host's KVM cannot boot Linux; the demo runs inside the QEMU test host"
             );
-            let code = testhost_command(&[], &["supermachine", "run", "./demo-image"])?;
+            let code =
+                testhost_command(Arch::X86_64, &[], &["supermachine", "run", "./demo-image"])?;
             if code != 0 {
                 bail!("the demo failed (exit status {code})");
             }
@@ -390,8 +423,8 @@ fn demo() -> Result<()> {
 }
 
 /// Runs `command` in the test host with `files` beside it; its status.
-fn testhost_command<S: AsRef<str>>(files: &[PathBuf], command: &[S]) -> Result<i32> {
-    let bins = testhost::build_static_binaries()?;
+fn testhost_command<S: AsRef<str>>(arch: Arch, files: &[PathBuf], command: &[S]) -> Result<i32> {
+    let bins = testhost::build_static_binaries(arch)?;
     let assets = assets_dir();
     if assets.exists() {
         std::fs::remove_dir_all(&assets)?;
@@ -459,41 +492,45 @@ fn ci() -> Result<()> {
     eprintln!("xtask: == fuzz smoke ==");
     fuzz::run_targets(&[], SMOKE_SECONDS)?;
     eprintln!("xtask: == tier 3 (end to end) ==");
-    e2e()
+    e2e(Arch::X86_64)
 }
 
-/// The crates that already build for aarch64 (`docs/architecture.md`).
-const AARCH64_CRATES: &[&str] = &[
+/// Crates whose unit tests run for aarch64 under user-mode QEMU here (the
+/// KVM backend's need an arm64 KVM: they run in the arm64 test host).
+const AARCH64_UNIT_TESTED: &[&str] = &[
     "supermachine-memory",
     "supermachine-hypervisor",
     "supermachine-boot",
 ];
 
-/// Lints [`AARCH64_CRATES`] for aarch64 and runs their unit tests there,
-/// under user-mode QEMU.
+/// Lints the workspace for aarch64 and runs [`AARCH64_UNIT_TESTED`]'s unit
+/// tests there, under user-mode QEMU.
 fn aarch64_shared_crates() -> Result<()> {
-    const TARGET: &str = "aarch64-unknown-linux-musl";
-    eprintln!("xtask: == aarch64: shared crates (clippy, unit tests under qemu-aarch64) ==");
-    deps::ensure_rust_target(TARGET)?;
-    deps::ensure_packages(deps::AARCH64_CROSS)?;
+    let arch = Arch::Aarch64;
+    let target = arch.musl_target();
+    eprintln!("xtask: == aarch64: clippy, unit tests under qemu-aarch64 ==");
+    deps::ensure_rust_target(target)?;
+    deps::ensure_packages(arch.cross_packages())?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let packages: Vec<&str> = AARCH64_CRATES.iter().flat_map(|p| ["-p", *p]).collect();
-    for (verb, tail) in [
-        ("clippy", &["--all-targets", "--", "-D", "warnings"][..]),
-        ("test", &[][..]),
+    let tested: Vec<&str> = AARCH64_UNIT_TESTED
+        .iter()
+        .flat_map(|p| ["-p", *p])
+        .collect();
+    let everything = ["--workspace", "--exclude", "xtask"];
+    for (verb, packages, tail) in [
+        (
+            "clippy",
+            &everything[..],
+            &["--all-targets", "--", "-D", "warnings"][..],
+        ),
+        ("test", &tested[..], &[][..]),
     ] {
-        run(Command::new(&cargo)
+        let mut cmd = Command::new(&cargo);
+        arch.cross_env(&mut cmd);
+        run(cmd
             .current_dir(workspace_root())
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
-                "aarch64-linux-gnu-gcc",
-            )
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER",
-                "qemu-aarch64",
-            )
-            .args([verb, "--target", TARGET])
-            .args(&packages)
+            .args([verb, "--target", target])
+            .args(packages)
             .args(tail))?;
     }
     Ok(())
@@ -521,34 +558,43 @@ fn main() -> Result<()> {
             println!("{}", image.initramfs().display());
         }
         Task::GuestImages { out } => {
-            let bins = testhost::build_static_binaries()?;
+            let bins = testhost::build_static_binaries(Arch::X86_64)?;
             images::build_test_images(&out, &bins)?;
             println!("{}", out.display());
         }
         Task::Demo => demo()?,
-        Task::Testhost { files, command } => {
-            let code = testhost_command(&files, &command)?;
+        Task::Testhost {
+            arch,
+            files,
+            command,
+        } => {
+            let code = testhost_command(arch, &files, &command)?;
             std::process::exit(code);
         }
-        Task::E2e => e2e()?,
+        Task::E2e { arch } => e2e(arch)?,
         Task::Bench {
-            which: Bench::Boot { runs },
-        } => bench("boot", runs, "")?,
+            which: Bench::Boot { runs, arch },
+        } => bench("boot", arch, runs, "")?,
         Task::Bench {
             which: Bench::Virtio { runs },
-        } => bench("virtio", runs, "")?,
+        } => bench("virtio", Arch::X86_64, runs, "")?,
         Task::Bench {
             which: Bench::Net { runs },
-        } => bench("net", runs, "")?,
+        } => bench("net", Arch::X86_64, runs, "")?,
         Task::Bench {
             which: Bench::Exec { runs, probe },
-        } => bench("exec", runs, if probe { "--probe" } else { "" })?,
+        } => bench(
+            "exec",
+            Arch::X86_64,
+            runs,
+            if probe { "--probe" } else { "" },
+        )?,
         Task::Bench {
             which: Bench::Run { runs },
         } => {
             // The container baseline.
             deps::ensure_packages(&["crun"])?;
-            bench("run", runs, "")?
+            bench("run", Arch::X86_64, runs, "")?
         }
         Task::Bench {
             which: Bench::Oci { runs },

@@ -25,8 +25,12 @@ pub enum Mode {
 }
 
 /// Real KVM (kvm_intel or kvm_amd) boots Linux; PVM (kvm_pvm) does not.
-/// `SUPERMACHINE_E2E=direct|testhost` overrides the choice.
-pub fn detect_mode() -> Result<Mode> {
+/// `SUPERMACHINE_E2E=direct|testhost` overrides the choice. Guests of
+/// another architecture than this machine's always run in a test host.
+pub fn detect_mode(arch: Arch) -> Result<Mode> {
+    if arch.name() != std::env::consts::ARCH {
+        return Ok(Mode::TestHost);
+    }
     match std::env::var("SUPERMACHINE_E2E").as_deref() {
         Ok("direct") => return Ok(Mode::Direct),
         Ok("testhost") => return Ok(Mode::TestHost),
@@ -49,6 +53,8 @@ pub fn detect_mode() -> Result<Mode> {
 /// Static (musl) builds of our binaries, so they run in the test host's
 /// bare initramfs as they do on the host.
 pub struct Binaries {
+    /// What they were built for.
+    pub arch: Arch,
     pub supermachine: PathBuf,
     pub e2e: PathBuf,
     /// The guest half of the vsock test (goes into a guest image).
@@ -59,23 +65,42 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// A TCP echo server for the agent's connect test (in the test image).
     pub tcp_echo: PathBuf,
+    /// The KVM backend's tier-2 guest programs, on a test host of another
+    /// architecture than this machine (aarch64), where they cannot run
+    /// here.
+    pub kvm_guest_programs: Option<PathBuf>,
 }
 
-pub fn build_static_binaries() -> Result<Binaries> {
-    const TARGET: &str = crate::guest::MUSL_TARGET;
-    deps::ensure_rust_target(TARGET)?;
+pub fn build_static_binaries(arch: Arch) -> Result<Binaries> {
+    let target = arch.musl_target();
+    deps::ensure_rust_target(target)?;
     // ring (TLS in the image puller) compiles C for the target.
-    deps::ensure_packages(deps::MUSL_CC)?;
+    deps::ensure_packages(arch.cross_packages())?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo_for = || {
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(workspace_root());
+        arch.cross_env(&mut cmd);
+        cmd
+    };
     crate::util::run(
-        Command::new(cargo)
-            .current_dir(workspace_root())
-            .args(["build", "--release", "--target", TARGET])
+        cargo_for()
+            .args(["build", "--release", "--target", target])
             .args(["-p", "supermachine", "-p", "supermachine-e2e"])
             .args(["-p", "supermachine-guest-agent"]),
     )?;
-    let dir = workspace_root().join("target").join(TARGET).join("release");
+    let kvm_guest_programs = match arch {
+        Arch::X86_64 => None,
+        Arch::Aarch64 => Some(test_binary(
+            cargo_for().args(["test", "--release", "--no-run", "--target", target]),
+            "supermachine-hypervisor-kvm",
+            "guest_programs_aarch64",
+        )?),
+    };
+    let dir = workspace_root().join("target").join(target).join("release");
     Ok(Binaries {
+        arch,
+        kvm_guest_programs,
         supermachine: dir.join("supermachine"),
         e2e: dir.join("supermachine-e2e"),
         vsock_peer: dir.join("vsock-peer"),
@@ -85,23 +110,55 @@ pub fn build_static_binaries() -> Result<Binaries> {
     })
 }
 
+/// Builds the test binary `name` of `package` with `cargo` (a `cargo test
+/// --no-run` command) and returns its path, from cargo's JSON messages.
+fn test_binary(cargo: &mut Command, package: &str, name: &str) -> Result<PathBuf> {
+    let out = cargo
+        .args(["-p", package, "--test", name, "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the {name} tests of {package} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo named no executable for the {name} tests"))
+}
+
 /// Everything a tier-3 run needs, staged in one directory: the guest
-/// kernel (both formats), the guest images, the agent's initramfs and the
-/// test image's root disk.
+/// kernel (on x86_64 in both formats), the guest images, the agent's
+/// initramfs and the test image's root disk. On aarch64 the assets of the
+/// tests that run on x86_64 only are left out (`docs/architecture.md`).
 pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
-    let guest = kernel::build(kernel::Flavor::Guest, Arch::X86_64, None)?;
+    let guest = kernel::build(kernel::Flavor::Guest, bins.arch, None)?;
     fs::create_dir_all(dir)?;
-    fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
-    fs::copy(guest.boot_image(), dir.join("bzImage"))?;
+    match bins.arch {
+        Arch::X86_64 => {
+            fs::copy(guest.vmlinux(), dir.join("vmlinux"))?;
+            fs::copy(guest.boot_image(), dir.join("bzImage"))?;
+        }
+        Arch::Aarch64 => {
+            fs::copy(guest.boot_image(), dir.join("Image"))?;
+        }
+    }
     crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
     images::build_test_images(dir, bins)?;
     images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
-    images::build_demo_layout(&dir.join("demo-image"))?;
-    images::build_debian_layout(&dir.join("debian-image"))?;
-    images::build_demo_bundle(&dir.join("crun-bundle"))?;
+    images::build_demo_layout(&dir.join("demo-image"), bins.arch)?;
     images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)?;
-    // The 1 GiB upload test's passt (see deps::newer_passt).
-    fs::copy(deps::newer_passt()?, dir.join("passt-newer"))?;
+    if let Some(programs) = &bins.kvm_guest_programs {
+        fs::copy(programs, dir.join("kvm-guest-programs"))?;
+    }
+    if bins.arch == Arch::X86_64 {
+        images::build_debian_layout(&dir.join("debian-image"))?;
+        images::build_demo_bundle(&dir.join("crun-bundle"))?;
+        // The 1 GiB upload test's passt (see deps::newer_passt).
+        fs::copy(deps::newer_passt()?, dir.join("passt-newer"))?;
+    }
     Ok(())
 }
 
@@ -185,8 +242,12 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) -> Result<Boot> {
-    deps::ensure_packages(deps::TEST_HOST)?;
-    let host_kernel = kernel::build(kernel::Flavor::TestHost, Arch::X86_64, None)?;
+    let arch = bins.arch;
+    deps::ensure_packages(match arch {
+        Arch::X86_64 => deps::TEST_HOST,
+        Arch::Aarch64 => deps::TEST_HOST_AARCH64,
+    })?;
+    let host_kernel = kernel::build(kernel::Flavor::TestHost, arch, None)?;
     let work = cache_root()?.join("testhost-run");
     fs::create_dir_all(&work)?;
     let initramfs = work.join(format!("host-{}.cpio", std::process::id()));
@@ -199,7 +260,17 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
         a.dir(d);
     }
     a.char_device("dev/console", 5, 1);
-    a.file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?;
+    let sysroot = match arch {
+        Arch::X86_64 => None,
+        Arch::Aarch64 => Some(crate::sysroot::build(
+            arch,
+            crate::sysroot::TEST_HOST_PACKAGES,
+        )?),
+    };
+    let busybox = sysroot
+        .as_ref()
+        .map_or_else(|| PathBuf::from("/bin/busybox"), |s| s.join("bin/busybox"));
+    a.file_from("bin/busybox", 0o755, &busybox)?;
     a.symlink("bin/sh", "busybox");
     a.file_from("e2e/supermachine", 0o755, &bins.supermachine)?;
     a.file_from("e2e/supermachine-e2e", 0o755, &bins.e2e)?;
@@ -212,24 +283,46 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
             .into_owned();
         a.add_path(&format!("e2e/{name}"), &path)?;
     }
-    // The host tools `supermachine` runs (building root disks).
-    for program in HOST_PROGRAMS {
-        add_dynamic_program(&mut a, program, program)?;
-    }
-    for program in OPTIONAL_HOST_PROGRAMS {
-        if Path::new(program).exists() {
-            add_dynamic_program(&mut a, program, program)?;
+    // The host tools `supermachine` runs (building root disks, the
+    // network backend).
+    match &sysroot {
+        None => {
+            for program in HOST_PROGRAMS {
+                add_dynamic_program(&mut a, program, program)?;
+            }
+            for program in OPTIONAL_HOST_PROGRAMS {
+                if Path::new(program).exists() {
+                    add_dynamic_program(&mut a, program, program)?;
+                }
+            }
+            // virtio-fs shares (`run -v`) are served by virtiofsd.
+            add_dynamic_program(
+                &mut a,
+                &deps::virtiofsd()?.to_string_lossy(),
+                "/usr/libexec/virtiofsd",
+            )?;
+        }
+        Some(sysroot) => {
+            let mut added = std::collections::HashSet::new();
+            for program in HOST_PROGRAMS {
+                for (file, dest) in crate::sysroot::program_with_libraries(sysroot, program)? {
+                    if added.insert(dest.clone()) {
+                        add_file_or_link(&mut a, &file, &dest)?;
+                    }
+                }
+            }
         }
     }
-    // virtio-fs shares (`run -v`) are served by virtiofsd.
-    add_dynamic_program(
-        &mut a,
-        &deps::virtiofsd()?.to_string_lossy(),
-        "/usr/libexec/virtiofsd",
-    )?;
     // Where `supermachine` finds the guest kernel and agent by itself.
+    let kernel_file = match arch {
+        Arch::X86_64 => "vmlinux",
+        Arch::Aarch64 => "Image",
+    };
     a.dir("e2e/supermachine-guest");
-    a.symlink("e2e/supermachine-guest/vmlinux", "../vmlinux");
+    a.symlink(
+        &format!("e2e/supermachine-guest/{kernel_file}"),
+        &format!("../{kernel_file}"),
+    );
     a.symlink("e2e/supermachine-guest/initramfs.cpio", "../initramfs.cpio");
     for path in extra {
         let name = path
@@ -284,7 +377,7 @@ cd /e2e
 echo TESTHOST-UP kvm=$(test -c /dev/kvm && echo yes || echo no)
 clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 case $clock in
-  tsc) ;;
+  tsc|arch_sys_counter) ;;
   *) dmesg | grep -i -E 'tsc|clocksource|calibrat' | tail -5
      echo TESTHOST-BADCLOCK $clock
      reboot -f ;;
@@ -303,25 +396,43 @@ reboot -f
             .and_then(|s| s.parse().ok())
             .unwrap_or(40 * 60),
     );
-    eprintln!("xtask: starting the QEMU test host (TCG, emulated AMD SVM)");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "4096", "-smp", "1"])
+    let mut qemu = match arch {
+        Arch::X86_64 => {
+            eprintln!("xtask: starting the QEMU test host (TCG, emulated AMD SVM)");
+            let mut qemu = Command::new("qemu-system-x86_64");
+            qemu.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off"])
+                .args(["-cpu", "max"])
+                .arg("-append")
+                .arg("console=ttyS0 reboot=t panic=-1 quiet tsc=reliable");
+            qemu
+        }
+        Arch::Aarch64 => {
+            eprintln!(
+                "xtask: starting the arm64 QEMU test host (TCG, `virt` with EL2 and a GICv3)"
+            );
+            let mut qemu = Command::new("qemu-system-aarch64");
+            // pauth-impdef: QEMU's own pointer-authentication hash, far
+            // cheaper to emulate than the architected one.
+            qemu.args(["-M", "virt,virtualization=on,gic-version=3"])
+                .args(["-cpu", "max,pauth-impdef=on"])
+                .arg("-append")
+                .arg("console=ttyAMA0 panic=-1 quiet");
+            qemu
+        }
+    };
+    let mut child = qemu
+        .args(["-accel", "tcg", "-m", "4096", "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
         .arg("-kernel")
         .arg(host_kernel.boot_image())
         .arg("-initrd")
         .arg(&initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 reboot=t panic=-1 quiet tsc=reliable",
-        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .context("starting QEMU")?;
     // The console's input: nothing in the test host reads it, but a byte
     // arriving raises the serial interrupt.
     let mut console_in = child.stdin.take();
@@ -460,6 +571,30 @@ fn add_dynamic_program(a: &mut Archive, program: &str, dest: &str) -> Result<()>
         a.file_from(&name, 0o755, &real)?;
     }
     Ok(())
+}
+
+/// Adds `file` at `dest`: a symbolic link as the same link, anything
+/// else as a regular file.
+fn add_file_or_link(a: &mut Archive, file: &Path, dest: &str) -> Result<()> {
+    let name = dest.trim_start_matches('/');
+    if let Some((parent, _)) = name.rsplit_once('/') {
+        let mut prefix = String::new();
+        for part in parent.split('/') {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            a.dir(&prefix);
+        }
+    }
+    let meta = fs::symlink_metadata(file)?;
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(file)?;
+        a.symlink(name, &target.to_string_lossy());
+        Ok(())
+    } else {
+        a.file_from(name, 0o755, file).map(|_| ())
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

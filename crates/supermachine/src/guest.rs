@@ -6,22 +6,28 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// File names inside a guest image directory.
+/// File names inside a guest image directory: the kernel (an ELF
+/// `vmlinux` on x86_64, an `Image` on aarch64).
+#[cfg(target_arch = "x86_64")]
 pub const KERNEL_FILE: &str = "vmlinux";
+/// File names inside a guest image directory: the kernel (an ELF
+/// `vmlinux` on x86_64, an `Image` on aarch64).
+#[cfg(target_arch = "aarch64")]
+pub const KERNEL_FILE: &str = "Image";
 /// The initramfs (a cpio archive whose /init is the agent).
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 
 /// A guest kernel and the agent's initramfs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestImage {
-    /// ELF vmlinux or bzImage.
+    /// x86_64: ELF vmlinux or bzImage; aarch64: Image.
     pub kernel: PathBuf,
     /// The initramfs.
     pub initramfs: PathBuf,
 }
 
 impl GuestImage {
-    /// The guest image in `dir` (`vmlinux` and `initramfs.cpio`).
+    /// The guest image in `dir` ([`KERNEL_FILE`] and `initramfs.cpio`).
     pub fn in_dir(dir: &Path) -> GuestImage {
         GuestImage {
             kernel: dir.join(KERNEL_FILE),
@@ -92,7 +98,7 @@ mod tests {
         assert_eq!(
             GuestImage::in_dir(dir),
             GuestImage {
-                kernel: dir.join("vmlinux"),
+                kernel: dir.join(KERNEL_FILE),
                 initramfs: dir.join("initramfs.cpio"),
             }
         );

@@ -69,7 +69,7 @@ impl std::fmt::Debug for Console {
 /// What a VM is built from.
 #[derive(Debug)]
 pub struct VmConfig {
-    /// ELF vmlinux or bzImage.
+    /// x86_64: an ELF vmlinux or a bzImage; aarch64: an Image.
     pub kernel: PathBuf,
     /// Initial ramdisk (a cpio archive, possibly compressed).
     pub initrd: Option<PathBuf>,

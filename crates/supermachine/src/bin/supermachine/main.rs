@@ -72,7 +72,7 @@ enum Command {
     Vmm { dir: PathBuf },
     /// Boot a kernel directly (low level): no image, no agent.
     Boot {
-        /// Kernel: an ELF vmlinux or a bzImage.
+        /// Kernel: an ELF vmlinux or a bzImage (x86_64), an Image (aarch64).
         #[arg(long, required_unless_present = "restore")]
         kernel: Option<PathBuf>,
         /// Restore the machine saved in this snapshot directory instead of

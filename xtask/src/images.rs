@@ -227,28 +227,34 @@ echo "  memory: $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
 echo "  args:   $*"
 "#;
 
-/// The demo image as an OCI layout: Debian's static busybox with every
-/// applet linked, accounts, and a `hello` program as its Cmd.
-pub fn build_demo_layout(dest: &Path, arch: Arch) -> Result<()> {
-    let tree = tempfile::tempdir()?;
-    let root = tree.path();
-    demo_tree(root, arch)?;
-    crate::oci_layout::write(
-        dest,
-        &crate::oci_layout::Image {
-            name: DEMO_IMAGE,
+/// The demo image as a multi-platform OCI layout (amd64 and arm64):
+/// Debian's static busybox of each architecture with every applet linked,
+/// accounts, and a `hello` program as its Cmd.
+pub fn build_demo_layout(dest: &Path) -> Result<()> {
+    let mut trees = Vec::new();
+    let mut platforms = Vec::new();
+    for (arch, architecture) in [(Arch::X86_64, "amd64"), (Arch::Aarch64, "arm64")] {
+        let tree = tempfile::tempdir()?;
+        demo_tree(tree.path(), arch)?;
+        platforms.push(crate::oci_layout::PlatformImage {
+            architecture,
             layers: vec![crate::oci_layout::Layer::Dir {
-                root: root.to_path_buf(),
+                root: tree.path().to_path_buf(),
                 entries: DEMO_TOP.map(String::from).to_vec(),
             }],
-            exec: serde_json::json!({
-                "Cmd": ["hello"],
-                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"],
-                "WorkingDir": "/home/demo",
-            }),
-        },
-    )?;
-    Ok(())
+        });
+        trees.push(tree);
+    }
+    crate::oci_layout::write_multi_platform(
+        dest,
+        DEMO_IMAGE,
+        &serde_json::json!({
+            "Cmd": ["hello"],
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello"],
+            "WorkingDir": "/home/demo",
+        }),
+        &platforms,
+    )
 }
 
 /// The demo image's top-level directories.

@@ -401,7 +401,7 @@ fn demo() -> Result<()> {
             let agent = guest::build_agent()?;
             guest::build(&agent)?;
             let layout = workspace_root().join("target/demo-image");
-            images::build_demo_layout(&layout, Arch::X86_64)?;
+            images::build_demo_layout(&layout)?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             run(Command::new(cargo)
                 .current_dir(workspace_root())

@@ -34,8 +34,64 @@ pub struct Written {
 }
 
 /// Writes `image` as an OCI layout at `layout` (created; replaced when
-/// it exists), layers gzip-compressed.
+/// it exists), an amd64 image, layers gzip-compressed.
 pub fn write(layout: &Path, image: &Image<'_>) -> Result<Written> {
+    let blobs = start_layout(layout)?;
+    let (manifest, written) = put_image(layout, &blobs, &image.layers, &image.exec, "amd64")?;
+    write_index(layout, image.name, manifest)?;
+    Ok(written)
+}
+
+/// One platform's image in a multi-platform layout.
+pub struct PlatformImage {
+    /// The OCI architecture (`amd64`, `arm64`).
+    pub architecture: &'static str,
+    pub layers: Vec<Layer>,
+}
+
+/// Writes a multi-platform image as an OCI layout: `index.json` names an
+/// image index listing one manifest per platform, each with the same
+/// `exec` config, as `docker buildx` pushes a multi-arch image.
+pub fn write_multi_platform(
+    layout: &Path,
+    name: &str,
+    exec: &serde_json::Value,
+    platforms: &[PlatformImage],
+) -> Result<()> {
+    let blobs = start_layout(layout)?;
+    let mut manifests = Vec::new();
+    for platform in platforms {
+        let (mut manifest, _) = put_image(
+            layout,
+            &blobs,
+            &platform.layers,
+            exec,
+            platform.architecture,
+        )?;
+        manifest["platform"] =
+            serde_json::json!({"architecture": platform.architecture, "os": "linux"});
+        manifests.push(manifest);
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    })
+    .to_string();
+    let digest = put(&blobs, index.as_bytes())?;
+    write_index(
+        layout,
+        name,
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest, "size": index.len(),
+        }),
+    )
+}
+
+/// Creates the layout directory (replacing one that exists); returns its
+/// blob directory.
+fn start_layout(layout: &Path) -> Result<PathBuf> {
     if layout.exists() {
         fs::remove_dir_all(layout)?;
     }
@@ -45,10 +101,22 @@ pub fn write(layout: &Path, image: &Image<'_>) -> Result<Written> {
         layout.join("oci-layout"),
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
+    Ok(blobs)
+}
+
+/// Writes one image's layers, config and manifest; returns the manifest's
+/// descriptor.
+fn put_image(
+    layout: &Path,
+    blobs: &Path,
+    image_layers: &[Layer],
+    exec: &serde_json::Value,
+    architecture: &str,
+) -> Result<(serde_json::Value, Written)> {
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
     let (mut unpacked, mut packed) = (0, 0);
-    for (i, layer) in image.layers.iter().enumerate() {
+    for (i, layer) in image_layers.iter().enumerate() {
         let tar = layout.join(format!("layer{i}.tar"));
         match layer {
             Layer::Dir { root, entries } => run(Command::new("tar")
@@ -82,12 +150,12 @@ pub fn write(layout: &Path, image: &Image<'_>) -> Result<Written> {
         }));
     }
     let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": image.exec,
+        "architecture": architecture, "os": "linux",
+        "config": exec,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     })
     .to_string();
-    let config_digest = put(&blobs, config.as_bytes())?;
+    let config_digest = put(blobs, config.as_bytes())?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -96,18 +164,26 @@ pub fn write(layout: &Path, image: &Image<'_>) -> Result<Written> {
         "layers": layers,
     })
     .to_string();
-    let manifest_digest = put(&blobs, manifest.as_bytes())?;
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_digest, "size": manifest.len(),
-        "annotations": {
-            "io.containerd.image.name": image.name,
-            // The OCI convention: the tag alone (what `skopeo copy oci:DIR:TAG` picks).
-            "org.opencontainers.image.ref.name": image.name.rsplit(':').next(),
-        },
-    }]});
+    let manifest_digest = put(blobs, manifest.as_bytes())?;
+    Ok((
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest.len(),
+        }),
+        Written { unpacked, packed },
+    ))
+}
+
+/// Writes `index.json`: the one entry `descriptor`, named `name`.
+fn write_index(layout: &Path, name: &str, mut descriptor: serde_json::Value) -> Result<()> {
+    descriptor["annotations"] = serde_json::json!({
+        "io.containerd.image.name": name,
+        // The OCI convention: the tag alone (what `skopeo copy oci:DIR:TAG` picks).
+        "org.opencontainers.image.ref.name": name.rsplit(':').next(),
+    });
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
     fs::write(layout.join("index.json"), index.to_string())?;
-    Ok(Written { unpacked, packed })
+    Ok(())
 }
 
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {

@@ -80,6 +80,9 @@ pub fn build(arch: Arch, packages: &[&str]) -> Result<PathBuf> {
             ))
             .arg(format!("-oDir::Cache={}", apt_root.join("cache").display()))
             .arg("-oDebug::NoLocking=1")
+            // The private directories belong to whoever runs this, not
+            // to apt's `_apt` download user.
+            .arg("-oAPT::Sandbox::User=root")
             .arg("-oAPT::Install-Recommends=false")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive");

@@ -148,7 +148,7 @@ pub fn stage_assets(dir: &Path, bins: &Binaries) -> Result<()> {
     crate::guest::write_initramfs(&bins.agent, &dir.join("initramfs.cpio"))?;
     images::build_test_images(dir, bins)?;
     images::build_test_rootfs(bins, &dir.join("rootfs.erofs"))?;
-    images::build_demo_layout(&dir.join("demo-image"), bins.arch)?;
+    images::build_demo_layout(&dir.join("demo-image"))?;
     images::build_empty_ext4(&dir.join("upper.ext4"), 32 << 20)?;
     if let Some(programs) = &bins.kvm_guest_programs {
         fs::copy(programs, dir.join("kvm-guest-programs"))?;

@@ -53,6 +53,12 @@ const X86_64_ONLY: &[&str] = &[
 #[cfg(target_arch = "x86_64")]
 const X86_64_ONLY: &[&str] = &[];
 
+/// What the refusal of a file that is no kernel at all says.
+#[cfg(target_arch = "x86_64")]
+const GARBAGE_KERNEL_REASON: &str = "neither an ELF vmlinux";
+#[cfg(target_arch = "aarch64")]
+const GARBAGE_KERNEL_REASON: &str = "no arm64 Image magic";
+
 const MARKER: &str = "SUPERMACHINE-E2E-MARKER";
 const BENCH_MARKER: &str = "SUPERMACHINE-BENCH-INIT";
 const QUIET: &str = "quiet";
@@ -390,7 +396,8 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
                 write.map_err(|e| format!("writing the truncated kernel: {e}"))?;
                 failed(&r)?;
                 expect(
-                    r.stderr.contains("is not a bootable x86_64 Linux kernel")
+                    r.stderr.contains("is not a bootable")
+                        && r.stderr.contains("Linux kernel")
                         && r.stderr.contains("truncated"),
                     "expected a clear 'truncated' error",
                     &r,
@@ -408,7 +415,7 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
                 let r = env.boot(&["--kernel", &env.path("poweroff.cpio")]);
                 failed(&r)?;
                 expect(
-                    r.stderr.contains("neither an ELF vmlinux") && r.stderr.lines().count() == 1,
+                    r.stderr.contains(GARBAGE_KERNEL_REASON) && r.stderr.lines().count() == 1,
                     "expected one clear line",
                     &r,
                 )

@@ -94,6 +94,7 @@ impl Image {
                 "text offset {text_offset:#x} is not a page within the 2 MiB alignment"
             )));
         }
+        check_complete(&header, &mut file, file_size).map_err(invalid)?;
         let page_size = match (flags >> FLAG_PAGE_SIZE_SHIFT) & 3 {
             1 => Some(4 << 10),
             2 => Some(16 << 10),
@@ -141,6 +142,71 @@ impl Image {
     }
 }
 
+/// Refuses a truncated `Image`. The header has no file size, but two
+/// things in a complete file point into it: the branch to the kernel's
+/// entry code (in `code0`, or in `code1` after an EFI stub's "MZ" or a
+/// nop), which lands in its init text, past most of the kernel; and, in
+/// a kernel with an EFI stub, the PE/COFF section table, whose raw data
+/// must all be in the file.
+fn check_complete(
+    header: &[u8],
+    file: &mut File,
+    file_size: u64,
+) -> std::result::Result<(), String> {
+    let truncated = |what: String| format!("truncated: {what}, past its {file_size} bytes");
+    for at in [0usize, 4] {
+        let word = u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        // B imm26: 0b000101 in the top six bits.
+        if word & 0xfc00_0000 == 0x1400_0000 {
+            let imm26 = i64::from(word & 0x03ff_ffff);
+            let offset = (imm26 << 38 >> 38) * 4;
+            let target = at as i64 + offset;
+            if target < 0 || target as u64 >= file_size {
+                return Err(truncated(format!(
+                    "its entry branch leads to offset {target:#x}"
+                )));
+            }
+            break;
+        }
+    }
+    if &header[0..2] != b"MZ" {
+        return Ok(());
+    }
+    let pe = u64::from(u32::from_le_bytes([
+        header[60], header[61], header[62], header[63],
+    ]));
+    let mut coff = [0u8; 24];
+    file.seek(SeekFrom::Start(pe))
+        .and_then(|_| file.read_exact(&mut coff))
+        .map_err(|_| truncated(format!("its PE header at {pe:#x} is cut off")))?;
+    if &coff[0..4] != b"PE\0\0" {
+        return Err(format!(
+            "the EFI stub's PE header at {pe:#x} has no PE signature"
+        ));
+    }
+    let sections = u64::from(u16::from_le_bytes([coff[6], coff[7]]));
+    let optional = u64::from(u16::from_le_bytes([coff[20], coff[21]]));
+    let table = pe + 24 + optional;
+    let mut end = 0u64;
+    for i in 0..sections.min(96) {
+        let mut section = [0u8; 40];
+        file.seek(SeekFrom::Start(table + 40 * i))
+            .and_then(|_| file.read_exact(&mut section))
+            .map_err(|_| truncated(format!("its PE section table at {table:#x} is cut off")))?;
+        let raw_size = u64::from(u32::from_le_bytes(
+            section[16..20].try_into().unwrap_or([0; 4]),
+        ));
+        let raw_at = u64::from(u32::from_le_bytes(
+            section[20..24].try_into().unwrap_or([0; 4]),
+        ));
+        end = end.max(raw_at + raw_size);
+    }
+    if end > file_size {
+        return Err(truncated(format!("its PE sections end at {end:#x}")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +250,40 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_image_is_refused() {
+        // code0 branches to 0x40 + 4 KiB: the file must reach past it.
+        let mut bytes = image(0, 1 << 20, 0b10, MAGIC, 8192);
+        bytes[0..4].copy_from_slice(&(0x1400_0000u32 | (0x1040 / 4)).to_le_bytes());
+        let f = file(&bytes);
+        assert!(Image::open(f.path()).is_ok());
+        let cut = refusal(&bytes[..0x1000]);
+        assert!(
+            cut.contains("truncated") && cut.contains("entry branch"),
+            "{cut}"
+        );
+        // A nop, then the branch in code1, as Linux has it.
+        bytes[0..4].copy_from_slice(&0xd503_201fu32.to_le_bytes());
+        bytes[4..8].copy_from_slice(&(0x1400_0000u32 | (0x1040 / 4)).to_le_bytes());
+        assert!(refusal(&bytes[..0x1000]).contains("entry branch"));
+        // With an EFI stub: every PE section's data must be in the file.
+        let mut efi = image(0, 1 << 20, 0b10, MAGIC, 8192);
+        // code0 is "MZ" as Linux writes it: the instruction `ccmp x18, #0,
+        // #0xd, pl`, harmless when run.
+        efi[0..4].copy_from_slice(&0xfa40_5a4du32.to_le_bytes());
+        efi[4..8].copy_from_slice(&(0x1400_0000u32 | (0x1040 / 4)).to_le_bytes());
+        efi[60..64].copy_from_slice(&0x40u32.to_le_bytes());
+        efi[0x40..0x44].copy_from_slice(b"PE\0\0");
+        efi[0x46..0x48].copy_from_slice(&1u16.to_le_bytes());
+        efi[0x54..0x56].copy_from_slice(&0u16.to_le_bytes());
+        let section = 0x40 + 24;
+        efi[section + 16..section + 20].copy_from_slice(&0x1f00u32.to_le_bytes());
+        efi[section + 20..section + 24].copy_from_slice(&0x100u32.to_le_bytes());
+        let f = file(&efi);
+        assert!(Image::open(f.path()).is_ok());
+        assert!(refusal(&efi[..0x1800]).contains("PE sections end at 0x2000"));
+    }
+
+    #[test]
     fn a_good_image_is_loaded_above_the_ram_base_and_must_fit() {
         let bytes = image(0x8_0000, 4 << 20, 0b10, MAGIC, 8192);
         let f = file(&bytes);
@@ -200,7 +300,7 @@ mod tests {
             .unwrap();
         assert_eq!(back, bytes);
 
-        let huge = file(&image(0, 64 << 20, 0b10, MAGIC, 0));
+        let huge = file(&image(0, 64 << 20, 0b10, MAGIC, 4096));
         let err = Image::open(huge.path())
             .unwrap()
             .load(ram.memory(), &layout)

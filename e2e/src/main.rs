@@ -36,19 +36,14 @@ const KERNEL: &str = "vmlinux";
 const KERNEL: &str = "Image";
 
 /// Tests that run on x86_64 only, each for a reason `docs/architecture.md`
-/// gives: the bzImage format, assets built from x86_64 Debian packages
-/// (the glibc image, virtiofsd, the newer passt), and snapshots, which
-/// aarch64 VMs do not have yet.
+/// gives: the bzImage format, and assets built from x86_64 Debian
+/// packages (the glibc image, virtiofsd, the newer passt).
 #[cfg(target_arch = "aarch64")]
 const X86_64_ONLY: &[&str] = &[
     "bzimage-boots-to-init-and-reboots",
     "run-glibc-image-runs-python",
     "run-v-shares-host-directories",
     "net-a-gibibyte-up-arrives-intact",
-    "agent-snapshot-while-running-parks-and-resumes-a-kept-process",
-    "agent-snapshot-restores-a-linux-guest-and-pools",
-    "snapshot-agent-only-serves-any-run",
-    "snapshot-baked-server-restores-twenty-at-once",
 ];
 #[cfg(target_arch = "x86_64")]
 const X86_64_ONLY: &[&str] = &[];

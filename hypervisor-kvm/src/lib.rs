@@ -201,10 +201,6 @@ impl IoNotifier for KvmIoNotifier {
 /// the guest's registers) and returns before running any instruction.
 /// Until then that completion lives only inside KVM, where no state
 /// ioctl sees it.
-#[cfg_attr(
-    target_arch = "aarch64",
-    expect(dead_code, reason = "aarch64 snapshots are not implemented yet")
-)]
 fn complete_pending_exit(fd: &mut VcpuFd) -> hv::Result<()> {
     let run_ptr: *mut kvm_bindings::kvm_run = fd.get_kvm_run();
     // SAFETY: `run_ptr` is this vCPU's kvm_run mapping, alive as long

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use supermachine_hypervisor::aarch64::{pstate, sys_regs};
+use supermachine_hypervisor::aarch64::{PowerState, pstate, sys_regs};
 use supermachine_hypervisor::{CpuState, Hypervisor, RamRegion, Vcpu, VcpuExit, Vm, VmSpec};
 use supermachine_hypervisor_kvm::KvmHypervisor;
 use supermachine_memory::{AARCH64_RAM_START, Bytes, GuestAddress, GuestRam, MemoryLayout};
@@ -256,4 +256,72 @@ fn a_second_vcpu_starts_with_psci_cpu_on() {
     kick.kick();
     assert!(matches!(g.vcpus[0].run().unwrap(), VcpuExit::Interrupted));
     drop(g.vm);
+}
+
+/// `x1 += 1; *MMIO = x1`, forever: each exit reports the count.
+fn counter() -> Vec<u32> {
+    let mut code = a64::mov(2, MMIO_ADDR);
+    code.push(a64::add_imm(1, 1, 1));
+    code.push(a64::str_x(1, 2));
+    // B back to the ADD: two instructions up.
+    code.push(0x1400_0000 | (-2i32 as u32 & 0x03ff_ffff));
+    code
+}
+
+fn count(vcpu: &mut dyn Vcpu) -> u64 {
+    let (addr, data) = expect_write(vcpu);
+    assert_eq!(addr, MMIO_ADDR);
+    u64::from_le_bytes(data.try_into().unwrap())
+}
+
+#[test]
+fn a_vcpu_and_its_gic_move_to_another_vm_and_go_on_counting() {
+    let mut g = guest(2, &[(CODE_ADDR, counter())]);
+    for expected in 1..=5 {
+        assert_eq!(count(g.vcpus[0].as_mut()), expected);
+    }
+    let vcpu_states: Vec<_> = g
+        .vcpus
+        .iter_mut()
+        .map(|v| v.save_state().unwrap())
+        .collect();
+    let vm_state = g.vm.save_state().unwrap();
+    assert_eq!(vcpu_states[0].power, PowerState::On);
+    assert_eq!(vcpu_states[1].power, PowerState::Off, "never started");
+    assert_eq!(vm_state.gic_cpus.len(), 2);
+    assert!(
+        vcpu_states[0]
+            .sys_regs
+            .iter()
+            .any(|r| r.id == sys_regs::CNTVCT_EL0),
+        "the virtual count is saved under its architectural name"
+    );
+    let hv = KvmHypervisor::new().unwrap();
+    hv.check_restorable(&vcpu_states).unwrap();
+
+    // A second VM with the first one's memory: it resumes after 5.
+    let mut other = guest(2, &[]);
+    let mut page = vec![0u8; 4096];
+    g._ram
+        .memory()
+        .read_slice(&mut page, GuestAddress(CODE_ADDR))
+        .unwrap();
+    other
+        ._ram
+        .memory()
+        .write_slice(&page, GuestAddress(CODE_ADDR))
+        .unwrap();
+    other.vm.restore_state(&vm_state).unwrap();
+    for (vcpu, state) in other.vcpus.iter_mut().zip(&vcpu_states) {
+        vcpu.restore_state(state).unwrap();
+    }
+    for expected in 6..=8 {
+        assert_eq!(count(other.vcpus[0].as_mut()), expected);
+    }
+    // The original goes on by itself.
+    assert_eq!(count(g.vcpus[0].as_mut()), 6);
+
+    // A saved vCPU cannot become another one.
+    let mut third = guest(2, &[]);
+    assert!(third.vcpus[1].restore_state(&vcpu_states[0]).is_err());
 }

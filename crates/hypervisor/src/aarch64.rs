@@ -147,6 +147,8 @@ pub mod sys_regs {
     pub const CNTV_CVAL_EL0: SysRegId = SysRegId::new(3, 3, 14, 3, 2);
     /// Virtual count.
     pub const CNTVCT_EL0: SysRegId = SysRegId::new(3, 3, 14, 0, 2);
+    /// Main ID: the CPU's implementer, part and revision.
+    pub const MIDR_EL1: SysRegId = SysRegId::new(3, 0, 0, 0, 0);
 }
 
 /// One system register and its value.
@@ -178,7 +180,7 @@ pub struct GicReg {
     pub value: u64,
 }
 
-/// One vCPU's complete state.
+/// One vCPU's complete state, as its own thread reads it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuState {
     /// MPIDR_EL1: which vCPU this was (restored to the same index).
@@ -187,27 +189,37 @@ pub struct VcpuState {
     pub power: PowerState,
     /// General-purpose, SIMD and exception registers.
     pub core: CoreRegs,
-    /// Every system register the hypervisor saves, timer registers
-    /// included (`CNTV_CTL_EL0`, `CNTV_CVAL_EL0`).
+    /// Every EL0/EL1 system register the hypervisor saves, the virtual
+    /// timer's included (`CNTV_CTL_EL0`, `CNTV_CVAL_EL0`, and the virtual
+    /// count `CNTVCT_EL0`, whose restore makes the guest's time resume
+    /// where it paused).
     pub sys_regs: Vec<SysReg>,
-    /// The GIC CPU interface's system registers (`ICC_*_EL1`: priority
-    /// mask, binary points, active priorities, group enables).
-    pub gic_cpu_interface: Vec<SysReg>,
-    /// The vCPU's GIC redistributor (its SGI/PPI configuration, enables,
-    /// pending and active state, priorities).
-    pub gic_redistributor: Vec<GicReg>,
 }
 
-/// The state of the VM outside its vCPUs: the GIC distributor and the
-/// virtual counter's offset.
+/// One vCPU's part of the GIC: its redistributor and its CPU interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GicCpuState {
+    /// The vCPU's MPIDR_EL1 (how the GIC addresses it).
+    pub mpidr: u64,
+    /// Its redistributor (SGI/PPI groups, enables, pending and active
+    /// state, priorities, configuration).
+    pub redistributor: Vec<GicReg>,
+    /// Its CPU interface's system registers (`ICC_*_EL1`: priority
+    /// mask, binary points, active priorities, group enables).
+    pub cpu_interface: Vec<SysReg>,
+}
+
+/// The state of the VM outside its vCPUs' own registers: the GIC. (It is
+/// read and written while no vCPU runs, which is when a hypervisor lets
+/// the GIC's state be touched: KVM refuses while any vCPU is in
+/// `KVM_RUN`.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmState {
     /// The GICv3 distributor's registers (control, SPI groups, enables,
     /// pending and active state, priorities, configuration, routing).
     pub gic_distributor: Vec<GicReg>,
-    /// The virtual count the guest saw when it was saved: restored so
-    /// that the guest's time resumes where it paused.
-    pub virtual_count: u64,
+    /// Each vCPU's redistributor and CPU interface, in vCPU order.
+    pub gic_cpus: Vec<GicCpuState>,
 }
 
 #[cfg(test)]

@@ -3,18 +3,20 @@
 //! SYSTEM_OFF and SYSTEM_RESET as system events), the in-kernel vGICv3
 //! created as a KVM device, and registers through `KVM_{GET,SET}_ONE_REG`.
 
+mod state;
+
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
     KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
-    KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U32, KVM_REG_SIZE_U64,
-    KVM_REG_SIZE_U128, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST, kvm_create_device,
-    kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_vcpu_init,
+    KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_SIZE_U32, KVM_REG_SIZE_U64, KVM_REG_SIZE_U128,
+    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST, kvm_create_device, kvm_device_attr,
+    kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_vcpu_init,
 };
 use kvm_ioctls::{Cap, DeviceFd, Kvm, VcpuFd, VmFd};
-use supermachine_hypervisor::aarch64::gic;
+use supermachine_hypervisor::aarch64::{gic, sys_regs};
 use supermachine_hypervisor::{
     self as hv, Datamatch, Hypervisor, InterruptLine, IoAddress, IoNotifier, Regs, SysRegId, Vcpu,
     VcpuExit, VcpuKicker, VcpuState, Vm, VmSpec, VmState,
@@ -67,6 +69,7 @@ impl Hypervisor for KvmHypervisor {
         // is missing: every vCPU is created here, the GIC after them, and
         // `create_vcpu` hands out what is ready.
         let mut vcpus = Vec::with_capacity(spec.vcpu_count as usize);
+        let mut mpidrs = Vec::with_capacity(spec.vcpu_count as usize);
         for index in 0..spec.vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(index))
@@ -77,28 +80,52 @@ impl Hypervisor for KvmHypervisor {
                 this.features[0] |= 1 << KVM_ARM_VCPU_POWER_OFF;
             }
             fd.vcpu_init(&this).map_err(ioctl("KVM_ARM_VCPU_INIT"))?;
+            let mut mpidr = [0u8; 8];
+            fd.get_one_reg(state::sys_reg_id(sys_regs::MPIDR_EL1), &mut mpidr)
+                .map_err(ioctl("KVM_GET_ONE_REG (MPIDR_EL1)"))?;
+            mpidrs.push(u64::from_le_bytes(mpidr));
             vcpus.push(Some(fd));
         }
         let gic = create_gic(&vm)?;
         Ok(Arc::new(KvmVm {
             vm,
-            _gic: gic,
+            gic,
+            mpidrs,
             vcpus: Mutex::new(vcpus),
         }))
     }
 
-    fn check_restorable(&self, _vcpus: &[VcpuState]) -> hv::Result<()> {
-        Err(snapshots_unsupported())
+    fn check_restorable(&self, vcpus: &[VcpuState]) -> hv::Result<()> {
+        let Some(first) = vcpus.first() else {
+            return Err(hv::Error::Invalid("the snapshot has no vCPUs".into()));
+        };
+        let saved_midr = first
+            .sys_regs
+            .iter()
+            .find(|r| r.id == sys_regs::MIDR_EL1)
+            .map(|r| r.value);
+        if let (Some(saved), Some(here)) = (saved_midr, state::host_midr())
+            && saved != here
+        {
+            return Err(hv::Error::Invalid(format!(
+                "the snapshot was taken on another CPU (MIDR_EL1 {saved:#x}; this host's is {here:#x})"
+            )));
+        }
+        for v in vcpus {
+            if v.core.v.len() != 32 {
+                return Err(hv::Error::Invalid(format!(
+                    "a saved vCPU has {} SIMD registers, not 32",
+                    v.core.v.len()
+                )));
+            }
+        }
+        Ok(())
     }
-}
-
-fn snapshots_unsupported() -> hv::Error {
-    hv::Error::Unsupported("snapshots of aarch64 VMs are not implemented yet".into())
 }
 
 /// Creates the vGICv3 at the platform's addresses, with every SPI the
 /// platform wires, and initialises it (all vCPUs must exist).
-fn create_gic(vm: &VmFd) -> hv::Result<DeviceFd> {
+fn create_gic(vm: &VmFd) -> hv::Result<Arc<DeviceFd>> {
     let mut device = kvm_create_device {
         type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
         fd: 0,
@@ -148,15 +175,16 @@ fn create_gic(vm: &VmFd) -> hv::Result<DeviceFd> {
         None,
         "initialising the vGIC",
     )?;
-    Ok(gic)
+    Ok(Arc::new(gic))
 }
 
 /// A KVM virtual machine.
 pub struct KvmVm {
     vm: VmFd,
-    /// Kept open for the VM's life (closing it does not remove the GIC;
-    /// snapshots will read its registers through it).
-    _gic: DeviceFd,
+    /// The vGIC device, whose registers snapshots read and write.
+    gic: Arc<DeviceFd>,
+    /// Each vCPU's MPIDR_EL1, by index (how the GIC names it).
+    mpidrs: Vec<u64>,
     /// Each vCPU made in `create_vm`, until `create_vcpu` takes it.
     vcpus: Mutex<Vec<Option<VcpuFd>>>,
 }
@@ -213,11 +241,24 @@ impl Vm for KvmVm {
     }
 
     fn save_state(&self) -> hv::Result<VmState> {
-        Err(snapshots_unsupported())
+        let (gic_distributor, gic_cpus) = state::save_gic(&self.gic, &self.mpidrs)?;
+        Ok(VmState {
+            gic_distributor,
+            gic_cpus,
+        })
     }
 
-    fn restore_state(&self, _state: &VmState) -> hv::Result<()> {
-        Err(snapshots_unsupported())
+    fn restore_state(&self, saved: &VmState) -> hv::Result<()> {
+        let saved_mpidrs: Vec<u64> = saved.gic_cpus.iter().map(|c| c.mpidr).collect();
+        if saved_mpidrs != self.mpidrs {
+            return Err(hv::Error::Invalid(format!(
+                "the saved GIC has {} vCPUs ({saved_mpidrs:x?}); this VM {} ({:x?})",
+                saved_mpidrs.len(),
+                self.mpidrs.len(),
+                self.mpidrs
+            )));
+        }
+        state::restore_gic(&self.gic, &saved.gic_distributor, &saved.gic_cpus)
     }
 }
 
@@ -268,10 +309,6 @@ mod core_reg {
     }
     pub const FPSR: u64 = id(KVM_REG_SIZE_U32, FP_REGS + 512);
     pub const FPCR: u64 = id(KVM_REG_SIZE_U32, FP_REGS + 516);
-}
-
-fn sys_reg_id(id: SysRegId) -> u64 {
-    KVM_REG_ARM64 | KVM_REG_SIZE_U64 | u64::from(KVM_REG_ARM64_SYSREG) | u64::from(id.0)
 }
 
 impl KvmVcpu {
@@ -359,19 +396,34 @@ impl Vcpu for KvmVcpu {
     }
 
     fn sys_reg(&self, id: SysRegId) -> hv::Result<u64> {
-        self.get_u64(sys_reg_id(id))
+        self.get_u64(state::sys_reg_id(id))
     }
 
     fn set_sys_reg(&mut self, id: SysRegId, value: u64) -> hv::Result<()> {
-        self.set(sys_reg_id(id), &value.to_le_bytes())
+        self.set(state::sys_reg_id(id), &value.to_le_bytes())
     }
 
     fn save_state(&mut self) -> hv::Result<VcpuState> {
-        Err(snapshots_unsupported())
+        crate::complete_pending_exit(&mut self.fd)?;
+        Ok(VcpuState {
+            mpidr: self.sys_reg(sys_regs::MPIDR_EL1)?,
+            power: state::power_state(&self.fd)?,
+            core: self.regs()?,
+            sys_regs: state::save_sys_regs(&self.fd)?,
+        })
     }
 
-    fn restore_state(&mut self, _state: &VcpuState) -> hv::Result<()> {
-        Err(snapshots_unsupported())
+    fn restore_state(&mut self, saved: &VcpuState) -> hv::Result<()> {
+        let mpidr = self.sys_reg(sys_regs::MPIDR_EL1)?;
+        if saved.mpidr != mpidr {
+            return Err(hv::Error::Invalid(format!(
+                "vCPU {} has MPIDR {mpidr:#x}; the saved one had {:#x}",
+                self.index, saved.mpidr
+            )));
+        }
+        self.set_regs(&saved.core)?;
+        state::restore_sys_regs(&self.fd, &saved.sys_regs)?;
+        state::set_power_state(&self.fd, saved.power)
     }
 }
 
@@ -395,7 +447,7 @@ mod tests {
     fn system_register_ids_carry_the_encoding() {
         // ARM64_SYS_REG(3, 0, 0, 0, 5), MPIDR_EL1.
         assert_eq!(
-            sys_reg_id(supermachine_hypervisor::aarch64::sys_regs::MPIDR_EL1),
+            state::sys_reg_id(sys_regs::MPIDR_EL1),
             0x6030_0000_0013_c005
         );
     }

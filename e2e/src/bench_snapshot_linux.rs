@@ -263,7 +263,7 @@ fn firecracker_restore(
     Ok((started.elapsed(), Restored::Firecracker(fc)))
 }
 
-pub(crate) fn run(env: &Env, firecracker: &Path, runs: usize) -> ExitCode {
+pub(crate) fn run(env: &Env, firecracker: Option<&Path>, runs: usize) -> ExitCode {
     match bench(env, firecracker, runs.max(1)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -273,7 +273,7 @@ pub(crate) fn run(env: &Env, firecracker: &Path, runs: usize) -> ExitCode {
     }
 }
 
-fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
+fn bench(env: &Env, firecracker: Option<&Path>, runs: usize) -> Result<(), String> {
     let work = std::env::temp_dir().join(format!("sm-bench-snap-linux-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     struct Cleanup(PathBuf);
@@ -285,11 +285,13 @@ fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
     let _cleanup = Cleanup(work.clone());
     let (ours_dir, fc_dir) = (work.join("ours"), work.join("fc"));
     let ours_create = ours_snapshot(env, &ours_dir)?;
-    let fc_create = firecracker_snapshot(firecracker, env, &fc_dir)?;
+    let fc_create = firecracker
+        .map(|fc| firecracker_snapshot(fc, env, &fc_dir))
+        .transpose()?;
     println!(
-        "probe snapshots made: ours {:.0} ms, Firecracker {:.0} ms",
+        "probe snapshots made: ours {:.0} ms, Firecracker {}",
         ms(ours_create),
-        ms(fc_create)
+        fc_create.map_or("-".into(), |t| format!("{:.0} ms", ms(t)))
     );
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -298,14 +300,16 @@ fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
         let (t, vm) = ours_restore(&env.supermachine, &ours_dir, &socket)?;
         ours.push(ms(t));
         drop(vm);
-        let (t, vm) = firecracker_restore(
-            firecracker,
-            &fc_dir,
-            &work.join("fc-api.sock"),
-            &work.join(format!("f{i}.sock")),
-        )?;
-        theirs.push(ms(t));
-        drop(vm);
+        if let Some(fc) = firecracker {
+            let (t, vm) = firecracker_restore(
+                fc,
+                &fc_dir,
+                &work.join("fc-api.sock"),
+                &work.join(format!("f{i}.sock")),
+            )?;
+            theirs.push(ms(t));
+            drop(vm);
+        }
     }
 
     // The library in a running process, and a warm pool.
@@ -366,45 +370,60 @@ fn bench(env: &Env, firecracker: &Path, runs: usize) -> Result<(), String> {
         )
         .map(|r| r.1)
     })?;
-    let fc_pss = shared(&mut |i| {
-        firecracker_restore(
-            firecracker,
-            &fc_dir,
-            &work.join(format!("fc-api{i}.sock")),
-            &work.join(format!("fs{i}.sock")),
-        )
-        .map(|r| r.1)
+    let fc_pss = firecracker.map(|fc| {
+        shared(&mut |i| {
+            firecracker_restore(
+                fc,
+                &fc_dir,
+                &work.join(format!("fc-api{i}.sock")),
+                &work.join(format!("fs{i}.sock")),
+            )
+            .map(|r| r.1)
+        })
     });
 
     let (o50, o99) = median_p99(&ours);
-    let (f50, f99) = median_p99(&theirs);
     let (l50, l99) = median_p99(&in_process);
     let (a50, a99) = median_p99(&acquire);
     println!(
-        "snapshot-linux: {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, agent guest, in the test host"
+        "snapshot-linux: {runs} runs, {MEMORY_MIB} MiB, 1 vCPU, agent guest, {} guest in the test host",
+        std::env::consts::ARCH
     );
     println!("| measure | supermachine p50 / p99 | Firecracker p50 / p99 | ratio p50 |");
     println!("|---|---|---|---|");
-    println!(
-        "| restore in a fresh process to the agent's first answer | {o50:.1} / {o99:.1} ms | {f50:.1} / {f99:.1} ms | {:.2}x |",
-        o50 / f50
-    );
+    if theirs.is_empty() {
+        println!(
+            "| restore in a fresh process to the agent's first answer | {o50:.1} / {o99:.1} ms | - | - |"
+        );
+    } else {
+        let (f50, f99) = median_p99(&theirs);
+        println!(
+            "| restore in a fresh process to the agent's first answer | {o50:.1} / {o99:.1} ms | {f50:.1} / {f99:.1} ms | {:.2}x |",
+            o50 / f50
+        );
+    }
     println!(
         "| `Vm::restore` in a running process (restore + `Restored`) | {l50:.1} / {l99:.1} ms | - | - |"
     );
     println!("| warm `Pool::acquire` of a ready VM | {a50:.0} / {a99:.0} us | - | - |");
-    println!(
-        "| snapshot creation | {:.0} ms | {:.0} ms | {:.2}x |",
-        ms(ours_create),
-        ms(fc_create),
-        ms(ours_create) / ms(fc_create)
-    );
+    match fc_create {
+        Some(fc) => println!(
+            "| snapshot creation | {:.0} ms | {:.0} ms | {:.2}x |",
+            ms(ours_create),
+            ms(fc),
+            ms(ours_create) / ms(fc)
+        ),
+        None => println!("| snapshot creation | {:.0} ms | - | - |", ms(ours_create)),
+    }
     match fc_pss {
-        Ok(fc) => println!(
+        None => println!(
+            "| host memory per extra VM, {SHARERS} sharing one snapshot (PSS) | {ours_pss:.0} KiB | - | - |"
+        ),
+        Some(Ok(fc)) => println!(
             "| host memory per extra VM, {SHARERS} sharing one snapshot (PSS) | {ours_pss:.0} KiB | {fc:.0} KiB | {:.2}x |",
             ours_pss / fc
         ),
-        Err(e) => println!(
+        Some(Err(e)) => println!(
             "| host memory per extra VM, {SHARERS} sharing one snapshot (PSS) | {ours_pss:.0} KiB | failed: {e} | - |"
         ),
     }

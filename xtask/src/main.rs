@@ -162,6 +162,10 @@ enum Bench {
         /// The Firecracker binary to compare with.
         #[arg(long)]
         firecracker: Option<PathBuf>,
+        /// aarch64: the arm64 agent guest in the arm64 test host, beside
+        /// the x86_64 one (instead of the native and x86_64 halves).
+        #[arg(long, value_enum, default_value_t)]
+        arch: Arch,
     },
 }
 
@@ -267,6 +271,16 @@ fn e2e(arch: Arch) -> Result<()> {
 /// Runs the e2e runner's `bench-<name>` mode and prints its table (the
 /// lines from the one starting with `<name>:`).
 fn bench(name: &str, arch: Arch, runs: usize, extra: &str) -> Result<()> {
+    // An arm64 run is printed beside the x86_64 one of the same
+    // invocation.
+    if arch == Arch::Aarch64 {
+        bench_one(name, Arch::X86_64, runs, extra)?;
+    }
+    bench_one(name, arch, runs, extra)
+}
+
+/// [`bench`] for guests of one architecture.
+fn bench_one(name: &str, arch: Arch, runs: usize, extra: &str) -> Result<()> {
     let (mode, bins, assets) = prepare(arch)?;
     let (out, code) = run_runner(
         mode,
@@ -278,6 +292,7 @@ fn bench(name: &str, arch: Arch, runs: usize, extra: &str) -> Result<()> {
         bail!("the {name} benchmark failed");
     }
     println!();
+    println!("({} guests)", arch.name());
     if mode == Mode::TestHost {
         println!(
             "(measured inside the QEMU TCG test host: compare rows with each other, not with native numbers)"
@@ -295,9 +310,12 @@ fn bench(name: &str, arch: Arch, runs: usize, extra: &str) -> Result<()> {
     Ok(())
 }
 
-/// The native half of the snapshot benchmark: both VMMs restore the
-/// counting guest on this host's `/dev/kvm` (where Linux may not boot).
-fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
+/// The snapshot benchmark. x86_64: both VMMs restore the counting guest
+/// on this host's `/dev/kvm` (where Linux may not boot), then the agent
+/// guest where Linux boots. aarch64: the arm64 agent guest in the arm64
+/// test host (no Firecracker for arm64 here), beside the x86_64 agent
+/// guest of the same invocation.
+fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>, arch: Arch) -> Result<()> {
     let firecracker =
         firecracker.unwrap_or_else(|| workspace_root().join("../shared/tools/firecracker"));
     if !firecracker.exists() {
@@ -306,6 +324,18 @@ fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
             firecracker.display()
         );
     }
+    if arch == Arch::X86_64 {
+        bench_snapshot_native(runs, &firecracker)?;
+    }
+    bench_snapshot_linux(runs, Arch::X86_64, Some(&firecracker))?;
+    if arch == Arch::Aarch64 {
+        bench_snapshot_linux(runs, Arch::Aarch64, None)?;
+    }
+    Ok(())
+}
+
+/// Both VMMs restore the counting guest natively.
+fn bench_snapshot_native(runs: usize, firecracker: &Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     util::run(Command::new(&cargo).current_dir(workspace_root()).args([
         "build",
@@ -323,44 +353,60 @@ fn bench_snapshot(runs: usize, firecracker: Option<PathBuf>) -> Result<()> {
             .arg("--supermachine")
             .arg(release.join("supermachine"))
             .arg("--firecracker")
-            .arg(&firecracker)
+            .arg(firecracker)
             .args(["--runs", &runs.to_string()]),
-    )?;
-    // The Linux-guest half: both VMMs restore the agent guest and are
-    // timed to its first answer, where Linux boots (the test host here).
-    let (mode, bins, assets) = prepare(Arch::X86_64)?;
-    let args = format!(
-        "bench-snapshot-linux --runs {runs} --firecracker {{FC}} --supermachine {{SM}} --assets {{ASSETS}}"
-    );
+    )
+}
+
+/// The agent guest of `arch`, timed to its first answer after a restore,
+/// where Linux boots (a test host here); against Firecracker when given.
+fn bench_snapshot_linux(runs: usize, arch: Arch, firecracker: Option<&Path>) -> Result<()> {
+    let (mode, bins, assets) = prepare(arch)?;
+    let fc_arg = |path: &str| {
+        if firecracker.is_some() {
+            format!(" --firecracker {path}")
+        } else {
+            String::new()
+        }
+    };
     let (out, code) = match mode {
         Mode::Direct => {
             let out = Command::new(&bins.e2e)
+                .arg("bench-snapshot-linux")
+                .args(["--runs", &runs.to_string()])
                 .args(
-                    args.replace("{FC}", &firecracker.display().to_string())
-                        .replace("{SM}", &bins.supermachine.display().to_string())
-                        .replace("{ASSETS}", &assets.display().to_string())
-                        .split_whitespace(),
+                    fc_arg(
+                        &firecracker
+                            .map(|f| f.display().to_string())
+                            .unwrap_or_default(),
+                    )
+                    .split_whitespace(),
                 )
+                .arg("--supermachine")
+                .arg(&bins.supermachine)
+                .arg("--assets")
+                .arg(&assets)
                 .output()
                 .context("running supermachine-e2e")?;
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             eprint!("{}", String::from_utf8_lossy(&out.stderr));
             (text, out.status.code().unwrap_or(1))
         }
-        Mode::TestHost => testhost::run_inside_with(
-            &bins,
-            &assets,
-            std::slice::from_ref(&firecracker),
-            &format!(
-                "./supermachine-e2e {}",
-                args.replace("{FC}", "/e2e/firecracker")
-                    .replace("{SM}", "/e2e/supermachine")
-                    .replace("{ASSETS}", "/e2e")
-            ),
-        )?,
+        Mode::TestHost => {
+            let extra: Vec<PathBuf> = firecracker.iter().map(|f| f.to_path_buf()).collect();
+            testhost::run_inside_with(
+                &bins,
+                &assets,
+                &extra,
+                &format!(
+                    "./supermachine-e2e bench-snapshot-linux --runs {runs}{} --supermachine /e2e/supermachine --assets /e2e",
+                    fc_arg("/e2e/firecracker")
+                ),
+            )?
+        }
     };
     if code != 0 {
-        bail!("the Linux-guest snapshot benchmark failed");
+        bail!("the {} Linux-guest snapshot benchmark failed", arch.name());
     }
     println!();
     if mode == Mode::TestHost {
@@ -600,8 +646,13 @@ fn main() -> Result<()> {
             which: Bench::Oci { runs },
         } => bench_oci::bench(runs)?,
         Task::Bench {
-            which: Bench::Snapshot { runs, firecracker },
-        } => bench_snapshot(runs, firecracker)?,
+            which:
+                Bench::Snapshot {
+                    runs,
+                    firecracker,
+                    arch,
+                },
+        } => bench_snapshot(runs, firecracker, arch)?,
         Task::Fuzz {
             smoke,
             seconds,

@@ -235,6 +235,38 @@ for family, host in ((socket.AF_INET, "{WEB_NAME}"), (socket.AF_INET6, "{gw6}"))
     Ok(())
 }
 
+/// The demo image's static busybox `wget` fetches a page from a server on
+/// the host's loopback through passt's gateway, over IPv4 and IPv6: the
+/// network path with nothing but the image's own busybox (so it runs
+/// wherever the demo image does, arm64 included).
+pub fn busybox_guest_fetches_from_the_host(env: &Env) -> Check {
+    let cli = Cli::shared(env)?;
+    let mut servers = Servers::new();
+    let token = format!("served-to-busybox-{}", std::process::id());
+    let (http_port, http_counts) = servers.http(&token)?;
+    let script = format!(
+        "echo v4 $(wget -q -T 60 -O - http://{gw4}:{http_port}/); echo v6 $(wget -q -T 60 -O - 'http://[{gw6}]:{http_port}/')",
+        gw4 = supermachine::GATEWAY_IPV4,
+        gw6 = supermachine::GATEWAY_IPV6,
+    );
+    let r = cli.run(&["run", "demo", "sh", "-c", &script]);
+    ok_with(&r, 0, &format!("v4 {token}"))?;
+    expect(
+        r.stdout.contains(&format!("v6 {token}")),
+        "expected the page over IPv6 too",
+        &r,
+    )?;
+    let (v4, v6) = (
+        http_counts[0].load(Ordering::SeqCst),
+        http_counts[1].load(Ordering::SeqCst),
+    );
+    expect(
+        v4 >= 1 && v6 >= 1,
+        &format!("the host's server saw {v4} IPv4 and {v6} IPv6 requests"),
+        &r,
+    )
+}
+
 /// The bytes a stream of `len` carries: a fast generator, so that the
 /// host side is never the bottleneck.
 fn pattern_chunk(seed: &mut u64, chunk: &mut [u8]) {

@@ -222,7 +222,8 @@ fn registers_round_trip_through_the_guest() {
 fn a_second_vcpu_starts_with_psci_cpu_on() {
     // vCPU 0: CPU_ON(target MPIDR 1, entry, context 0x5a); report the
     // result; spin. vCPU 1 (powered off until then): report x0, the
-    // context, and power the machine off.
+    // context; spin. (Neither powers the machine off: SYSTEM_OFF stops
+    // every vCPU, and could stop vCPU 0 before its report.)
     let mut boot = a64::mov(0, PSCI_CPU_ON);
     boot.extend(a64::mov(1, 1));
     boot.extend(a64::mov(2, SECONDARY_CODE_ADDR));
@@ -233,28 +234,46 @@ fn a_second_vcpu_starts_with_psci_cpu_on() {
     boot.push(a64::SPIN);
     let mut secondary = a64::mov(4, MMIO_ADDR + 0x10);
     secondary.push(a64::str_x(0, 4));
-    secondary.extend(power_off());
-    let mut g = guest(2, &[(CODE_ADDR, boot), (SECONDARY_CODE_ADDR, secondary)]);
-    let mut second = g.vcpus.pop().unwrap();
-    let kick = g.vcpus[0].kicker();
-    // A powered-off vCPU's run() waits in KVM until CPU_ON reaches it.
-    let waiter = std::thread::spawn(move || {
-        let written = expect_write(second.as_mut());
-        expect_power_off(second.as_mut());
-        written
-    });
+    secondary.push(a64::SPIN);
+    let g = guest(2, &[(CODE_ADDR, boot), (SECONDARY_CODE_ADDR, secondary)]);
+    // Each vCPU on its own thread, as the VMM runs them: the powered-off
+    // one's run() waits in KVM until CPU_ON reaches it. A step that does
+    // not come fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut threads = Vec::new();
+    let mut kickers = Vec::new();
+    for (mut vcpu, name) in g.vcpus.into_iter().zip(["boot vCPU", "secondary"]) {
+        let tx = tx.clone();
+        kickers.push(vcpu.kicker());
+        threads.push(std::thread::spawn(move || {
+            let written = expect_write(vcpu.as_mut());
+            tx.send((name, written)).unwrap();
+            // It spins now; a kick gets it out.
+            assert!(matches!(vcpu.run().unwrap(), VcpuExit::Interrupted));
+        }));
+    }
+    let mut reports = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let (name, data) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("only {:?} reported within 30 s", reports.keys()));
+        reports.insert(name, data);
+    }
     assert_eq!(
-        expect_write(g.vcpus[0].as_mut()),
+        reports["boot vCPU"],
         (MMIO_ADDR, 0u64.to_le_bytes().to_vec()),
         "CPU_ON reported failure"
     );
     assert_eq!(
-        waiter.join().unwrap(),
+        reports["secondary"],
         (MMIO_ADDR + 0x10, 0x5au64.to_le_bytes().to_vec())
     );
-    // vCPU 0 spins; a kick gets it out.
-    kick.kick();
-    assert!(matches!(g.vcpus[0].run().unwrap(), VcpuExit::Interrupted));
+    for kick in &kickers {
+        kick.kick();
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
     drop(g.vm);
 }
 

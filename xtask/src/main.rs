@@ -101,8 +101,8 @@ enum Task {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
-    /// Everything CI runs: install what is missing, fmt, clippy, tiers 1-3,
-    /// a fuzz smoke run.
+    /// Everything CI runs: install what is missing, fmt, clippy, tiers 1-3
+    /// on x86_64, lint and tiers 1-3 for aarch64, a fuzz smoke run.
     Ci,
 }
 
@@ -538,7 +538,9 @@ fn ci() -> Result<()> {
     eprintln!("xtask: == fuzz smoke ==");
     fuzz::run_targets(&[], SMOKE_SECONDS)?;
     eprintln!("xtask: == tier 3 (end to end) ==");
-    e2e(Arch::X86_64)
+    e2e(Arch::X86_64)?;
+    eprintln!("xtask: == aarch64: tiers 2 and 3 in the arm64 test host ==");
+    e2e(Arch::Aarch64)
 }
 
 /// Crates whose unit tests run for aarch64 under user-mode QEMU here (the

@@ -10,7 +10,7 @@
 use kvm_bindings::{
     KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
     KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_STOPPED,
-    KVM_REG_ARM_COPROC_MASK, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_MASK, KVM_REG_SIZE_U64, RegList,
+    KVM_REG_ARM_COPROC_MASK, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_MASK, KVM_REG_SIZE_U64,
     kvm_device_attr, kvm_mp_state,
 };
 use kvm_ioctls::{DeviceFd, VcpuFd};
@@ -49,12 +49,8 @@ pub(super) fn sys_reg_id(id: SysRegId) -> u64 {
 
 /// Every system register of this vCPU KVM lists, by architectural name.
 pub(super) fn save_sys_regs(fd: &VcpuFd) -> hv::Result<Vec<SysReg>> {
-    let mut list =
-        RegList::new(1024).map_err(|e| hv::Error::Invalid(format!("register list: {e:?}")))?;
-    fd.get_reg_list(&mut list)
-        .map_err(ioctl("KVM_GET_REG_LIST"))?;
     let mut regs = Vec::new();
-    for &id in list.as_slice() {
+    for id in reg_list(fd)? {
         let is_sys_reg = (id & u64::from(KVM_REG_ARM_COPROC_MASK))
             == u64::from(KVM_REG_ARM64_SYSREG)
             && (id & KVM_REG_SIZE_MASK) == KVM_REG_SIZE_U64;
@@ -70,6 +66,45 @@ pub(super) fn save_sys_regs(fd: &VcpuFd) -> hv::Result<Vec<SysReg>> {
         });
     }
     Ok(regs)
+}
+
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_REG_LIST,
+    kvm_bindings::KVMIO,
+    0xb0,
+    kvm_bindings::kvm_reg_list
+);
+
+/// Every register id this vCPU has (`KVM_GET_REG_LIST`). kvm-ioctls'
+/// wrapper holds at most 500, and a vCPU with the PMU and every debug
+/// register has more: the list is sized by asking KVM first.
+fn reg_list(fd: &VcpuFd) -> hv::Result<Vec<u64>> {
+    use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
+    let mut capacity = 0u64;
+    loop {
+        // `struct kvm_reg_list`: the count, then that many ids.
+        let mut buf = vec![0u64; capacity as usize + 1];
+        buf[0] = capacity;
+        // SAFETY: `buf` is a kvm_reg_list whose `n` says how many ids
+        // follow it in the allocation; KVM writes at most that many (or
+        // only the count it needs, failing with E2BIG).
+        let ret = unsafe { ioctl_with_mut_ptr(fd, KVM_GET_REG_LIST(), buf.as_mut_ptr()) };
+        if ret == 0 {
+            let n = (buf[0] as usize).min(buf.len() - 1);
+            buf.truncate(n + 1);
+            buf.remove(0);
+            return Ok(buf);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::E2BIG) && buf[0] > capacity && buf[0] < 1 << 16 {
+            capacity = buf[0];
+            continue;
+        }
+        return Err(hv::Error::Os {
+            op: "KVM_GET_REG_LIST",
+            source: error,
+        });
+    }
 }
 
 /// Sets every saved system register, in the order saved.

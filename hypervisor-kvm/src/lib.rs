@@ -20,9 +20,13 @@ use supermachine_hypervisor::{
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 #[cfg(target_arch = "aarch64")]
-pub use aarch64::{KvmHypervisor, KvmVcpu, KvmVm};
+use aarch64 as arch;
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::{KvmHypervisor, KvmVm};
 #[cfg(target_arch = "x86_64")]
-pub use x86_64::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, KvmHypervisor, KvmVcpu, KvmVm};
+use x86_64 as arch;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, KvmHypervisor, KvmVm};
 
 /// Errors inside this backend, before they cross the trait boundary.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,29 @@ impl From<KvmError> for hv::Error {
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> hv::Error {
     move |source| KvmError::Ioctl { op, source }.into()
+}
+
+/// A KVM vCPU (its `Vcpu` methods are in the architecture's module).
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    index: u32,
+    kick: Arc<kick::KickState>,
+    /// What the architecture's state code needs besides.
+    arch: arch::VcpuArch,
+}
+
+impl std::fmt::Debug for KvmVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVcpu")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        self.kick.detach();
+    }
 }
 
 /// Opens `/dev/kvm` and checks that it has every capability in `needed`

@@ -22,7 +22,7 @@ use supermachine_hypervisor::{
     VcpuExit, VcpuKicker, VcpuState, Vm, VmSpec, VmState,
 };
 
-use crate::{ioctl, kick};
+use crate::{KvmVcpu, ioctl, kick};
 
 /// The host's `/dev/kvm`.
 pub struct KvmHypervisor {
@@ -212,6 +212,9 @@ impl Vm for KvmVm {
             fd,
             index,
             kick: Arc::new(kick::KickState::default()),
+            arch: VcpuArch {
+                mpidr: self.mpidrs[index as usize],
+            },
         }))
     }
 
@@ -262,25 +265,11 @@ impl Vm for KvmVm {
     }
 }
 
-/// A KVM vCPU.
-pub struct KvmVcpu {
-    fd: VcpuFd,
-    index: u32,
-    kick: Arc<kick::KickState>,
-}
-
-impl fmt::Debug for KvmVcpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KvmVcpu")
-            .field("index", &self.index)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for KvmVcpu {
-    fn drop(&mut self) {
-        self.kick.detach();
-    }
+/// What an arm64 vCPU keeps besides its fd.
+#[derive(Debug)]
+pub(crate) struct VcpuArch {
+    /// Its MPIDR_EL1, as KVM assigned it.
+    mpidr: u64,
 }
 
 /// Ids of the core registers: `struct kvm_regs` offsets in 32-bit words.
@@ -406,7 +395,7 @@ impl Vcpu for KvmVcpu {
     fn save_state(&mut self) -> hv::Result<VcpuState> {
         crate::complete_pending_exit(&mut self.fd)?;
         Ok(VcpuState {
-            mpidr: self.sys_reg(sys_regs::MPIDR_EL1)?,
+            mpidr: self.arch.mpidr,
             power: state::power_state(&self.fd)?,
             core: self.regs()?,
             sys_regs: state::save_sys_regs(&self.fd)?,
@@ -414,7 +403,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn restore_state(&mut self, saved: &VcpuState) -> hv::Result<()> {
-        let mpidr = self.sys_reg(sys_regs::MPIDR_EL1)?;
+        let mpidr = self.arch.mpidr;
         if saved.mpidr != mpidr {
             return Err(hv::Error::Invalid(format!(
                 "vCPU {} has MPIDR {mpidr:#x}; the saved one had {:#x}",

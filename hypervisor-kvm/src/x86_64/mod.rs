@@ -14,7 +14,7 @@ use supermachine_hypervisor::{
     Regs, SpecialRegs, Vcpu, VcpuExit, VcpuKicker, VcpuState, Vm, VmSpec, VmState,
 };
 
-use crate::{ioctl, kick};
+use crate::{KvmVcpu, ioctl, kick};
 
 /// Guest physical addresses KVM needs for itself on Intel hosts (real-mode
 /// TSS, three pages, and the EPT identity map, one page). They sit at the
@@ -148,7 +148,9 @@ impl Vm for KvmVm {
             fd,
             index,
             kick: Arc::new(kick::KickState::default()),
-            support: self.support.clone(),
+            arch: VcpuArch {
+                support: self.support.clone(),
+            },
         }))
     }
 
@@ -171,6 +173,12 @@ impl Vm for KvmVm {
     fn restore_state(&self, saved: &VmState) -> hv::Result<()> {
         state::restore_vm(&self.vm, saved)
     }
+}
+
+/// What an x86_64 vCPU's state code needs besides its fd.
+#[derive(Debug)]
+pub(crate) struct VcpuArch {
+    support: Arc<state::StateSupport>,
 }
 
 /// Routes the legacy PIC through LINT0 (ExtINT) and NMIs through LINT1,
@@ -196,28 +204,6 @@ fn configure_lapic_lints(fd: &VcpuFd) -> hv::Result<()> {
     set_delivery_mode(&mut lapic.regs, APIC_LVT_LINT0, DELIVERY_MODE_EXTINT);
     set_delivery_mode(&mut lapic.regs, APIC_LVT_LINT1, DELIVERY_MODE_NMI);
     fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))
-}
-
-/// A KVM vCPU.
-pub struct KvmVcpu {
-    fd: VcpuFd,
-    index: u32,
-    kick: Arc<kick::KickState>,
-    support: Arc<state::StateSupport>,
-}
-
-impl fmt::Debug for KvmVcpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KvmVcpu")
-            .field("index", &self.index)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for KvmVcpu {
-    fn drop(&mut self) {
-        self.kick.detach();
-    }
 }
 
 impl Vcpu for KvmVcpu {
@@ -304,14 +290,14 @@ impl Vcpu for KvmVcpu {
         crate::complete_pending_exit(&mut self.fd)?;
         let regs = self.regs()?;
         let sregs = self.special_regs()?;
-        state::save_vcpu(&self.fd, &self.support, regs, sregs)
+        state::save_vcpu(&self.fd, &self.arch.support, regs, sregs)
     }
 
     fn restore_state(&mut self, saved: &VcpuState) -> hv::Result<()> {
         let fd = &self.fd;
         state::restore_vcpu(
             fd,
-            &self.support,
+            &self.arch.support,
             saved,
             |r| fd.set_regs(&regs_to_kvm(r)).map_err(ioctl("KVM_SET_REGS")),
             |s, pending| {

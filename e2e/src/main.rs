@@ -49,6 +49,7 @@ const X86_64_ONLY: &[&str] = &[
     "net-a-gibibyte-down-arrives-intact",
     "net-a-gibibyte-up-arrives-intact",
     "net-deny-private-refuses-what-it-should",
+    "snapshot-baked-server-restores-twenty-at-once",
 ];
 #[cfg(target_arch = "x86_64")]
 const X86_64_ONLY: &[&str] = &[];

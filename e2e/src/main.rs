@@ -523,7 +523,7 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
             Box::new(move || run::bad_input_is_one_line_and_leaves_nothing(env)),
         ),
         (
-            "net-busybox-guest-fetches-from-the-host-over-ipv4-and-ipv6",
+            "net-busybox-guest-fetches-from-the-host",
             Box::new(move || net::busybox_guest_fetches_from_the_host(env)),
         ),
         (

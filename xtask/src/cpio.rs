@@ -59,6 +59,17 @@ impl Archive {
         self
     }
 
+    /// Adds every directory above `name` (`a`, `a/b` for `a/b/c`).
+    pub fn parent_dirs(&mut self, name: &str) -> &mut Self {
+        let mut end = 0;
+        while let Some(slash) = name[end..].find('/') {
+            end += slash;
+            self.dir(&name[..end]);
+            end += 1;
+        }
+        self
+    }
+
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> &mut Self {
         self.entry(name, S_IFREG | mode, data, (0, 0));
         self

@@ -17,7 +17,6 @@ use crate::{deps, kernel};
 
 /// Bump when the image's layout changes in a way the inputs don't show.
 const RECIPE_VERSION: &[u8] = b"guest-image-1";
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// A built guest image directory (`vmlinux`, `initramfs.cpio`).
 pub struct GuestImage {
@@ -35,15 +34,16 @@ impl GuestImage {
 
 /// Builds the agent alone, statically; returns the binary.
 pub fn build_agent() -> Result<PathBuf> {
-    deps::ensure_rust_target(MUSL_TARGET)?;
+    let target = Arch::X86_64.musl_target();
+    deps::ensure_rust_target(target)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--release", "--target", MUSL_TARGET])
+        .args(["build", "--release", "--target", target])
         .args(["-p", "supermachine-guest-agent"]))?;
     Ok(workspace_root()
         .join("target")
-        .join(MUSL_TARGET)
+        .join(target)
         .join("release/supermachine-agent"))
 }
 

@@ -54,7 +54,7 @@ poweroff -f
 
 /// Debian's static busybox for `arch`: the system's own on x86_64, the
 /// arm64 package's from the sysroot on aarch64.
-fn busybox(arch: Arch) -> Result<PathBuf> {
+pub fn busybox(arch: Arch) -> Result<PathBuf> {
     let path = match arch {
         Arch::X86_64 => {
             deps::ensure_packages(&["busybox-static"])?;

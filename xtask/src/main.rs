@@ -362,26 +362,16 @@ fn bench_snapshot_native(runs: usize, firecracker: &Path) -> Result<()> {
 /// where Linux boots (a test host here); against Firecracker when given.
 fn bench_snapshot_linux(runs: usize, arch: Arch, firecracker: Option<&Path>) -> Result<()> {
     let (mode, bins, assets) = prepare(arch)?;
-    let fc_arg = |path: &str| {
-        if firecracker.is_some() {
-            format!(" --firecracker {path}")
-        } else {
-            String::new()
-        }
-    };
     let (out, code) = match mode {
         Mode::Direct => {
-            let out = Command::new(&bins.e2e)
+            let mut runner = Command::new(&bins.e2e);
+            runner
                 .arg("bench-snapshot-linux")
-                .args(["--runs", &runs.to_string()])
-                .args(
-                    fc_arg(
-                        &firecracker
-                            .map(|f| f.display().to_string())
-                            .unwrap_or_default(),
-                    )
-                    .split_whitespace(),
-                )
+                .args(["--runs", &runs.to_string()]);
+            if let Some(fc) = firecracker {
+                runner.arg("--firecracker").arg(fc);
+            }
+            let out = runner
                 .arg("--supermachine")
                 .arg(&bins.supermachine)
                 .arg("--assets")
@@ -400,7 +390,11 @@ fn bench_snapshot_linux(runs: usize, arch: Arch, firecracker: Option<&Path>) -> 
                 &extra,
                 &format!(
                     "./supermachine-e2e bench-snapshot-linux --runs {runs}{} --supermachine /e2e/supermachine --assets /e2e",
-                    fc_arg("/e2e/firecracker")
+                    if firecracker.is_some() {
+                        " --firecracker /e2e/firecracker"
+                    } else {
+                        ""
+                    }
                 ),
             )?
         }

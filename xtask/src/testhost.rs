@@ -267,10 +267,7 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
             crate::sysroot::TEST_HOST_PACKAGES,
         )?),
     };
-    let busybox = sysroot
-        .as_ref()
-        .map_or_else(|| PathBuf::from("/bin/busybox"), |s| s.join("bin/busybox"));
-    a.file_from("bin/busybox", 0o755, &busybox)?;
+    a.file_from("bin/busybox", 0o755, &images::busybox(arch)?)?;
     a.symlink("bin/sh", "busybox");
     a.file_from("e2e/supermachine", 0o755, &bins.supermachine)?;
     a.file_from("e2e/supermachine-e2e", 0o755, &bins.e2e)?;
@@ -307,7 +304,9 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
             for program in HOST_PROGRAMS {
                 for (file, dest) in crate::sysroot::program_with_libraries(sysroot, program)? {
                     if added.insert(dest.clone()) {
-                        add_file_or_link(&mut a, &file, &dest)?;
+                        // Links stay links (the loader's is one).
+                        let name = dest.trim_start_matches('/');
+                        a.parent_dirs(name).add_path(name, &file)?;
                     }
                 }
             }
@@ -551,50 +550,13 @@ fn add_dynamic_program(a: &mut Archive, program: &str, dest: &str) -> Result<()>
         }
     }
     for (file, dest) in files {
-        let name = dest.trim_start_matches('/').to_string();
-        let mut parent = String::new();
-        for part in name
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map_or(&[][..], |(_, d)| d)
-        {
-            parent = if parent.is_empty() {
-                part.to_string()
-            } else {
-                format!("{parent}/{part}")
-            };
-            a.dir(&parent);
-        }
+        let name = dest.trim_start_matches('/');
+        a.parent_dirs(name);
         // The real file (libraries are symlinks to versioned names).
         let real = fs::canonicalize(&file)?;
-        a.file_from(&name, 0o755, &real)?;
+        a.file_from(name, 0o755, &real)?;
     }
     Ok(())
-}
-
-/// Adds `file` at `dest`: a symbolic link as the same link, anything
-/// else as a regular file.
-fn add_file_or_link(a: &mut Archive, file: &Path, dest: &str) -> Result<()> {
-    let name = dest.trim_start_matches('/');
-    if let Some((parent, _)) = name.rsplit_once('/') {
-        let mut prefix = String::new();
-        for part in parent.split('/') {
-            if !prefix.is_empty() {
-                prefix.push('/');
-            }
-            prefix.push_str(part);
-            a.dir(&prefix);
-        }
-    }
-    let meta = fs::symlink_metadata(file)?;
-    if meta.file_type().is_symlink() {
-        let target = fs::read_link(file)?;
-        a.symlink(name, &target.to_string_lossy());
-        Ok(())
-    } else {
-        a.file_from(name, 0o755, file).map(|_| ())
-    }
 }
 
 struct RemoveOnDrop(PathBuf);

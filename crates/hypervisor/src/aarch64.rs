@@ -7,8 +7,7 @@
 //! (`KVM_{GET,SET}_ONE_REG`, the vGIC device's register groups) and
 //! Hypervisor.framework (`hv_vcpu_get_sys_reg`, `hv_gic_get_*_reg`) both
 //! address them this way, so each backend converts without tables of its
-//! own. Snapshots of aarch64 VMs will serialize these types; no backend
-//! produces them yet (see `docs/architecture.md`).
+//! own. Snapshots of aarch64 VMs serialize these types.
 
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +86,159 @@ pub mod gic {
     pub const SPI_INTID_BASE: u32 = 32;
     /// INTIDs the GIC implements: SGIs, PPIs and 224 SPIs.
     pub const INTERRUPT_COUNT: u32 = 256;
+
+    /// GICD_IGRPMODR<n>: group modifiers, one bit per interrupt.
+    pub const GICD_IGRPMODR: u32 = 0x0d00;
+    /// GICD_IROUTER<n>: 64-bit routing of SPI n (8 bytes each).
+    pub const GICD_IROUTER: u32 = 0x6000;
+    /// GICR_CTLR, in the redistributor's RD frame.
+    pub const GICR_CTLR: u32 = 0x0_0000;
+    /// GICR_IGRPMODR0, in the redistributor's SGI frame.
+    pub const GICR_IGRPMODR0: u32 = 0x1_0d00;
+
+    /// The distributor's state as 32-bit words at these offsets, in the
+    /// order a restore writes them: configuration before enables before
+    /// pending and active state. 64-bit registers (IROUTER) appear as two
+    /// halves, low first, as KVM accesses them; a backend whose GIC takes
+    /// them whole pairs the halves up again.
+    pub fn distributor_offsets() -> Vec<u32> {
+        let spi_words = (SPI_INTID_BASE / 32)..(INTERRUPT_COUNT / 32);
+        let mut offsets = vec![0x0000]; // GICD_CTLR
+        for base in [0x0080u32, GICD_IGRPMODR] {
+            // IGROUPR, IGRPMODR: one bit per interrupt.
+            offsets.extend(spi_words.clone().map(|w| base + 4 * w));
+        }
+        // ICFGR: two bits per interrupt.
+        offsets.extend((SPI_INTID_BASE / 16..INTERRUPT_COUNT / 16).map(|w| 0x0c00 + 4 * w));
+        // IPRIORITYR: a byte per interrupt.
+        offsets.extend((SPI_INTID_BASE / 4..INTERRUPT_COUNT / 4).map(|w| 0x0400 + 4 * w));
+        for intid in SPI_INTID_BASE..INTERRUPT_COUNT {
+            offsets.push(GICD_IROUTER + 8 * intid);
+            offsets.push(GICD_IROUTER + 8 * intid + 4);
+        }
+        for base in [0x0100u32, 0x0200, 0x0300] {
+            // ISENABLER, ISPENDR, ISACTIVER.
+            offsets.extend(spi_words.clone().map(|w| base + 4 * w));
+        }
+        offsets
+    }
+
+    /// A redistributor's state as 32-bit words (the SGI frame at +64 KiB),
+    /// in restore order as above.
+    pub const REDISTRIBUTOR_OFFSETS: &[u32] = &[
+        0x1_0080,       // GICR_IGROUPR0
+        GICR_IGRPMODR0, // GICR_IGRPMODR0
+        0x1_0c00,       // GICR_ICFGR0
+        0x1_0c04,       // GICR_ICFGR1
+        0x1_0400,
+        0x1_0404,
+        0x1_0408,
+        0x1_040c,
+        0x1_0410,
+        0x1_0414,
+        0x1_0418,
+        0x1_041c, // GICR_IPRIORITYR0-7
+        0x1_0100, // GICR_ISENABLER0
+        0x1_0200, // GICR_ISPENDR0
+        0x1_0300, // GICR_ISACTIVER0
+        GICR_CTLR,
+    ];
+
+    /// The CPU interface's system registers (`ICC_*_EL1`).
+    pub mod icc {
+        use super::super::SysRegId;
+
+        /// System register enable.
+        pub const SRE_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 5);
+        /// Control: EOI mode, priority bits (read only), ...
+        pub const CTLR_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 4);
+        /// Priority mask.
+        pub const PMR_EL1: SysRegId = SysRegId::new(3, 0, 4, 6, 0);
+        /// Binary point, group 0.
+        pub const BPR0_EL1: SysRegId = SysRegId::new(3, 0, 12, 8, 3);
+        /// Binary point, group 1.
+        pub const BPR1_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 3);
+        /// Group 0 enable.
+        pub const IGRPEN0_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 6);
+        /// Group 1 enable.
+        pub const IGRPEN1_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 7);
+        /// Active priorities, group 0, register `n` (0..=3).
+        pub const fn ap0r(n: u8) -> SysRegId {
+            SysRegId::new(3, 0, 12, 8, 4 + n)
+        }
+        /// Active priorities, group 1, register `n` (0..=3).
+        pub const fn ap1r(n: u8) -> SysRegId {
+            SysRegId::new(3, 0, 12, 9, n)
+        }
+    }
+
+    /// The CPU interface's registers, in restore order: SRE and CTLR
+    /// first, the group enables last. How many active-priority registers
+    /// exist depends on the priority bits `ICC_CTLR_EL1` (`ctlr`) reports.
+    pub fn cpu_interface_ids(ctlr: u64) -> Vec<super::SysRegId> {
+        let priority_bits = ((ctlr >> 8) & 0x7) + 1;
+        let apr_count = match priority_bits {
+            7 => 4,
+            6 => 2,
+            _ => 1,
+        };
+        let mut ids = vec![
+            icc::SRE_EL1,
+            icc::CTLR_EL1,
+            icc::PMR_EL1,
+            icc::BPR0_EL1,
+            icc::BPR1_EL1,
+        ];
+        ids.extend((0..apr_count).map(icc::ap0r));
+        ids.extend((0..apr_count).map(icc::ap1r));
+        ids.extend([icc::IGRPEN0_EL1, icc::IGRPEN1_EL1]);
+        ids
+    }
+}
+
+/// The MPIDR_EL1 affinity every backend gives vCPU `index` (KVM's
+/// scheme: Aff0 takes the low four bits, Aff1 the next eight), and so
+/// the `reg` of its `cpu` node in the device tree.
+pub const fn mpidr(index: u32) -> u32 {
+    (index & 0xf) | (((index >> 4) & 0xff) << 8)
+}
+
+/// PSCI function ids (SMC Calling Convention, PSCI 0.2) a guest calls
+/// with HVC; a backend whose hypervisor does not implement PSCI itself
+/// answers them.
+pub mod psci {
+    /// PSCI_VERSION.
+    pub const VERSION: u32 = 0x8400_0000;
+    /// CPU_SUSPEND (SMC64).
+    pub const CPU_SUSPEND: u32 = 0xc400_0001;
+    /// CPU_OFF.
+    pub const CPU_OFF: u32 = 0x8400_0002;
+    /// CPU_ON (SMC64).
+    pub const CPU_ON: u32 = 0xc400_0003;
+    /// AFFINITY_INFO (SMC64).
+    pub const AFFINITY_INFO: u32 = 0xc400_0004;
+    /// MIGRATE_INFO_TYPE.
+    pub const MIGRATE_INFO_TYPE: u32 = 0x8400_0006;
+    /// SYSTEM_OFF.
+    pub const SYSTEM_OFF: u32 = 0x8400_0008;
+    /// SYSTEM_RESET.
+    pub const SYSTEM_RESET: u32 = 0x8400_0009;
+    /// PSCI_FEATURES (PSCI 1.0).
+    pub const FEATURES: u32 = 0x8400_000a;
+
+    /// Success.
+    pub const SUCCESS: i64 = 0;
+    /// The function is not implemented.
+    pub const NOT_SUPPORTED: i64 = -1;
+    /// An argument was out of range.
+    pub const INVALID_PARAMETERS: i64 = -2;
+    /// CPU_ON of a vCPU that is already on.
+    pub const ALREADY_ON: i64 = -4;
+    /// The version answered: 0.2, what the device tree's
+    /// `arm,psci-0.2` node promises.
+    pub const VERSION_0_2: u64 = 2;
+    /// MIGRATE_INFO_TYPE's answer: no Trusted OS needs migrating.
+    pub const NO_TRUSTED_OS: u64 = 2;
 }
 
 /// A system register's encoding: `op0, op1, CRn, CRm, op2`, packed as
@@ -238,5 +390,31 @@ mod tests {
         }
         // Out-of-width fields cannot spill into their neighbours.
         assert_eq!(SysRegId::new(3, 0, 0, 0, 0xff).fields(), (3, 0, 0, 0, 7));
+    }
+
+    #[test]
+    fn gic_register_lists_cover_what_the_gic_holds() {
+        // 5 priority bits: one active-priority register per group.
+        assert_eq!(gic::cpu_interface_ids(4 << 8).len(), 9);
+        assert_eq!(gic::cpu_interface_ids(6 << 8).len(), 15);
+        let offsets = gic::distributor_offsets();
+        assert_eq!(offsets[0], 0);
+        assert!(offsets.contains(&(gic::GICD_IROUTER + 8 * 32)));
+        assert!(offsets.contains(&(gic::GICD_IROUTER + 8 * 255 + 4)));
+        assert!(
+            !offsets.contains(&0x0100),
+            "SGI/PPI enables are the redistributor's"
+        );
+        // Enables come after configuration, so nothing fires half set up.
+        let enable = offsets.iter().position(|&o| o == 0x0104);
+        let config = offsets.iter().position(|&o| o == 0x0c08);
+        assert!(config < enable);
+    }
+
+    #[test]
+    fn mpidr_affinity_packs_sixteen_per_cluster() {
+        assert_eq!(mpidr(15), 0xf);
+        assert_eq!(mpidr(16), 0x100);
+        assert_eq!(mpidr(37), 0x205);
     }
 }

@@ -187,91 +187,12 @@ fn gic_mpidr(mpidr: u64) -> u64 {
     packed << 32
 }
 
-/// Distributor registers saved, in the order they are restored:
-/// configuration before enables before pending and active state.
-fn distributor_offsets() -> Vec<u32> {
-    let spi_words = (gic::SPI_INTID_BASE / 32)..(gic::INTERRUPT_COUNT / 32);
-    let mut offsets = vec![0x0000]; // GICD_CTLR
-    for base in [0x0080u32, 0x0d00] {
-        // IGROUPR, IGRPMODR: one bit per interrupt.
-        offsets.extend(spi_words.clone().map(|w| base + 4 * w));
-    }
-    // ICFGR: two bits per interrupt.
-    offsets.extend((gic::SPI_INTID_BASE / 16..gic::INTERRUPT_COUNT / 16).map(|w| 0x0c00 + 4 * w));
-    // IPRIORITYR: a byte per interrupt.
-    offsets.extend((gic::SPI_INTID_BASE / 4..gic::INTERRUPT_COUNT / 4).map(|w| 0x0400 + 4 * w));
-    // IROUTER: 64 bits per SPI, as two halves.
-    for intid in gic::SPI_INTID_BASE..gic::INTERRUPT_COUNT {
-        offsets.push(0x6000 + 8 * intid);
-        offsets.push(0x6000 + 8 * intid + 4);
-    }
-    for base in [0x0100u32, 0x0200, 0x0300] {
-        // ISENABLER, ISPENDR, ISACTIVER.
-        offsets.extend(spi_words.clone().map(|w| base + 4 * w));
-    }
-    offsets
-}
-
-/// Redistributor registers (SGI frame at +64 KiB), restore order as above.
-const REDISTRIBUTOR_OFFSETS: &[u32] = &[
-    0x1_0080, // GICR_IGROUPR0
-    0x1_0d00, // GICR_IGRPMODR0
-    0x1_0c00, // GICR_ICFGR0
-    0x1_0c04, // GICR_ICFGR1
-    0x1_0400, 0x1_0404, 0x1_0408, 0x1_040c, 0x1_0410, 0x1_0414, 0x1_0418,
-    0x1_041c, // GICR_IPRIORITYR0-7
-    0x1_0100, // GICR_ISENABLER0
-    0x1_0200, // GICR_ISPENDR0
-    0x1_0300, // GICR_ISACTIVER0
-    0x0_0000, // GICR_CTLR
-];
-
-mod icc {
-    use supermachine_hypervisor::aarch64::SysRegId;
-    pub const SRE_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 5);
-    pub const CTLR_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 4);
-    pub const PMR_EL1: SysRegId = SysRegId::new(3, 0, 4, 6, 0);
-    pub const BPR0_EL1: SysRegId = SysRegId::new(3, 0, 12, 8, 3);
-    pub const BPR1_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 3);
-    pub const IGRPEN0_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 6);
-    pub const IGRPEN1_EL1: SysRegId = SysRegId::new(3, 0, 12, 12, 7);
-    pub const fn ap0r(n: u8) -> SysRegId {
-        SysRegId::new(3, 0, 12, 8, 4 + n)
-    }
-    pub const fn ap1r(n: u8) -> SysRegId {
-        SysRegId::new(3, 0, 12, 9, n)
-    }
-}
-
-/// The CPU interface's registers, in restore order: SRE and CTLR first,
-/// the group enables last. How many active-priority registers there are
-/// depends on the priority bits ICC_CTLR_EL1 reports.
-fn cpu_interface_ids(ctlr: u64) -> Vec<SysRegId> {
-    let priority_bits = ((ctlr >> 8) & 0x7) + 1;
-    let apr_count = match priority_bits {
-        7 => 4,
-        6 => 2,
-        _ => 1,
-    };
-    let mut ids = vec![
-        icc::SRE_EL1,
-        icc::CTLR_EL1,
-        icc::PMR_EL1,
-        icc::BPR0_EL1,
-        icc::BPR1_EL1,
-    ];
-    ids.extend((0..apr_count).map(icc::ap0r));
-    ids.extend((0..apr_count).map(icc::ap1r));
-    ids.extend([icc::IGRPEN0_EL1, icc::IGRPEN1_EL1]);
-    ids
-}
-
 pub(super) fn save_gic(
     gic: &DeviceFd,
     mpidrs: &[u64],
 ) -> hv::Result<(Vec<GicReg>, Vec<GicCpuState>)> {
     let access = GicAccess { gic };
-    let distributor = distributor_offsets()
+    let distributor = gic::distributor_offsets()
         .into_iter()
         .map(|offset| {
             Ok(GicReg {
@@ -283,7 +204,7 @@ pub(super) fn save_gic(
     let mut cpus = Vec::with_capacity(mpidrs.len());
     for &mpidr in mpidrs {
         let attr = gic_mpidr(mpidr);
-        let redistributor = REDISTRIBUTOR_OFFSETS
+        let redistributor = gic::REDISTRIBUTOR_OFFSETS
             .iter()
             .map(|&offset| {
                 Ok(GicReg {
@@ -295,9 +216,9 @@ pub(super) fn save_gic(
             .collect::<hv::Result<Vec<_>>>()?;
         let ctlr = access.get(
             KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
-            attr | u64::from(icc::CTLR_EL1.0),
+            attr | u64::from(gic::icc::CTLR_EL1.0),
         )?;
-        let cpu_interface = cpu_interface_ids(ctlr)
+        let cpu_interface = gic::cpu_interface_ids(ctlr)
             .into_iter()
             .map(|id| {
                 Ok(SysReg {
@@ -383,15 +304,5 @@ mod tests {
         // vCPU 17: Aff0 1, Aff1 1.
         assert_eq!(gic_mpidr(0x8000_0101), 0x0000_0101_0000_0000);
         assert_eq!(gic_mpidr(0x01_0000_0000), 0x0100_0000_0000_0000);
-        // 5 priority bits: one active-priority register per group.
-        assert_eq!(cpu_interface_ids(4 << 8).len(), 9);
-        assert_eq!(cpu_interface_ids(6 << 8).len(), 15);
-        let offsets = distributor_offsets();
-        assert_eq!(offsets[0], 0);
-        assert!(offsets.contains(&(0x6000 + 8 * 32)));
-        assert!(
-            !offsets.contains(&0x0100),
-            "SGI/PPI enables are the redistributor's"
-        );
     }
 }

@@ -49,11 +49,7 @@ const IRQ_LEVEL_HIGH: u32 = 4;
 /// emulated UART ignores.
 const UART_CLOCK_HZ: u32 = 1_843_200;
 
-/// The MPIDR_EL1 affinity KVM gives vCPU `index` (Aff0 takes the low four
-/// bits, Aff1 the next eight): the `reg` of its `cpu` node.
-pub fn mpidr(index: u32) -> u32 {
-    (index & 0xf) | (((index >> 4) & 0xff) << 8)
-}
+pub use supermachine_hypervisor::aarch64::mpidr;
 
 /// Writes the device tree blob for `machine`.
 pub fn write_fdt(machine: &Machine<'_>) -> Result<Vec<u8>> {

@@ -1,9 +1,11 @@
 //! x86_64 CPU state in plain types, independent of any hypervisor's layout.
 
+mod cpuid;
 mod state;
 
 use serde::{Deserialize, Serialize};
 
+pub use cpuid::{check_cpu_features, check_cpu_model};
 pub use state::{
     CpuidEntry, DebugRegs, ExceptionEvent, InterruptEvent, IoapicState, MpState, NmiEvent,
     PicState, PitChannel, PitState, SmiEvent, VcpuEvents, VcpuState, VmState, Xcr,

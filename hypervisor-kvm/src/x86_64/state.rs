@@ -239,7 +239,7 @@ pub(crate) fn restore_vcpu(
     let fresh = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_CPUID2"))?;
-    check_cpu_features(&state.cpuid, &fresh)?;
+    hv::x86_64::check_cpu_features(&state.cpuid, &entries_of(&fresh))?;
     fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     let current_khz = fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
     if state.tsc_khz != 0 && tsc_differs(current_khz, state.tsc_khz) {
@@ -591,80 +591,8 @@ fn entries_of(cpuid: &CpuId) -> Vec<CpuidEntry> {
         .collect()
 }
 
-fn find(entries: &[CpuidEntry], function: u32, index: u32) -> Option<CpuidEntry> {
-    entries
-        .iter()
-        .find(|e| e.function == function && (e.flags & 1 == 0 || e.index == index))
-        .copied()
-}
-
-/// (vendor, family, model, stepping) as CPUID leaves 0 and 1 give them.
-fn cpu_model(entries: &[CpuidEntry]) -> (String, u32, u32, u32) {
-    let vendor = find(entries, 0, 0).map_or_else(String::new, |e| {
-        let bytes: Vec<u8> = [e.ebx, e.edx, e.ecx]
-            .iter()
-            .flat_map(|r| r.to_le_bytes())
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    });
-    let sig = find(entries, 1, 0).map_or(0, |e| e.eax);
-    let family = ((sig >> 8) & 0xf) + ((sig >> 20) & 0xff);
-    let model = ((sig >> 4) & 0xf) | ((sig >> 12) & 0xf0);
-    (vendor, family, model, sig & 0xf)
-}
-
 /// Checks that vCPUs saved with `saved` CPUID were running on this CPU
-/// vendor, family, model and stepping (what KVM supports here reports).
+/// (what KVM supports here reports).
 pub(crate) fn check_cpu_model(saved: &[CpuidEntry], supported: &CpuId) -> hv::Result<()> {
-    let (sv, sf, sm, ss) = cpu_model(saved);
-    let (hv_, hf, hm, hs) = cpu_model(&entries_of(supported));
-    if (sv.as_str(), sf, sm, ss) != (hv_.as_str(), hf, hm, hs) {
-        return Err(hv::Error::Invalid(format!(
-            "the snapshot was taken on a {sv} CPU family {sf:#x} model {sm:#x} stepping {ss}; this host is {hv_} family {hf:#x} model {hm:#x} stepping {hs}"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks that no feature flag the saved guest was shown is missing from
-/// `fresh`, the CPUID this host gives a new vCPU: a guest that uses an
-/// instruction the host lacks would fault at some later point. Leaves 1
-/// (ECX, EDX), 7.0 (EBX, ECX, EDX) and 0x80000001 (ECX, EDX).
-pub(crate) fn check_cpu_features(saved: &[CpuidEntry], fresh: &CpuId) -> hv::Result<()> {
-    const HYPERVISOR: u32 = 1 << 31;
-    const HTT: u32 = 1 << 28;
-    // Bits that mirror what the guest OS enabled (CR4.OSXSAVE, CR4.PKE),
-    // which KVM updates in the vCPU's CPUID as the guest sets them: a
-    // fresh vCPU shows them clear.
-    const OSXSAVE: u32 = 1 << 27;
-    const OSPKE: u32 = 1 << 4;
-    let fresh = entries_of(fresh);
-    for (function, index) in [(1, 0), (7, 0), (0x8000_0001, 0)] {
-        let (Some(s), Some(h)) = (find(saved, function, index), find(&fresh, function, index))
-        else {
-            continue;
-        };
-        let regs: &[(&str, u32, u32, u32)] = match function {
-            // The hypervisor bit and HTT follow the VM's own topology.
-            1 => &[
-                ("ecx", s.ecx, h.ecx, HYPERVISOR | OSXSAVE),
-                ("edx", s.edx, h.edx, HTT),
-            ],
-            7 => &[
-                ("ebx", s.ebx, h.ebx, 0),
-                ("ecx", s.ecx, h.ecx, OSPKE),
-                ("edx", s.edx, h.edx, 0),
-            ],
-            _ => &[("ecx", s.ecx, h.ecx, 0), ("edx", s.edx, h.edx, 0)],
-        };
-        for &(reg, saved_bits, host_bits, ours) in regs {
-            let missing = saved_bits & !host_bits & !ours;
-            if missing != 0 {
-                return Err(hv::Error::Invalid(format!(
-                    "the snapshot's guest uses CPU features this host lacks (CPUID {function:#x}.{index} {reg} bits {missing:#x})"
-                )));
-            }
-        }
-    }
-    Ok(())
+    hv::x86_64::check_cpu_model(saved, &entries_of(supported))
 }

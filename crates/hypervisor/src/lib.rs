@@ -187,6 +187,9 @@ pub trait IoNotifier: Send + Sync + Debug {
     /// A file descriptor that becomes readable when the guest has written.
     #[cfg(unix)]
     fn as_raw_fd(&self) -> std::os::fd::RawFd;
+    /// A Win32 event that becomes signalled when the guest has written.
+    #[cfg(windows)]
+    fn as_raw_handle(&self) -> std::os::windows::io::RawHandle;
     /// Consumes pending notifications; returns how many arrived (0 if none).
     fn consume(&self) -> Result<u64>;
 }

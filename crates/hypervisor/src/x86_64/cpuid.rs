@@ -111,9 +111,14 @@ mod tests {
         let mut other = intel(0b1010);
         other[1].eax = 0x0005_0656; // stepping 6
         let e = check_cpu_model(&saved, &other).unwrap_err().to_string();
-        assert!(e.contains("GenuineIntel CPU family 0x6 model 0x55 stepping 7"), "{e}");
+        assert!(
+            e.contains("GenuineIntel CPU family 0x6 model 0x55 stepping 7"),
+            "{e}"
+        );
         assert!(check_cpu_features(&saved, &intel(0b1110)).is_ok());
-        let e = check_cpu_features(&saved, &intel(0b0010)).unwrap_err().to_string();
+        let e = check_cpu_features(&saved, &intel(0b0010))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ecx bits 0x8"), "{e}");
         // The hypervisor bit follows the VM, not the host.
         assert!(check_cpu_features(&intel(1 << 31), &intel(0)).is_ok());

@@ -19,7 +19,7 @@ mod vcpu;
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use supermachine_boot as boot;
@@ -530,12 +530,7 @@ pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<Runnin
             transport: Arc::new(Mutex::new(transport)),
         });
     }
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for index in 0..config.vcpus {
-        let mut vcpu = vm.create_vcpu(index)?;
-        arch::boot_vcpu(vcpu.as_mut(), &entry)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = (0..config.vcpus).map(|_| VcpuSetup::Boot(entry)).collect();
     launch(Assembled {
         vm,
         ram,
@@ -719,20 +714,11 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
             transport: Arc::new(Mutex::new(transport)),
         });
     }
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0..vcpu_count).zip(&state.vcpus) {
-        let mut vcpu = vm.create_vcpu(index)?;
-        vcpu.restore_state(saved)?;
-        vcpus.push(vcpu);
-    }
-    // Only now can an interrupt reach a vCPU and stay pending there.
-    for placed in &transports {
-        placed
-            .transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .raise_pending_interrupt();
-    }
+    let vcpus = state
+        .vcpus
+        .iter()
+        .map(|saved| VcpuSetup::Restore(Box::new(saved.clone())))
+        .collect();
     launch(Assembled {
         vm,
         ram,
@@ -790,8 +776,18 @@ struct Assembled {
     lifecycle: Arc<Lifecycle>,
     serial: Arc<Mutex<SerialPort>>,
     transports: Vec<PlacedTransport>,
-    vcpus: Vec<Box<dyn supermachine_hypervisor::Vcpu>>,
+    vcpus: Vec<VcpuSetup>,
     forward_stdin: bool,
+}
+
+/// How each vCPU is set up, on the thread that will run it (some
+/// hypervisors, Hypervisor.framework among them, tie a vCPU to the thread
+/// that created it).
+enum VcpuSetup {
+    /// A cold boot's entry state.
+    Boot(arch::Entry),
+    /// A snapshot's state.
+    Restore(Box<supermachine_hypervisor::VcpuState>),
 }
 
 /// Puts the devices on their buses, wires the notifications and starts
@@ -855,10 +851,27 @@ fn launch(a: Assembled) -> Result<RunningVm> {
             base: t.base,
             irq: t.irq,
         })
-        .collect();
-    let kickers: Vec<_> = vcpus.iter().map(|v| v.kicker()).collect();
-    lifecycle.set_kickers(kickers.clone());
+        .collect::<Vec<SavedDevice>>();
     let pause = Arc::new(pause::PauseControl::new(vcpus.len()));
+    let restoring = vcpus.iter().any(|v| matches!(v, VcpuSetup::Restore(_)));
+    let (vcpu_threads, kickers, go) = start_vcpus(&vm, vcpus, |_| vcpu::VcpuContext {
+        pio: pio.clone(),
+        mmio: mmio.clone(),
+        lifecycle: lifecycle.clone(),
+        pause: pause.clone(),
+    })?;
+    lifecycle.set_kickers(kickers.clone());
+    if restoring {
+        // Only now can an interrupt reach a vCPU and stay pending there.
+        for device in &devices {
+            if let Some(transport) = Weak::upgrade(&device.transport) {
+                transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .raise_pending_interrupt();
+            }
+        }
+    }
 
     let input = forward_stdin.then(|| event_loop::InputForwarder {
         input: Box::new(io::stdin()),
@@ -872,9 +885,9 @@ fn launch(a: Assembled) -> Result<RunningVm> {
             .spawn(move || event_loop::run(lifecycle, input, subscribers))
             .map_err(host("spawning the event loop thread"))?
     };
-    let mut running = RunningVm {
+    let running = RunningVm {
         lifecycle: lifecycle.clone(),
-        vcpu_threads: Vec::new(),
+        vcpu_threads,
         event_thread: Some(event_thread),
         serial,
         kickers,
@@ -884,21 +897,97 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         vm: Some(vm),
         ram: Some(ram),
     };
-    for vcpu in vcpus {
-        let index = vcpu.index();
-        let ctx = vcpu::VcpuContext {
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            lifecycle: lifecycle.clone(),
-            pause: pause.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || vcpu::run(vcpu, ctx))
-            .map_err(host("spawning a vCPU thread"))?;
-        running.vcpu_threads.push((index, thread));
+    for start in go {
+        // A vCPU thread that has gone already has reported why.
+        let _ = start.send(());
     }
     Ok(running)
+}
+
+/// The threads of vCPUs set up and waiting to run, their kickers, and
+/// what tells each to start.
+type StartedVcpus = (
+    Vec<(u32, std::thread::JoinHandle<()>)>,
+    Vec<Arc<dyn supermachine_hypervisor::VcpuKicker>>,
+    Vec<std::sync::mpsc::Sender<()>>,
+);
+
+/// Spawns one thread per vCPU, which creates its vCPU and sets it up,
+/// then waits for the word to run. If any vCPU fails to set up, every
+/// thread is told to stop (dropping its vCPU on its own thread) and the
+/// first failure is returned.
+fn start_vcpus(
+    vm: &Arc<dyn Vm>,
+    setups: Vec<VcpuSetup>,
+    mut context: impl FnMut(u32) -> vcpu::VcpuContext,
+) -> Result<StartedVcpus> {
+    use std::sync::mpsc;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(setups.len());
+    let mut go = Vec::with_capacity(setups.len());
+    let mut spawn_error = None;
+    for (index, setup) in (0u32..).zip(setups) {
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let vm = vm.clone();
+        let ready = ready_tx.clone();
+        let ctx = context(index);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let made = vcpu::create(vm.as_ref(), index, setup);
+                drop(vm);
+                let vcpu = match made {
+                    Ok(vcpu) => {
+                        let _ = ready.send((index, Ok(vcpu.kicker())));
+                        vcpu
+                    }
+                    Err(e) => {
+                        let _ = ready.send((index, Err(e)));
+                        return;
+                    }
+                };
+                drop(ready);
+                if go_rx.recv().is_ok() {
+                    vcpu::run(vcpu, ctx);
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                threads.push((index, thread));
+                go.push(go_tx);
+            }
+            Err(e) => {
+                spawn_error = Some(host("spawning a vCPU thread")(e));
+                break;
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut kickers: Vec<Option<Arc<dyn supermachine_hypervisor::VcpuKicker>>> =
+        vec![None; threads.len()];
+    let mut failure = spawn_error;
+    for (index, result) in ready_rx.iter() {
+        match result {
+            Ok(kicker) => kickers[index as usize] = Some(kicker),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    let kickers: Option<Vec<_>> = kickers.into_iter().collect();
+    match (failure, kickers) {
+        (None, Some(kickers)) => Ok((threads, kickers, go)),
+        (failure, _) => {
+            drop(go);
+            for (_, thread) in threads {
+                let _ = thread.join();
+            }
+            Err(failure.unwrap_or_else(|| Error::VcpuFailed {
+                index: 0,
+                detail: "a vCPU thread ended before its vCPU was made".into(),
+            }))
+        }
+    }
 }
 
 /// A virtio device's host side and where the guest finds it.

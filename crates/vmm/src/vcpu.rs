@@ -3,17 +3,28 @@
 
 use std::sync::Arc;
 
-use supermachine_hypervisor::{Vcpu, VcpuExit};
+use supermachine_hypervisor::{Vcpu, VcpuExit, Vm};
 
 use crate::bus::Bus;
 use crate::lifecycle::Lifecycle;
-use crate::{Error, ExitReason};
+use crate::{Error, ExitReason, Result, VcpuSetup, arch};
 
 pub(crate) struct VcpuContext {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) pause: Arc<crate::pause::PauseControl>,
+}
+
+/// Creates vCPU `index` of `vm` and sets it up, on the calling thread:
+/// the one that will run it.
+pub(crate) fn create(vm: &dyn Vm, index: u32, setup: VcpuSetup) -> Result<Box<dyn Vcpu>> {
+    let mut vcpu = vm.create_vcpu(index)?;
+    match setup {
+        VcpuSetup::Boot(entry) => arch::boot_vcpu(vcpu.as_mut(), &entry)?,
+        VcpuSetup::Restore(state) => vcpu.restore_state(&state)?,
+    }
+    Ok(vcpu)
 }
 
 pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {

@@ -66,6 +66,7 @@ impl KernelFile {
 }
 
 /// How the boot vCPU starts.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     kernel: u64,
     fdt: u64,

@@ -80,6 +80,7 @@ impl KernelFile {
 }
 
 /// How the vCPUs start.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     kernel: u64,
 }

@@ -1,0 +1,27 @@
+//! What supermachine's VMM and devices use from the host OS, one small
+//! interface per need, each with a Linux implementation and, where macOS
+//! has the same thing, a macOS one:
+//!
+//! | need | Linux | macOS |
+//! |---|---|---|
+//! | [`Event`]: a wake-up an event loop can watch | eventfd | a non-blocking pipe |
+//! | [`connect_unix_nonblocking`] | `SOCK_NONBLOCK` at creation | `O_NONBLOCK` right after |
+//! | [`zero_range`], [`punch_hole`] | `fallocate` | `F_PUNCHHOLE` (holes only) |
+//!
+//! Readiness of many descriptors (epoll on Linux, kqueue on macOS) is the
+//! `polling` crate's, which the event loop and the devices use directly.
+//! Nothing here exists on Windows yet (see `docs/platforms.md`).
+
+#[cfg(unix)]
+mod event;
+#[cfg(unix)]
+mod fs;
+#[cfg(unix)]
+mod net;
+
+#[cfg(unix)]
+pub use event::Event;
+#[cfg(unix)]
+pub use fs::{punch_hole, zero_range};
+#[cfg(unix)]
+pub use net::connect_unix_nonblocking;

@@ -4,12 +4,11 @@
 //!
 //! | need | Linux | macOS |
 //! |---|---|---|
-//! | [`Event`]: a wake-up an event loop can watch | eventfd | a non-blocking pipe |
+//! | [`Poller`]: readiness of many descriptors | epoll | kqueue |
+//! | [`Event`]: a wake-up a poller can watch | eventfd | a non-blocking pipe |
 //! | [`connect_unix_nonblocking`] | `SOCK_NONBLOCK` at creation | `O_NONBLOCK` right after |
 //! | [`zero_range`], [`punch_hole`] | `fallocate` | `F_PUNCHHOLE` (holes only) |
 //!
-//! Readiness of many descriptors (epoll on Linux, kqueue on macOS) is the
-//! `polling` crate's, which the event loop and the devices use directly.
 //! Nothing here exists on Windows yet (see `docs/platforms.md`).
 
 #[cfg(unix)]
@@ -18,6 +17,8 @@ mod event;
 mod fs;
 #[cfg(unix)]
 mod net;
+#[cfg(unix)]
+mod poller;
 
 #[cfg(unix)]
 pub use event::Event;
@@ -25,3 +26,5 @@ pub use event::Event;
 pub use fs::{punch_hole, zero_range};
 #[cfg(unix)]
 pub use net::connect_unix_nonblocking;
+#[cfg(unix)]
+pub use poller::{Interest, Poller, Ready, Trigger};

@@ -4,7 +4,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::FallocateFlags;
 use supermachine_memory::GuestMemoryMmapped;
 use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Writer};
@@ -337,17 +336,17 @@ fn discard_or_zero(
             return Status::IoError;
         };
         let unmap = discard || flags & vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-        let mode = if unmap {
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
+        let result = if unmap {
+            supermachine_host::punch_hole(file, offset, len)
         } else {
-            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+            supermachine_host::zero_range(file, offset, len)
         };
-        match rustix::fs::fallocate(&*file, mode, offset, len) {
+        match result {
             Ok(()) => {}
             // Discard is a hint: a filesystem without holes may ignore it.
             Err(_) if discard => {}
             Err(e) => {
-                log::debug!("virtio-blk: fallocate: {e}; writing zeroes");
+                log::debug!("virtio-blk: zeroing in place: {e}; writing zeroes");
                 if let Err(e) = write_zeroes(file, offset, len) {
                     log::warn!("virtio-blk: write zeroes: {e}");
                     return Status::IoError;

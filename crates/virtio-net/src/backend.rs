@@ -9,7 +9,7 @@
 
 use std::fmt::Debug;
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 
 /// The largest frame either framing carries: an Ethernet header, a VLAN
@@ -23,7 +23,7 @@ pub const MAX_FRAME: usize = 14 + 4 + 65535;
 /// returns `None` when no whole frame is waiting.
 pub trait FrameBackend: Send + Debug {
     /// The socket to wait on, readable or writable.
-    fn fd(&self) -> RawFd;
+    fn fd(&self) -> BorrowedFd<'_>;
     /// Whether part of a frame is still waiting to be sent; send nothing
     /// more until [`FrameBackend::flush`] has returned true.
     fn busy(&self) -> bool;
@@ -97,8 +97,8 @@ impl StreamBackend {
 }
 
 impl FrameBackend for StreamBackend {
-    fn fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     fn busy(&self) -> bool {
@@ -194,8 +194,8 @@ impl DatagramBackend {
 }
 
 impl FrameBackend for DatagramBackend {
-    fn fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     fn busy(&self) -> bool {

@@ -30,7 +30,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use supermachine_host::{Interest, Poller, Trigger};
 
 pub use backend::{DatagramBackend, FrameBackend, MAX_FRAME, StreamBackend};
 pub use policy::{EgressPolicy, PolicyMode, Rule, Verdict};
@@ -60,9 +60,9 @@ pub enum Error {
     /// The MAC address is not a unicast one.
     #[error("MAC address {0} is not a unicast address")]
     Mac(String),
-    /// The epoll set for the backend.
-    #[error("epoll: {0}")]
-    Epoll(#[source] io::Error),
+    /// The poller for the backend.
+    #[error("network backend poller: {0}")]
+    Poll(#[source] io::Error),
 }
 
 /// What the device is made with.
@@ -110,9 +110,9 @@ pub struct Net {
     connected: bool,
     /// The link went down and the driver has not been told.
     link_news: bool,
-    epoll: Epoll,
+    poller: Poller,
     /// What the backend's socket is watched for now.
-    interest: EventSet,
+    interest: Interest,
     /// Frames for the guest, oldest first.
     waiting: VecDeque<Vec<u8>>,
     /// Receive chains taken for the next frame (several when buffers are
@@ -131,21 +131,17 @@ impl Net {
         if config.mac[0] & 1 != 0 || config.mac == [0; 6] {
             return Err(Error::Mac(format_mac(&config.mac)));
         }
-        let epoll = Epoll::new().map_err(Error::Epoll)?;
-        let interest = EventSet::IN;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                backend.fd(),
-                EpollEvent::new(interest, 0),
-            )
-            .map_err(Error::Epoll)?;
+        let poller = Poller::new().map_err(Error::Poll)?;
+        let interest = Interest::READ;
+        poller
+            .add(backend.fd(), 0, interest, Trigger::Level)
+            .map_err(Error::Poll)?;
         Ok(Self {
             config,
             backend,
             connected: true,
             link_news: false,
-            epoll,
+            poller,
             interest,
             waiting: VecDeque::new(),
             held_rx: Vec::new(),
@@ -175,11 +171,7 @@ impl Net {
         }
         log::warn!("virtio-net: the network backend is gone ({why}); link down");
         self.connected = false;
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            self.backend.fd(),
-            EpollEvent::default(),
-        );
+        let _ = self.poller.delete(self.backend.fd());
         // Told once the queue work under way is over (`after_work`).
         self.link_news = true;
     }
@@ -197,23 +189,19 @@ impl Net {
         if !self.connected {
             return;
         }
-        let mut want = EventSet::empty();
-        // Not when full: a readable socket whose frames cannot go
-        // anywhere would wake the event loop without end.
-        if self.waiting.len() < MAX_WAITING_FRAMES {
-            want |= EventSet::IN;
-        }
-        if self.backend.busy() {
-            want |= EventSet::OUT;
-        }
+        let want = Interest {
+            // Not when full: a readable socket whose frames cannot go
+            // anywhere would wake the event loop without end.
+            readable: self.waiting.len() < MAX_WAITING_FRAMES,
+            writable: self.backend.busy(),
+        };
         if want != self.interest {
-            match self.epoll.ctl(
-                ControlOperation::Modify,
-                self.backend.fd(),
-                EpollEvent::new(want, 0),
-            ) {
+            match self
+                .poller
+                .modify(self.backend.fd(), 0, want, Trigger::Level)
+            {
                 Ok(()) => self.interest = want,
-                Err(e) => log::error!("virtio-net: epoll: {e}"),
+                Err(e) => log::error!("virtio-net: polling: {e}"),
             }
         }
     }
@@ -645,7 +633,7 @@ impl VirtioDevice for Net {
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+        Some(self.poller.as_raw_fd())
     }
 
     fn backend_ready(&mut self) {

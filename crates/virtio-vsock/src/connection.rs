@@ -18,7 +18,7 @@ pub(crate) struct Key {
 }
 
 impl Key {
-    /// The epoll token: both ports, with the top bit clear.
+    /// The poller token: both ports, with the top bit clear.
     pub(crate) fn token(self) -> u64 {
         (u64::from(self.host_port & 0x7fff_ffff) << 32) | u64::from(self.guest_port)
     }

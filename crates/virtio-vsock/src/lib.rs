@@ -7,7 +7,8 @@
 //! stream. Flow control is virtio's credit scheme in both directions.
 //!
 //! All host sockets are non-blocking and registered edge-triggered in the
-//! device's own epoll; the VMM's event loop watches that one descriptor
+//! device's own poller (epoll on Linux, kqueue on macOS: `supermachine_host`);
+//! the VMM's event loop watches that one descriptor
 //! (`backend_fd`). Each connection remembers whether its socket is
 //! readable or writable, so the device never spins on a socket it cannot
 //! serve yet (no guest buffers, no credit) and never misses one it can.
@@ -17,14 +18,14 @@ pub mod packet;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use supermachine_memory::GuestMemoryMmapped;
 use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Virtqueue, Writer};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use supermachine_host::{Interest, Poller, Trigger};
 
 use connection::{Connection, Key, State};
 use packet::{HEADER_SIZE, HOST_CID, Header, TYPE_STREAM, op, shutdown};
@@ -75,9 +76,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// epoll failed.
-    #[error("vsock epoll: {0}")]
-    Epoll(#[source] io::Error),
+    /// The device's poller failed.
+    #[error("vsock poller: {0}")]
+    Poll(#[source] io::Error),
 }
 
 /// A host socket that has connected to `<path>` but not yet said which
@@ -94,7 +95,7 @@ pub struct Vsock {
     cid: u64,
     path: PathBuf,
     listener: UnixListener,
-    epoll: Epoll,
+    poller: Poller,
     conns: HashMap<Key, Connection>,
     pending: HashMap<u64, PendingHost>,
     next_pending: u64,
@@ -128,12 +129,12 @@ impl Vsock {
             path: path.to_path_buf(),
             source,
         };
-        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let poller = Poller::new().map_err(Error::Poll)?;
         let dev = Self {
             cid,
             path: path.to_path_buf(),
             listener,
-            epoll,
+            poller,
             conns: HashMap::new(),
             pending: HashMap::new(),
             next_pending: 0,
@@ -147,8 +148,8 @@ impl Vsock {
             active: None,
         };
         dev.listener.set_nonblocking(true).map_err(listen_error)?;
-        dev.watch(dev.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)
-            .map_err(Error::Epoll)?;
+        dev.watch(dev.listener.as_fd(), LISTENER_TOKEN, false)
+            .map_err(Error::Poll)?;
         Ok(dev)
     }
 
@@ -162,15 +163,23 @@ impl Vsock {
         self.conns.len() + self.pending.len()
     }
 
-    fn watch(&self, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
-        self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(
-                events | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP,
-                token,
-            ),
-        )
+    /// Watches `fd` edge-triggered for reading, and writing if asked,
+    /// reporting it as `token`. Every watched socket leaves the poller
+    /// before it closes (`forget`, `read_connect_line`, `drop_everything`).
+    fn watch(&self, fd: BorrowedFd<'_>, token: u64, writable: bool) -> io::Result<()> {
+        let interest = if writable {
+            Interest::BOTH
+        } else {
+            Interest::READ
+        };
+        self.poller.add(fd, token, interest, Trigger::Edge)
+    }
+
+    /// Closes a connection's socket, after taking it out of the poller.
+    fn forget(&mut self, key: &Key) {
+        if let Some(c) = self.conns.remove(key) {
+            let _ = self.poller.delete(c.stream.as_fd());
+        }
     }
 
     fn header_to_guest(&self, key: Key, op: u16) -> Header {
@@ -189,7 +198,7 @@ impl Vsock {
     /// Drops a connection (closing its socket) and tells the guest.
     fn reset(&mut self, key: Key) {
         log::debug!("vsock: reset {key:?}");
-        self.conns.remove(&key);
+        self.forget(&key);
         self.orphan_rst(self.header_to_guest(key, op::RST));
     }
 
@@ -275,7 +284,7 @@ impl Vsock {
             (op::REQUEST, false) => self.guest_connect(key),
             (op::RST, _) => {
                 log::debug!("vsock: guest reset {key:?}: {h:?}");
-                self.conns.remove(&key);
+                self.forget(&key);
             }
             (_, false) => self.orphan_rst(self.header_to_guest(key, op::RST)),
             (op::REQUEST, true) => self.reset(key),
@@ -330,11 +339,7 @@ impl Vsock {
 
     fn add_connection(&mut self, key: Key, stream: UnixStream, state: State) -> io::Result<()> {
         stream.set_nonblocking(true)?;
-        self.watch(
-            stream.as_raw_fd(),
-            key.token(),
-            EventSet::IN | EventSet::OUT,
-        )?;
+        self.watch(stream.as_fd(), key.token(), true)?;
         let mut connection = Connection::new(stream, state);
         connection.before_reset_handled = matches!(self.reset, ResetPhase::Announced { .. });
         self.conns.insert(key, connection);
@@ -422,34 +427,31 @@ impl Vsock {
     // ---- Host to guest -------------------------------------------------
 
     fn host_events(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
+        let mut ready = Vec::new();
         loop {
-            let n = match self.epoll.wait(0, &mut events) {
+            ready.clear();
+            let n = match self.poller.wait(Some(std::time::Duration::ZERO), &mut ready) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("vsock: epoll_wait: {e}");
+                    log::error!("vsock: polling: {e}");
                     return;
                 }
             };
-            for ev in &events[..n] {
-                let (token, set) = (ev.data(), ev.event_set());
-                if token == LISTENER_TOKEN {
+            for r in &ready {
+                if r.token == LISTENER_TOKEN {
                     self.accept_host_connections();
-                } else if token & PENDING_BIT != 0 {
-                    self.read_connect_line(token);
-                } else if let Some(c) = self.conns.get_mut(&Key::from_token(token)) {
-                    if set.intersects(
-                        EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-                    ) {
+                } else if r.token & PENDING_BIT != 0 {
+                    self.read_connect_line(r.token);
+                } else if let Some(c) = self.conns.get_mut(&Key::from_token(r.token)) {
+                    if r.readable {
                         c.host_readable = true;
                     }
-                    if set.intersects(EventSet::OUT | EventSet::ERROR) {
+                    if r.writable {
                         c.host_writable = true;
                     }
                 }
             }
-            if n < events.len() {
+            if n < self.poller.batch() {
                 return;
             }
         }
@@ -466,7 +468,7 @@ impl Vsock {
                     let token = PENDING_BIT | self.next_pending;
                     self.next_pending = (self.next_pending + 1) & !PENDING_BIT;
                     let ok = stream.set_nonblocking(true).is_ok()
-                        && self.watch(stream.as_raw_fd(), token, EventSet::IN).is_ok();
+                        && self.watch(stream.as_fd(), token, false).is_ok();
                     if ok {
                         self.pending.insert(
                             token,
@@ -508,11 +510,7 @@ impl Vsock {
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            p.stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        let _ = self.poller.delete(p.stream.as_fd());
         let Some(guest_port) = port else {
             log::warn!("vsock: host connection sent a bad CONNECT line; closed");
             return;
@@ -718,7 +716,7 @@ impl Vsock {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::debug!("vsock: reading host side of port {}: {e}", key.host_port);
-                    self.conns.remove(&key);
+                    self.forget(&key);
                     let h = header_to_guest(cid, key, op::RST);
                     return write_header(writer, &h);
                 }
@@ -792,7 +790,7 @@ impl Vsock {
             .collect();
         for key in doomed {
             log::debug!("vsock: {key:?} predates the guest's reset; closing it");
-            self.conns.remove(&key);
+            self.forget(&key);
         }
     }
 
@@ -823,6 +821,12 @@ impl Vsock {
     }
 
     fn drop_everything(&mut self) {
+        for c in self.conns.values() {
+            let _ = self.poller.delete(c.stream.as_fd());
+        }
+        for p in self.pending.values() {
+            let _ = self.poller.delete(p.stream.as_fd());
+        }
         self.conns.clear();
         self.pending.clear();
         self.control.clear();
@@ -881,15 +885,7 @@ fn write_header(writer: &mut Writer<'_>, h: &Header) -> Option<u32> {
 /// guest's connection is reset, as a TCP stack does when its backlog
 /// overflows.
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    Ok(UnixStream::from(fd))
+    supermachine_host::connect_unix_nonblocking(path)
 }
 
 /// Binds the device's listening socket at `path`. A socket file left
@@ -1030,7 +1026,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+        Some(self.poller.as_raw_fd())
     }
 
     fn backend_ready(&mut self) {

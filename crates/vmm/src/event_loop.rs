@@ -1,33 +1,17 @@
-//! The VMM's event loop (on `event-manager`): host input for the serial
-//! console, virtio queue notifications and device backends, and the
-//! wake-up that ends the loop when the VM finishes.
+//! The VMM's event loop: host input for the serial console, virtio queue
+//! notifications and device backends, and the wake-up that ends the loop
+//! when the VM finishes. It waits on one `supermachine_host::Poller`
+//! (epoll on Linux, kqueue on macOS), level-triggered.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use supermachine_host::{Interest, Poller, Trigger};
 
 use crate::devices::serial::SerialPort;
 use crate::devices::virtio::VirtioSubscriber;
 use crate::lifecycle::Lifecycle;
-
-/// Ends the loop once the VM has finished.
-struct FinishWatcher {
-    lifecycle: Arc<Lifecycle>,
-}
-
-impl MutEventSubscriber for FinishWatcher {
-    fn init(&mut self, ops: &mut EventOps<'_>) {
-        if let Err(e) = ops.add(Events::new(&self.lifecycle.finished_evt, EventSet::IN)) {
-            log::error!("event loop: watching for the VM's end: {e:?}");
-        }
-    }
-
-    fn process(&mut self, _: Events, _: &mut EventOps<'_>) {
-        let _ = self.lifecycle.finished_evt.read();
-    }
-}
 
 /// Copies host input into the UART's receive FIFO, pausing while it is
 /// full so that no byte is dropped.
@@ -38,16 +22,52 @@ pub(crate) struct InputForwarder {
 }
 
 /// Host input: a pollable, readable descriptor.
-pub(crate) trait InputSource: Read + AsRawFd + Send {}
-impl<T: Read + AsRawFd + Send> InputSource for T {}
+pub(crate) trait InputSource: Read + AsFd + Send {}
+impl<T: Read + AsFd + Send> InputSource for T {}
 
-impl InputForwarder {
-    fn input_events(&self) -> Events {
-        Events::new_raw(self.input.as_raw_fd(), EventSet::IN)
+/// What a token stands for.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Finished,
+    Input,
+    InputRoom,
+    Notifier { device: usize, queue: usize },
+    Backend { device: usize },
+}
+
+/// Borrows a descriptor owned by something the loop keeps alive.
+///
+/// # Safety
+/// `fd` must stay open for as long as the borrow is used.
+unsafe fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: the caller's promise.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+struct EventLoop {
+    poller: Poller,
+    sources: Vec<Source>,
+    lifecycle: Arc<Lifecycle>,
+    input: Option<InputForwarder>,
+    devices: Vec<VirtioSubscriber>,
+}
+
+impl EventLoop {
+    fn watch(&mut self, fd: BorrowedFd<'_>, source: Source) -> std::io::Result<()> {
+        let token = self.sources.len() as u64;
+        self.poller
+            .add(fd, token, Interest::READ, Trigger::Level)?;
+        self.sources.push(source);
+        Ok(())
     }
 
-    fn room_fd(&self) -> RawFd {
-        self.serial
+    fn token_of(&self, wanted: fn(&Source) -> bool) -> u64 {
+        self.sources.iter().position(wanted).unwrap_or(usize::MAX) as u64
+    }
+
+    fn room_fd(input: &InputForwarder) -> RawFd {
+        input
+            .serial
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .uart
@@ -55,56 +75,118 @@ impl InputForwarder {
             .room
             .as_raw_fd()
     }
-}
 
-impl MutEventSubscriber for InputForwarder {
-    fn init(&mut self, ops: &mut EventOps<'_>) {
-        if let Err(e) = ops.add(self.input_events()) {
-            // A regular file cannot be polled; such input is not forwarded.
-            log::info!("console input is not forwarded: {e:?}");
-            return;
+    /// Registers everything; a failure ends the VM.
+    fn register(&mut self) -> std::io::Result<()> {
+        let finished = self.lifecycle.clone();
+        self.watch(finished.finished_evt.as_fd(), Source::Finished)?;
+        if let Some(input) = self.input.take() {
+            let added = self.watch(input.input.as_fd(), Source::Input);
+            match added {
+                Ok(()) => {
+                    // SAFETY: the UART, and its room event, live as long
+                    // as the forwarder this loop owns.
+                    let room = unsafe { borrowed(Self::room_fd(&input)) };
+                    self.watch(room, Source::InputRoom)?;
+                    self.input = Some(input);
+                }
+                // A regular file cannot be polled; such input is not
+                // forwarded.
+                Err(e) => log::info!("console input is not forwarded: {e}"),
+            }
         }
-        if let Err(e) = ops.add(Events::new_raw(self.room_fd(), EventSet::IN)) {
-            log::warn!("console input: {e:?}");
+        for device in 0..self.devices.len() {
+            let fds: Vec<RawFd> = self.devices[device]
+                .notifiers
+                .iter()
+                .map(|n| n.as_raw_fd())
+                .collect();
+            for (queue, fd) in fds.into_iter().enumerate() {
+                // SAFETY: the notifier is owned by the subscriber, which
+                // this loop owns.
+                self.watch(unsafe { borrowed(fd) }, Source::Notifier { device, queue })?;
+            }
+            if let Some(fd) = self.devices[device].backend {
+                // SAFETY: the backend's descriptor belongs to the device,
+                // which the subscriber's transport keeps alive.
+                self.watch(unsafe { borrowed(fd) }, Source::Backend { device })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, source: Source) {
+        match source {
+            Source::Finished => {
+                let _ = self.lifecycle.finished_evt.drain();
+            }
+            Source::Notifier { device, queue } => self.devices[device].queue_notified(queue),
+            Source::Backend { device } => self.devices[device].backend_ready(),
+            Source::InputRoom => self.input_room(),
+            Source::Input => self.input_ready(),
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps<'_>) {
-        if events.fd() == self.room_fd() {
-            let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = serial.uart.events().room.read();
-            drop(serial);
-            if self.paused {
-                self.paused = false;
-                if let Err(e) = ops.add(self.input_events()) {
-                    log::warn!("console input: resuming: {e:?}");
-                }
-            }
+    fn set_input_watched(&mut self, watched: bool) {
+        let token = self.token_of(|s| matches!(s, Source::Input));
+        let Some(input) = &self.input else {
             return;
+        };
+        let result = if watched {
+            self.poller
+                .add(input.input.as_fd(), token, Interest::READ, Trigger::Level)
+        } else {
+            self.poller.delete(input.input.as_fd())
+        };
+        if let Err(e) = result {
+            log::warn!("console input: {e}");
         }
-        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+    }
+
+    fn input_room(&mut self) {
+        let Some(input) = &mut self.input else {
+            return;
+        };
+        let serial = input.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = serial.uart.events().room.drain();
+        drop(serial);
+        if input.paused {
+            input.paused = false;
+            self.set_input_watched(true);
+        }
+    }
+
+    fn input_ready(&mut self) {
+        let Some(input) = &mut self.input else {
+            return;
+        };
+        let mut serial = input.serial.lock().unwrap_or_else(|p| p.into_inner());
         let room = serial.uart.fifo_capacity();
         if room == 0 {
-            self.paused = true;
-            let _ = ops.remove(self.input_events());
+            input.paused = true;
+            drop(serial);
+            self.set_input_watched(false);
             return;
         }
         let mut buf = [0u8; 64];
         let want = room.min(buf.len());
-        match self.input.read(&mut buf[..want]) {
-            Ok(0) => {
-                let _ = ops.remove(self.input_events());
-            }
+        let stop = match input.input.read(&mut buf[..want]) {
+            Ok(0) => true,
             Ok(n) => {
                 if let Err(e) = serial.uart.enqueue_raw_bytes(&buf[..n]) {
                     log::warn!("console input: {e}");
                 }
+                false
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => false,
             Err(e) => {
                 log::warn!("console input: {e}; no longer forwarded");
-                let _ = ops.remove(self.input_events());
+                true
             }
+        };
+        drop(serial);
+        if stop {
+            self.set_input_watched(false);
         }
     }
 }
@@ -115,26 +197,35 @@ pub(crate) fn run(
     input: Option<InputForwarder>,
     devices: Vec<VirtioSubscriber>,
 ) {
-    let mut manager: EventManager<Box<dyn MutEventSubscriber + Send>> = match EventManager::new() {
-        Ok(m) => m,
+    let poller = match Poller::new() {
+        Ok(p) => p,
         Err(e) => {
-            lifecycle.finish(Err(crate::Error::EventLoop(format!("{e:?}"))));
+            lifecycle.finish(Err(crate::Error::EventLoop(e.to_string())));
             return;
         }
     };
-    use event_manager::SubscriberOps;
-    manager.add_subscriber(Box::new(FinishWatcher {
+    let mut event_loop = EventLoop {
+        poller,
+        sources: Vec::new(),
         lifecycle: lifecycle.clone(),
-    }));
-    if let Some(input) = input {
-        manager.add_subscriber(Box::new(input));
+        input,
+        devices,
+    };
+    if let Err(e) = event_loop.register() {
+        lifecycle.finish(Err(crate::Error::EventLoop(e.to_string())));
+        return;
     }
-    for device in devices {
-        manager.add_subscriber(Box::new(device));
-    }
+    let mut ready = Vec::new();
     while !lifecycle.is_finished() {
-        if let Err(e) = manager.run() {
-            lifecycle.finish(Err(crate::Error::EventLoop(format!("{e:?}"))));
+        ready.clear();
+        if let Err(e) = event_loop.poller.wait(None, &mut ready) {
+            lifecycle.finish(Err(crate::Error::EventLoop(e.to_string())));
+            break;
+        }
+        for r in &ready {
+            if let Some(&source) = event_loop.sources.get(r.token as usize) {
+                event_loop.dispatch(source);
+            }
         }
     }
 }

@@ -26,7 +26,6 @@ use supermachine_boot as boot;
 use supermachine_hypervisor::{Datamatch, Hypervisor, IoAddress, RamRegion, Vm, VmSpec};
 use supermachine_memory::GuestRam;
 use supermachine_virtio_mmio::{MMIO_SIZE, MmioTransport, VirtioDevice};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub use bus::{Bus, BusDevice};
 use snapshot::DeviceSnapshot;
@@ -225,7 +224,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A host resource (thread, eventfd) could not be created.
+    /// A host resource (thread, event) could not be created.
     #[error("{what}: {source}")]
     Host {
         /// What we tried to create.
@@ -510,7 +509,7 @@ pub fn start(hypervisor: &dyn Hypervisor, mut config: VmConfig) -> Result<Runnin
     log::debug!("kernel {}", config.kernel.display());
 
     let vm = hypervisor.create_vm(&vm_spec(config.vcpus, &ram))?;
-    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
+    let lifecycle = Arc::new(Lifecycle::new().map_err(host("creating an event"))?);
     let serial = Arc::new(Mutex::new(SerialPort {
         uart: vm_superio::Serial::with_events(
             IrqTrigger(vm.interrupt_line(arch::SERIAL_IRQ)?),
@@ -688,7 +687,7 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     let console_out = open_console(config.console)?;
     let vm = hypervisor.create_vm(&vm_spec(vcpu_count, &ram))?;
     vm.restore_state(&state.vm)?;
-    let lifecycle = Arc::new(Lifecycle::new().map_err(host("eventfd"))?);
+    let lifecycle = Arc::new(Lifecycle::new().map_err(host("creating an event"))?);
     let uart = vm_superio::Serial::from_state(
         &(&state.serial).into(),
         IrqTrigger(vm.interrupt_line(arch::SERIAL_IRQ)?),
@@ -745,7 +744,7 @@ fn vm_spec(vcpu_count: u32, ram: &Arc<GuestRam>) -> VmSpec {
 
 fn serial_input_room() -> Result<InputRoom> {
     Ok(InputRoom {
-        room: EventFd::new(EFD_NONBLOCK).map_err(host("eventfd"))?,
+        room: supermachine_host::Event::new().map_err(host("creating an event"))?,
     })
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use supermachine_hypervisor::VcpuKicker;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use supermachine_host::Event;
 
 use crate::{Error, ExitReason, Result};
 
@@ -19,7 +19,7 @@ pub(crate) struct Lifecycle {
     /// The kernel's panic message, once its console has printed one.
     panic_message: Mutex<Option<String>>,
     /// Readable once the VM has finished; wakes the event loop.
-    pub(crate) finished_evt: EventFd,
+    pub(crate) finished_evt: Event,
 }
 
 impl Lifecycle {
@@ -30,7 +30,7 @@ impl Lifecycle {
             cond: Condvar::new(),
             kickers: OnceLock::new(),
             panic_message: Mutex::new(None),
-            finished_evt: EventFd::new(EFD_NONBLOCK)?,
+            finished_evt: Event::new()?,
         })
     }
 
@@ -59,7 +59,7 @@ impl Lifecycle {
                 k.kick();
             }
         }
-        if let Err(e) = self.finished_evt.write(1) {
+        if let Err(e) = self.finished_evt.signal() {
             log::warn!("waking the event loop: {e}");
         }
     }

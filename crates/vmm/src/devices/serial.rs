@@ -5,7 +5,7 @@ use std::sync::Arc;
 use supermachine_hypervisor::InterruptLine;
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+use supermachine_host::Event;
 
 use super::console::ConsoleSink;
 use crate::bus::BusDevice;
@@ -23,7 +23,7 @@ impl Trigger for IrqTrigger {
 /// Signals `room` when the guest has drained the input FIFO, so the event
 /// loop can resume reading the host's input.
 pub(crate) struct InputRoom {
-    pub(crate) room: EventFd,
+    pub(crate) room: Event,
 }
 
 impl SerialEvents for InputRoom {
@@ -31,7 +31,7 @@ impl SerialEvents for InputRoom {
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
-        if let Err(e) = self.room.write(1) {
+        if let Err(e) = self.room.signal() {
             log::warn!("serial input: signalling room: {e}");
         }
     }

@@ -4,7 +4,6 @@
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use supermachine_hypervisor::IoNotifier;
 use supermachine_virtio_mmio::MmioTransport;
 
@@ -31,35 +30,23 @@ pub(crate) struct VirtioSubscriber {
     pub(crate) backend: Option<RawFd>,
 }
 
-impl MutEventSubscriber for VirtioSubscriber {
-    fn init(&mut self, ops: &mut EventOps<'_>) {
-        let fds = self
-            .notifiers
-            .iter()
-            .map(|n| n.as_raw_fd())
-            .chain(self.backend);
-        for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("{}: cannot watch fd {fd}: {e:?}", self.name);
-            }
+impl VirtioSubscriber {
+    /// The guest notified queue `index`.
+    pub(crate) fn queue_notified(&mut self, index: usize) {
+        if let Err(e) = self.notifiers[index].consume() {
+            log::warn!("{}: queue {index} notifier: {e}", self.name);
         }
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_notified(index as u32);
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
-        let fd = events.fd();
-        if let Some(index) = self.notifiers.iter().position(|n| n.as_raw_fd() == fd) {
-            if let Err(e) = self.notifiers[index].consume() {
-                log::warn!("{}: queue {index} notifier: {e}", self.name);
-            }
-            self.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .queue_notified(index as u32);
-        } else if Some(fd) == self.backend {
-            self.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .backend_ready();
-        }
+    /// The device's host side has something for it.
+    pub(crate) fn backend_ready(&mut self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .backend_ready();
     }
 }

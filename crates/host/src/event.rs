@@ -95,7 +95,10 @@ mod tests {
     use super::*;
 
     fn readable(event: &Event) -> bool {
-        let mut fds = [rustix::event::PollFd::new(event, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            event,
+            rustix::event::PollFlags::IN,
+        )];
         let zero = rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -120,7 +123,10 @@ mod tests {
         let event = std::sync::Arc::new(Event::new().unwrap());
         let signaller = event.clone();
         let thread = std::thread::spawn(move || signaller.signal().unwrap());
-        let mut fds = [rustix::event::PollFd::new(&*event, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &*event,
+            rustix::event::PollFlags::IN,
+        )];
         assert_eq!(rustix::event::poll(&mut fds, None).unwrap(), 1);
         thread.join().unwrap();
         assert_eq!(event.drain().unwrap(), 1);

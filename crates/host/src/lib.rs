@@ -8,6 +8,9 @@
 //! | [`Event`]: a wake-up a poller can watch | eventfd | a non-blocking pipe |
 //! | [`connect_unix_nonblocking`] | `SOCK_NONBLOCK` at creation | `O_NONBLOCK` right after |
 //! | [`zero_range`], [`punch_hole`] | `fallocate` | `F_PUNCHHOLE` (holes only) |
+//! | [`open_dir_beneath`]: no symlinks, no escape | `openat2(RESOLVE_BENEATH)` | `O_NOFOLLOW_ANY` |
+//! | [`open_in_root`]: a chroot's view of symlinks | `openat2(RESOLVE_IN_ROOT)` | resolved a component at a time |
+//! | [`mkfifo_at`] | `mknodat` | `mkfifoat` |
 //!
 //! Nothing here exists on Windows yet (see `docs/platforms.md`).
 
@@ -23,7 +26,7 @@ mod poller;
 #[cfg(unix)]
 pub use event::Event;
 #[cfg(unix)]
-pub use fs::{punch_hole, zero_range};
+pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root, punch_hole, zero_range};
 #[cfg(unix)]
 pub use net::connect_unix_nonblocking;
 #[cfg(unix)]

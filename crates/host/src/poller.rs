@@ -68,7 +68,9 @@ unsafe impl Sync for Poller {}
 
 impl std::fmt::Debug for Poller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Poller").field("fd", &self.fd).finish_non_exhaustive()
+        f.debug_struct("Poller")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,9 +213,8 @@ mod sys {
         let f = event.flags;
         Ready {
             token: event.data.u64(),
-            readable: f.intersects(
-                EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR,
-            ),
+            readable: f
+                .intersects(EventFlags::IN | EventFlags::RDHUP | EventFlags::HUP | EventFlags::ERR),
             writable: f.intersects(EventFlags::OUT | EventFlags::ERR),
         }
     }
@@ -359,13 +360,19 @@ mod tests {
         let mut poller = Poller::new().unwrap();
         let (mut a, b) = UnixStream::pair().unwrap();
         let (c, mut d) = UnixStream::pair().unwrap();
-        poller.add(b.as_fd(), 7, Interest::READ, Trigger::Level).unwrap();
-        poller.add(c.as_fd(), 9, Interest::READ, Trigger::Edge).unwrap();
+        poller
+            .add(b.as_fd(), 7, Interest::READ, Trigger::Level)
+            .unwrap();
+        poller
+            .add(c.as_fd(), 9, Interest::READ, Trigger::Edge)
+            .unwrap();
         let mut ready = Vec::new();
         assert_eq!(poller.wait(Some(Duration::ZERO), &mut ready).unwrap(), 0);
         a.write_all(b"x").unwrap();
         d.write_all(b"y").unwrap();
-        poller.wait(Some(Duration::from_secs(5)), &mut ready).unwrap();
+        poller
+            .wait(Some(Duration::from_secs(5)), &mut ready)
+            .unwrap();
         ready.sort_by_key(|r| r.token);
         assert_eq!(ready.len(), 2, "{ready:?}");
         assert!(ready[0].token == 7 && ready[0].readable && !ready[0].writable);
@@ -375,10 +382,15 @@ mod tests {
         poller.wait(Some(Duration::ZERO), &mut ready).unwrap();
         assert_eq!(ready.iter().map(|r| r.token).collect::<Vec<_>>(), [7]);
         // Asking for writability too; then deleting.
-        poller.modify(b.as_fd(), 8, Interest::BOTH, Trigger::Level).unwrap();
+        poller
+            .modify(b.as_fd(), 8, Interest::BOTH, Trigger::Level)
+            .unwrap();
         ready.clear();
         poller.wait(Some(Duration::ZERO), &mut ready).unwrap();
-        assert!(ready.iter().any(|r| r.token == 8 && r.writable), "{ready:?}");
+        assert!(
+            ready.iter().any(|r| r.token == 8 && r.writable),
+            "{ready:?}"
+        );
         poller.delete(b.as_fd()).unwrap();
         ready.clear();
         poller.wait(Some(Duration::ZERO), &mut ready).unwrap();
@@ -390,11 +402,17 @@ mod tests {
         let mut inner = Poller::new().unwrap();
         let mut outer = Poller::new().unwrap();
         let (a, b) = UnixStream::pair().unwrap();
-        inner.add(b.as_fd(), 1, Interest::READ, Trigger::Edge).unwrap();
-        outer.add(inner.as_fd(), 2, Interest::READ, Trigger::Level).unwrap();
+        inner
+            .add(b.as_fd(), 1, Interest::READ, Trigger::Edge)
+            .unwrap();
+        outer
+            .add(inner.as_fd(), 2, Interest::READ, Trigger::Level)
+            .unwrap();
         drop(a);
         let mut ready = Vec::new();
-        outer.wait(Some(Duration::from_secs(5)), &mut ready).unwrap();
+        outer
+            .wait(Some(Duration::from_secs(5)), &mut ready)
+            .unwrap();
         assert_eq!(ready[0].token, 2);
         ready.clear();
         inner.wait(Some(Duration::ZERO), &mut ready).unwrap();

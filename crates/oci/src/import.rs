@@ -215,10 +215,7 @@ impl Source {
             .to_vec();
         let reader: Box<dyn Read> = match magic.as_slice() {
             [0x1f, 0x8b, ..] => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
-            [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(
-                zstd::Decoder::with_buffer(input)
-                    .map_err(|e| io_error(format!("reading {label}"), e))?,
-            ),
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(crate::zstd::ZstdReader::new(input)),
             [0xfd, b'7', b'z', b'X', b'Z', 0, ..] | [b'B', b'Z', b'h', ..] => {
                 return Err(Error::Invalid(format!(
                     "{label}: xz and bzip2 compressed archives are not supported; decompress it first"

@@ -21,6 +21,7 @@ pub mod rootfs;
 pub mod spec;
 pub mod store;
 pub mod unpack;
+mod zstd;
 
 pub use digest::Digest;
 pub use import::{LoadOptions, load};

@@ -162,7 +162,9 @@ pub async fn pull_async(
         insecure.push(registry.clone());
     }
     // The process-wide TLS provider, unless the embedding program chose
-    // one already (then this fails harmlessly).
+    // one already (then this fails harmlessly). Elsewhere TLS is the
+    // system's.
+    #[cfg(target_os = "linux")]
     let _ = rustls::crypto::ring::default_provider().install_default();
     // `Client::new` would fall back to a default client, which panics
     // where the system has no CA certificates; this says so instead.

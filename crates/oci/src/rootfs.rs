@@ -3,14 +3,11 @@
 //! `mkfs.erofs`, cached by manifest digest. Why EROFS and not ext4:
 //! docs/images.md.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::Error;
 use crate::digest::Digest;
@@ -174,19 +171,9 @@ fn digest_uuid(digest: &str) -> String {
 /// `/etc/passwd` that is a symlink to `/x` means the image's `/x`, never
 /// the host's (`RESOLVE_IN_ROOT`). Missing means empty.
 fn read_in_root(root: &Path, rel: &str) -> Result<String, Error> {
-    let dir: OwnedFd = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_error(format!("opening {}", root.display()), e.into()))?;
-    let fd = match rustix::fs::openat2(
-        &dir,
-        OsStr::new(rel),
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    ) {
+    let dir = supermachine_host::open_dir(root)
+        .map_err(|e| io_error(format!("opening {}", root.display()), e.into()))?;
+    let fd = match supermachine_host::open_in_root(dir.as_fd(), Path::new(rel)) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
             return Ok(String::new());

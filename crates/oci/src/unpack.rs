@@ -7,7 +7,8 @@
 //! absolute symlinks (they mean the image's root, as they will inside the
 //! guest) and a refusal for any symlink that climbs out of the root or
 //! loops. The resolved parent, which then contains no symlink, is opened
-//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so the kernel
+//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` (`O_NOFOLLOW_ANY`
+//! on macOS: `supermachine_host::open_dir_beneath`), so the kernel
 //! itself guarantees that nothing below escapes; the entry is created
 //! relative to that descriptor with `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW`.
 //!
@@ -26,7 +27,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use sha2::{Digest as _, Sha256};
 
 use crate::Error;
@@ -141,12 +142,7 @@ impl Unpacker {
             what: format!("opening {}", root.display()),
             source,
         };
-        let fd = rustix::fs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| io_error(e.into()))?;
+        let fd = supermachine_host::open_dir(root).map_err(|e| io_error(e.into()))?;
         Ok(Self {
             root: fd,
             root_path: root.to_path_buf(),
@@ -176,9 +172,7 @@ impl Unpacker {
         let decompressed: Box<dyn Read> = match compression {
             Compression::None => Box::new(blob),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::new(blob).map_err(read_error)?)
-            }
+            Compression::Zstd => Box::new(crate::zstd::ZstdReader::new(io::BufReader::new(blob))),
         };
         let mut hashed = HashingReader {
             inner: decompressed,
@@ -280,8 +274,10 @@ impl Unpacker {
 
         let header = entry.header().clone();
         let kind = header.entry_type();
-        let mode =
-            Mode::from_raw_mode(header.mode().map_err(|e| layer.error(&raw_path, e))? & 0o7777);
+        let mode = Mode::from_raw_mode(
+            // Permission bits fit every host's mode_t (16 bits on macOS).
+            (header.mode().map_err(|e| layer.error(&raw_path, e))? & 0o7777) as _,
+        );
         let mtime = header.mtime().unwrap_or(0);
         let (mut uid, mut gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
         let mut xattrs = Vec::new();
@@ -394,7 +390,7 @@ impl Unpacker {
                     .map_err(|why| layer.error(&raw_path, why))?;
             }
             tar::EntryType::Fifo => {
-                rustix::fs::mknodat(&parent_fd, &name, FileType::Fifo, mode, 0)
+                supermachine_host::mkfifo_at(parent_fd.as_fd(), &name, mode)
                     .map_err(|e| fail("creating the fifo", e))?;
                 self.set_link_owner(&parent_fd, &name, &target, uid, gid)
                     .map_err(|e| layer.error(&raw_path, e))?;
@@ -493,13 +489,7 @@ impl Unpacker {
     /// Opens a resolved directory: the kernel refuses any symlink on the
     /// way and anything outside the root.
     fn open_beneath(&self, resolved: &Path) -> rustix::io::Result<OwnedFd> {
-        rustix::fs::openat2(
-            &self.root,
-            nonempty(resolved),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        )
+        supermachine_host::open_dir_beneath(self.root.as_fd(), resolved)
     }
 
     fn hardlink(&mut self, link: &Path, parent_fd: &OwnedFd, name: &OsStr) -> Result<(), String> {

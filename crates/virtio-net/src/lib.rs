@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 
+use supermachine_host::{Interest, Poller, Trigger};
 use supermachine_memory::GuestMemoryMmapped;
 use supermachine_virtio_mmio::{ActiveDevice, QueueState, VirtioDevice};
 use supermachine_virtq::{Chain, Reader, Virtqueue, Writer};
@@ -30,7 +31,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
 };
-use supermachine_host::{Interest, Poller, Trigger};
 
 pub use backend::{DatagramBackend, FrameBackend, MAX_FRAME, StreamBackend};
 pub use policy::{EgressPolicy, PolicyMode, Rule, Verdict};

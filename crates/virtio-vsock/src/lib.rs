@@ -22,10 +22,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use supermachine_host::{Interest, Poller, Trigger};
 use supermachine_memory::GuestMemoryMmapped;
 use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Virtqueue, Writer};
-use supermachine_host::{Interest, Poller, Trigger};
 
 use connection::{Connection, Key, State};
 use packet::{HEADER_SIZE, HOST_CID, Header, TYPE_STREAM, op, shutdown};
@@ -430,7 +430,10 @@ impl Vsock {
         let mut ready = Vec::new();
         loop {
             ready.clear();
-            let n = match self.poller.wait(Some(std::time::Duration::ZERO), &mut ready) {
+            let n = match self
+                .poller
+                .wait(Some(std::time::Duration::ZERO), &mut ready)
+            {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("vsock: polling: {e}");

@@ -55,8 +55,7 @@ struct EventLoop {
 impl EventLoop {
     fn watch(&mut self, fd: BorrowedFd<'_>, source: Source) -> std::io::Result<()> {
         let token = self.sources.len() as u64;
-        self.poller
-            .add(fd, token, Interest::READ, Trigger::Level)?;
+        self.poller.add(fd, token, Interest::READ, Trigger::Level)?;
         self.sources.push(source);
         Ok(())
     }

@@ -198,6 +198,7 @@ pub enum Error {
     #[error(transparent)]
     Disk(#[from] supermachine_virtio_blk::Error),
     /// A virtio-fs device could not be set up.
+    #[cfg(target_os = "linux")]
     #[error(transparent)]
     Fs(#[from] supermachine_virtio_fs::Error),
     /// The shared memory file for guest RAM could not be made.
@@ -1048,9 +1049,14 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
         };
         place("virtio-net".into(), Some(kind), Box::new(net.device()?))?;
     }
+    #[cfg(target_os = "linux")]
     for fs in &config.filesystems {
         let device = supermachine_virtio_fs::Fs::new(&fs.tag, &fs.socket)?;
         place(format!("virtio-fs {}", fs.tag), None, Box::new(device))?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    if !config.filesystems.is_empty() {
+        return Err(Error::Config(NO_VIRTIO_FS.into()));
     }
     if config.entropy {
         place(
@@ -1063,8 +1069,21 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
 }
 
 /// An anonymous shared-memory file (memfd) for guest RAM, closed on exec.
+#[cfg(target_os = "linux")]
 fn shared_memory_file() -> Result<std::fs::File> {
     rustix::fs::memfd_create("supermachine-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
         .map(std::fs::File::from)
         .map_err(|e| Error::SharedMemory(e.into()))
+}
+
+/// Why a VM with virtio-fs shares cannot be made here.
+#[cfg(not(target_os = "linux"))]
+const NO_VIRTIO_FS: &str =
+    "sharing host directories needs virtiofsd (vhost-user), which runs on Linux only";
+
+/// Guest RAM is shared with a vhost-user backend only for virtio-fs,
+/// which this platform does not have.
+#[cfg(not(target_os = "linux"))]
+fn shared_memory_file() -> Result<std::fs::File> {
+    Err(Error::Config(NO_VIRTIO_FS.into()))
 }

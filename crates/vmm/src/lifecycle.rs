@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use supermachine_hypervisor::VcpuKicker;
 use supermachine_host::Event;
+use supermachine_hypervisor::VcpuKicker;
 
 use crate::{Error, ExitReason, Result};
 

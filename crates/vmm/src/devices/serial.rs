@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use supermachine_host::Event;
 use supermachine_hypervisor::InterruptLine;
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
-use supermachine_host::Event;
 
 use super::console::ConsoleSink;
 use crate::bus::BusDevice;

@@ -176,16 +176,29 @@ impl From<supermachine_agent_protocol::Error> for Error {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// This platform's hypervisor: KVM on Linux.
+/// This platform's hypervisor: KVM on Linux, Hypervisor.framework on
+/// macOS (Apple Silicon), the Windows Hypervisor Platform on Windows.
 pub fn default_hypervisor() -> Result<Arc<dyn Hypervisor>> {
     #[cfg(target_os = "linux")]
     {
         Ok(Arc::new(supermachine_hypervisor_kvm::KvmHypervisor::new()?))
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(all(target_os = "macos", target_arch = "aarch64"))]
+    {
+        Ok(Arc::new(supermachine_hypervisor_hvf::HvfHypervisor::new()?))
+    }
+    #[cfg(all(windows, target_arch = "x86_64"))]
+    {
+        Ok(Arc::new(supermachine_hypervisor_whp::WhpHypervisor::new()?))
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        all(target_os = "macos", target_arch = "aarch64"),
+        all(windows, target_arch = "x86_64")
+    )))]
     {
         Err(supermachine_hypervisor::Error::Unavailable(
-            "no hypervisor backend for this platform yet (KVM on Linux only)".into(),
+            "no hypervisor backend for this platform: KVM on Linux, Hypervisor.framework on Apple Silicon Macs, WHP on x86_64 Windows".into(),
         )
         .into())
     }

@@ -341,6 +341,11 @@ pub(crate) fn plan(network: &Network) -> Result<Option<Plan>> {
     let (mut ipv4, mut ipv6) = (host_has_default_route(false), host_has_default_route(true));
     let backend = match &network.mode {
         NetworkMode::None => return Ok(None),
+        NetworkMode::Passt if !cfg!(target_os = "linux") => {
+            return Err(Error::InvalidOption(
+                "--network passt: passt runs on Linux only; here give the guest a network with --network stream:PATH (gvproxy) or dgram:PATH (vfkit style)".into(),
+            ));
+        }
         NetworkMode::Auto | NetworkMode::Passt => {
             match (network.passt.clone().or_else(find_passt), ipv4 || ipv6) {
                 (Some(program), true) => Backend::Passt(program),
@@ -357,7 +362,9 @@ pub(crate) fn plan(network: &Network) -> Result<Option<Plan>> {
                 (program, _) => {
                     log::info!(
                         "no guest network: {}",
-                        if program.is_none() {
+                        if !cfg!(target_os = "linux") {
+                            "passt runs on Linux only (--network stream:PATH or dgram:PATH give one)"
+                        } else if program.is_none() {
                             "passt is not installed"
                         } else {
                             "this host has no default route"

@@ -102,6 +102,11 @@ pub(crate) fn find_helper(name: &str, env_var: &str, elsewhere: &[PathBuf]) -> O
 /// The virtiofsd program: `$SUPERMACHINE_VIRTIOFSD`, else `virtiofsd` on
 /// PATH, else where distributions and `cargo install` put it.
 pub fn find_virtiofsd() -> Result<PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return Err(Error::InvalidOption(
+            "-v: sharing host directories needs virtiofsd, which runs on Linux only".into(),
+        ));
+    }
     let mut elsewhere: Vec<PathBuf> = vec![
         "/usr/libexec/virtiofsd".into(),
         "/usr/lib/qemu/virtiofsd".into(),

@@ -1,6 +1,6 @@
 //! The Hypervisor.framework backend: `HvfHypervisor` -> `HvfVm` -> `HvfVcpu`.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
@@ -337,12 +337,14 @@ impl Vm for HvfVm {
         let IoAddress::Mmio(addr) = addr else {
             return Err(hv::Error::Unsupported("arm64 has no I/O ports".into()));
         };
-        let (read, write) = pipe()?;
+        let event = supermachine_host::Event::new().map_err(|source| hv::Error::Os {
+            op: "creating a notifier event",
+            source,
+        })?;
         let inner = Arc::new(NotifierInner {
             addr,
             datamatch,
-            read,
-            write,
+            event,
         });
         self.shared
             .notifiers
@@ -444,8 +446,7 @@ impl InterruptLine for SpiLine {
 struct NotifierInner {
     addr: u64,
     datamatch: Datamatch,
-    read: OwnedFd,
-    write: OwnedFd,
+    event: supermachine_host::Event,
 }
 
 impl NotifierInner {
@@ -466,39 +467,10 @@ impl NotifierInner {
     }
 
     fn signal(&self) {
-        let byte = 1u8;
-        // SAFETY: writes one byte from a valid buffer to our own pipe. A
-        // full pipe (EAGAIN) already holds a pending notification.
-        unsafe { libc::write(self.write.as_raw_fd(), (&byte as *const u8).cast(), 1) };
-    }
-}
-
-/// A non-blocking, close-on-exec pipe: (read end, write end).
-fn pipe() -> hv::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: writes two fds through a valid pointer.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(hv::Error::Os {
-            op: "pipe",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: both fds were just created and are owned by nothing else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    for fd in [&read, &write] {
-        // SAFETY: fcntl on an fd we own.
-        let ok = unsafe {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) == 0
-                && libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) == 0
-        };
-        if !ok {
-            return Err(hv::Error::Os {
-                op: "fcntl",
-                source: std::io::Error::last_os_error(),
-            });
+        if let Err(e) = self.event.signal() {
+            log::warn!("notifier at {:#x}: {e}", self.addr);
         }
     }
-    Ok((read, write))
 }
 
 #[derive(Debug)]
@@ -509,34 +481,14 @@ struct HvfNotifier {
 
 impl IoNotifier for HvfNotifier {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.read.as_raw_fd()
+        self.inner.event.as_raw_fd()
     }
 
     fn consume(&self) -> hv::Result<u64> {
-        let mut total = 0u64;
-        let mut buf = [0u8; 64];
-        loop {
-            // SAFETY: reads into a valid buffer of its length from our pipe.
-            let n = unsafe {
-                libc::read(
-                    self.inner.read.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
-            if n > 0 {
-                total += n as u64;
-                continue;
-            }
-            let err = std::io::Error::last_os_error();
-            if n < 0 && err.kind() != std::io::ErrorKind::WouldBlock {
-                return Err(hv::Error::Os {
-                    op: "read notifier",
-                    source: err,
-                });
-            }
-            return Ok(total);
-        }
+        self.inner.event.drain().map_err(|source| hv::Error::Os {
+            op: "reading a notifier event",
+            source,
+        })
     }
 }
 

@@ -700,33 +700,15 @@ fn a_full_host_backlog_resets_the_guest_connection_without_blocking() {
     // would block from here on.
     let listener = listen(&g.path, 5100);
     let mut fillers = Vec::new();
+    let target = std::path::PathBuf::from(format!("{}_5100", g.path.display()));
     loop {
-        // SAFETY: plain socket calls on descriptors this test owns.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
-        assert!(fd >= 0);
-        // SAFETY: sockaddr_un is plain data; all zeroes is valid.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let p = format!("{}_5100", g.path.display());
-        for (d, s) in addr.sun_path.iter_mut().zip(p.as_bytes()) {
-            *d = *s as libc::c_char;
+        match supermachine_host::connect_unix_nonblocking(&target) {
+            Ok(stream) => fillers.push(stream),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                break;
+            }
         }
-        // SAFETY: `addr` is a valid sockaddr_un of the size given.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_un).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        // SAFETY: `fd` is ours.
-        let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
-            break;
-        }
-        fillers.push(owned);
         assert!(fillers.len() < 100_000, "the backlog never filled");
     }
     let started = Instant::now();

@@ -594,6 +594,8 @@ const LINUX_ONLY: &[&str] = &[
 /// portable backends' decoding and conversions (WHP's whole backend),
 /// and what needs no POSIX host (see `docs/platforms.md`).
 const WINDOWS_CRATES: &[&str] = &[
+    "supermachine-memory",
+    "supermachine-snapshot",
     "supermachine-hypervisor",
     "supermachine-hypervisor-whp",
     "supermachine-hypervisor-hvf",

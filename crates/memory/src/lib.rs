@@ -193,12 +193,7 @@ impl GuestRam {
         let mut offset = 0u64;
         let mut regions = Vec::with_capacity(layout.ranges.len());
         for r in &layout.ranges {
-            let mapping = vm_memory::mmap::MmapRegionBuilder::new(r.len as usize)
-                .with_file_offset(FileOffset::from_arc(file.clone(), offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-                .build()
-                .map_err(|e| Error::PrivateMap(e.to_string()))?;
+            let mapping = private_region(r.len, FileOffset::from_arc(file.clone(), offset))?;
             regions.push(
                 vm_memory::GuestRegionMmap::new(mapping, r.start)
                     .ok_or_else(|| Error::PrivateMap("range overflows the address space".into()))?,
@@ -235,6 +230,26 @@ impl GuestRam {
             })
             .collect()
     }
+}
+
+/// `len` bytes of `file` from its offset, mapped private copy-on-write.
+#[cfg(unix)]
+fn private_region(len: u64, file: FileOffset) -> Result<vm_memory::MmapRegion<()>> {
+    vm_memory::mmap::MmapRegionBuilder::new(len as usize)
+        .with_file_offset(file)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+        .build()
+        .map_err(|e| Error::PrivateMap(e.to_string()))
+}
+
+/// Copy-on-write file mappings (`MapViewOfFile` with `FILE_MAP_COPY`)
+/// are not written for Windows yet.
+#[cfg(not(unix))]
+fn private_region(_len: u64, _file: FileOffset) -> Result<vm_memory::MmapRegion<()>> {
+    Err(Error::PrivateMap(
+        "copy-on-write mappings of a snapshot's memory are not implemented on Windows yet".into(),
+    ))
 }
 
 /// A region of guest RAM and where it is mapped in this process.

@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -244,7 +243,7 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmapped) -> Result<MemoryFileS
                 while page < n && !is_zero(&buf[page..page + PAGE]) {
                     page += PAGE;
                 }
-                file.write_all_at(&buf[start..page], file_offset + (done + start) as u64)
+                write_all_at(file, &buf[start..page], file_offset + (done + start) as u64)
                     .map_err(at())?;
                 stats.data_bytes += (page - start) as u64;
             }
@@ -265,6 +264,30 @@ fn is_zero(page: &[u8]) -> bool {
         unsafe { page.align_to::<u64>() }
     };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Writes all of `buf` at `offset` without moving the file's cursor.
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let (mut buf, mut offset) = (buf, offset);
+        while !buf.is_empty() {
+            match std::os::windows::fs::FileExt::seek_write(file, buf, offset) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -352,10 +375,13 @@ mod tests {
         let stats = write_memory(&path, mem).unwrap();
         assert_eq!(stats.total_bytes, 64 << 20);
         assert_eq!(stats.data_bytes, 5 * PAGE as u64);
-        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 64 << 20);
-        assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
+        }
 
         let before = std::fs::read(&path).unwrap();
         let a = GuestRam::private_file(&layout, File::open(&path).unwrap()).unwrap();

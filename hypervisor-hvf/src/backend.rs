@@ -3,7 +3,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use supermachine_hypervisor::aarch64::{
     CoreRegs, GicCpuState, GicReg, PowerState, SysReg, SysRegId, gic, mpidr, psci as ids, pstate,
     sys_regs,
 };
+use supermachine_hypervisor::watch::{Watched, WriteWatches};
 use supermachine_hypervisor::{
     self as hv, Datamatch, Hypervisor, InterruptLine, IoAddress, IoNotifier, Regs, Vcpu, VcpuExit,
     VcpuKicker, VcpuState, Vm, VmSpec, VmState,
@@ -115,7 +116,7 @@ impl Hypervisor for HvfHypervisor {
                 pending_gic: vec![None; vcpu_count],
             }),
             wake: Condvar::new(),
-            notifiers: RwLock::new(Vec::new()),
+            notifiers: WriteWatches::default(),
         });
         let mut timebase = ffi::mach_timebase_info_data_t::default();
         // SAFETY: writes the struct through a valid pointer.
@@ -240,7 +241,7 @@ struct Shared {
     /// Signalled when `Core::generation` moves: an interrupt was raised, a
     /// vCPU was started or kicked.
     wake: Condvar,
-    notifiers: RwLock<Vec<Arc<NotifierInner>>>,
+    notifiers: WriteWatches<supermachine_host::Event>,
 }
 
 #[derive(Debug)]
@@ -341,18 +342,12 @@ impl Vm for HvfVm {
             op: "creating a notifier event",
             source,
         })?;
-        let inner = Arc::new(NotifierInner {
-            addr,
-            datamatch,
-            event,
-        });
-        self.shared
+        let watched = self
+            .shared
             .notifiers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(inner.clone());
+            .add(IoAddress::Mmio(addr), datamatch, event);
         Ok(Box::new(HvfNotifier {
-            inner,
+            watched,
             shared: Arc::downgrade(&self.shared),
         }))
     }
@@ -441,51 +436,19 @@ impl InterruptLine for SpiLine {
     }
 }
 
-/// A guest write the backend watches for.
-#[derive(Debug)]
-struct NotifierInner {
-    addr: u64,
-    datamatch: Datamatch,
-    event: supermachine_host::Event,
-}
-
-impl NotifierInner {
-    fn matches(&self, addr: u64, data: &[u8]) -> bool {
-        if addr != self.addr {
-            return false;
-        }
-        let mut bytes = [0u8; 8];
-        bytes[..data.len()].copy_from_slice(data);
-        let value = u64::from_le_bytes(bytes);
-        match self.datamatch {
-            Datamatch::Any => true,
-            Datamatch::U8(v) => data.len() == 1 && value == u64::from(v),
-            Datamatch::U16(v) => data.len() == 2 && value == u64::from(v),
-            Datamatch::U32(v) => data.len() == 4 && value == u64::from(v),
-            Datamatch::U64(v) => data.len() == 8 && value == v,
-        }
-    }
-
-    fn signal(&self) {
-        if let Err(e) = self.event.signal() {
-            log::warn!("notifier at {:#x}: {e}", self.addr);
-        }
-    }
-}
-
 #[derive(Debug)]
 struct HvfNotifier {
-    inner: Arc<NotifierInner>,
+    watched: Arc<Watched<supermachine_host::Event>>,
     shared: Weak<Shared>,
 }
 
 impl IoNotifier for HvfNotifier {
     fn as_raw_fd(&self) -> RawFd {
-        self.inner.event.as_raw_fd()
+        self.watched.signal.as_raw_fd()
     }
 
     fn consume(&self) -> hv::Result<u64> {
-        self.inner.event.drain().map_err(|source| hv::Error::Os {
+        self.watched.signal.drain().map_err(|source| hv::Error::Os {
             op: "reading a notifier event",
             source,
         })
@@ -495,11 +458,7 @@ impl IoNotifier for HvfNotifier {
 impl Drop for HvfNotifier {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            shared
-                .notifiers
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|n| !Arc::ptr_eq(n, &self.inner));
+            shared.notifiers.remove(&self.watched);
         }
     }
 }
@@ -796,14 +755,16 @@ impl HvfVcpu {
             Exception::Mmio(access) if access.write => {
                 let value = self.get_x(access.reg)?;
                 let data = &value.to_le_bytes()[..access.size];
-                let notifiers = self
-                    .shared
-                    .notifiers
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner());
-                if let Some(n) = notifiers.iter().find(|n| n.matches(access.addr, data)) {
-                    n.signal();
-                    drop(notifiers);
+                let signalled = self.shared.notifiers.signal_matching(
+                    IoAddress::Mmio(access.addr),
+                    data,
+                    |event| {
+                        if let Err(e) = event.signal() {
+                            log::warn!("notifier at {:#x}: {e}", access.addr);
+                        }
+                    },
+                );
+                if signalled {
                     self.advance_pc()?;
                     return Ok(Outcome::Again);
                 }

@@ -3,9 +3,10 @@
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use supermachine_hypervisor::watch::{Watched, WriteWatches};
 use supermachine_hypervisor::x86_64::{
     CpuidEntry, DebugRegs, DescriptorTable, FpuState, MpState, MsrEntry, PicState, PitState,
     SpecialRegs, VcpuState, VmState, Xcr,
@@ -204,7 +205,7 @@ impl Hypervisor for WhpHypervisor {
                 ioapic: Mutex::new(Ioapic::new(spec.vcpu_count)),
                 generation: Mutex::new(0),
                 wake: Condvar::new(),
-                notifiers: RwLock::new(Vec::new()),
+                notifiers: WriteWatches::default(),
             }),
         }))
     }
@@ -272,7 +273,7 @@ struct Shared {
     /// vCPUs wait on `wake` for it to change.
     generation: Mutex<u64>,
     wake: Condvar,
-    notifiers: RwLock<Vec<Arc<NotifierInner>>>,
+    notifiers: WriteWatches<CountedEvent>,
 }
 
 impl Shared {
@@ -291,14 +292,8 @@ impl Shared {
 
     /// Signals the notifier that watches this write, if one does.
     fn notify(&self, addr: IoAddress, data: &[u8]) -> bool {
-        let notifiers = self.notifiers.read().unwrap_or_else(|p| p.into_inner());
-        match notifiers.iter().find(|n| n.matches(addr, data)) {
-            Some(n) => {
-                n.signal();
-                true
-            }
-            None => false,
-        }
+        self.notifiers
+            .signal_matching(addr, data, CountedEvent::signal)
     }
 
     /// Delivers an edge on I/O APIC line `pin` where the guest routed it.
@@ -403,19 +398,13 @@ impl Vm for WhpVm {
                 source: std::io::Error::last_os_error(),
             });
         }
-        let inner = Arc::new(NotifierInner {
-            addr,
-            datamatch,
+        let signal = CountedEvent {
             event: Event(event),
             count: AtomicU64::new(0),
-        });
-        self.shared
-            .notifiers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(inner.clone());
+        };
+        let watched = self.shared.notifiers.add(addr, datamatch, signal);
         Ok(Box::new(WhpNotifier {
-            inner,
+            watched,
             shared: Arc::downgrade(&self.shared),
         }))
     }
@@ -480,62 +469,42 @@ impl Drop for Event {
     }
 }
 
+/// A Win32 event with the number of times it was signalled since the
+/// last `consume`.
 #[derive(Debug)]
-struct NotifierInner {
-    addr: IoAddress,
-    datamatch: Datamatch,
+struct CountedEvent {
     event: Event,
     count: AtomicU64,
 }
 
-impl NotifierInner {
-    fn matches(&self, addr: IoAddress, data: &[u8]) -> bool {
-        if addr != self.addr || data.len() > 8 {
-            return false;
-        }
-        let mut bytes = [0u8; 8];
-        bytes[..data.len()].copy_from_slice(data);
-        let value = u64::from_le_bytes(bytes);
-        match self.datamatch {
-            Datamatch::Any => true,
-            Datamatch::U8(v) => data.len() == 1 && value == u64::from(v),
-            Datamatch::U16(v) => data.len() == 2 && value == u64::from(v),
-            Datamatch::U32(v) => data.len() == 4 && value == u64::from(v),
-            Datamatch::U64(v) => data.len() == 8 && value == v,
-        }
-    }
-
+impl CountedEvent {
     fn signal(&self) {
         self.count.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: signals the event this notifier owns.
+        // SAFETY: signals the event this value owns.
         unsafe { SetEvent(self.event.0) };
     }
 }
 
 #[derive(Debug)]
 struct WhpNotifier {
-    inner: Arc<NotifierInner>,
+    watched: Arc<Watched<CountedEvent>>,
     shared: Weak<Shared>,
 }
 
 impl IoNotifier for WhpNotifier {
     fn as_raw_handle(&self) -> std::os::windows::io::RawHandle {
-        self.inner.event.0
+        self.watched.signal.event.0
     }
 
     fn consume(&self) -> hv::Result<u64> {
-        Ok(self.inner.count.swap(0, Ordering::AcqRel))
+        Ok(self.watched.signal.count.swap(0, Ordering::AcqRel))
     }
 }
 
 impl Drop for WhpNotifier {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            shared
-                .notifiers
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|n| !Arc::ptr_eq(n, &self.inner));
+            shared.notifiers.remove(&self.watched);
         }
     }
 }

@@ -285,17 +285,10 @@ mod sys {
         ]
     }
 
-    pub(super) fn add(
-        poller: &OwnedFd,
-        fd: BorrowedFd<'_>,
-        token: u64,
-        interest: Interest,
-        trigger: Trigger,
-    ) -> io::Result<()> {
-        // A filter not asked for is deleted, which is a no-op (ENOENT)
-        // on a descriptor just added.
-        apply(poller, &changes(fd, token, interest, trigger), true)
-    }
+    /// EV_ADD adds a filter or updates it, so adding is modifying (a
+    /// filter not asked for is deleted: ENOENT on a new descriptor, which
+    /// is ignored).
+    pub(super) use modify as add;
 
     pub(super) fn modify(
         poller: &OwnedFd,

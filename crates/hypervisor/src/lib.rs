@@ -7,6 +7,7 @@
 //! `Arc<dyn Hypervisor>`, `Arc<dyn Vm>` and `Box<dyn Vcpu>`.
 
 pub mod aarch64;
+pub mod watch;
 pub mod x86_64;
 
 use std::fmt::Debug;

@@ -599,6 +599,7 @@ const WINDOWS_CRATES: &[&str] = &[
     "supermachine-hypervisor",
     "supermachine-hypervisor-whp",
     "supermachine-hypervisor-hvf",
+    "supermachine-hypervisor-conformance",
     "supermachine-host",
     "supermachine-agent-protocol",
     "supermachine-test-guests",

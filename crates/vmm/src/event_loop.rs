@@ -46,7 +46,10 @@ unsafe fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
 
 struct EventLoop {
     poller: Poller,
+    /// What each token stands for: the token is the index.
     sources: Vec<Source>,
+    /// The host input's token, to watch it again after a pause.
+    input_token: u64,
     lifecycle: Arc<Lifecycle>,
     input: Option<InputForwarder>,
     devices: Vec<VirtioSubscriber>,
@@ -58,10 +61,6 @@ impl EventLoop {
         self.poller.add(fd, token, Interest::READ, Trigger::Level)?;
         self.sources.push(source);
         Ok(())
-    }
-
-    fn token_of(&self, wanted: fn(&Source) -> bool) -> u64 {
-        self.sources.iter().position(wanted).unwrap_or(usize::MAX) as u64
     }
 
     fn room_fd(input: &InputForwarder) -> RawFd {
@@ -80,6 +79,7 @@ impl EventLoop {
         let finished = self.lifecycle.clone();
         self.watch(finished.finished_evt.as_fd(), Source::Finished)?;
         if let Some(input) = self.input.take() {
+            self.input_token = self.sources.len() as u64;
             let added = self.watch(input.input.as_fd(), Source::Input);
             match added {
                 Ok(()) => {
@@ -127,13 +127,16 @@ impl EventLoop {
     }
 
     fn set_input_watched(&mut self, watched: bool) {
-        let token = self.token_of(|s| matches!(s, Source::Input));
         let Some(input) = &self.input else {
             return;
         };
         let result = if watched {
-            self.poller
-                .add(input.input.as_fd(), token, Interest::READ, Trigger::Level)
+            self.poller.add(
+                input.input.as_fd(),
+                self.input_token,
+                Interest::READ,
+                Trigger::Level,
+            )
         } else {
             self.poller.delete(input.input.as_fd())
         };
@@ -206,6 +209,7 @@ pub(crate) fn run(
     let mut event_loop = EventLoop {
         poller,
         sources: Vec::new(),
+        input_token: 0,
         lifecycle: lifecycle.clone(),
         input,
         devices,

@@ -19,7 +19,7 @@ mod vcpu;
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use supermachine_boot as boot;
@@ -716,8 +716,8 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
     }
     let vcpus = state
         .vcpus
-        .iter()
-        .map(|saved| VcpuSetup::Restore(Box::new(saved.clone())))
+        .into_iter()
+        .map(|saved| VcpuSetup::Restore(Box::new(saved)))
         .collect();
     launch(Assembled {
         vm,
@@ -851,25 +851,25 @@ fn launch(a: Assembled) -> Result<RunningVm> {
             base: t.base,
             irq: t.irq,
         })
-        .collect::<Vec<SavedDevice>>();
+        .collect();
     let pause = Arc::new(pause::PauseControl::new(vcpus.len()));
     let restoring = vcpus.iter().any(|v| matches!(v, VcpuSetup::Restore(_)));
-    let (vcpu_threads, kickers, go) = start_vcpus(&vm, vcpus, |_| vcpu::VcpuContext {
-        pio: pio.clone(),
-        mmio: mmio.clone(),
+    let context = vcpu::VcpuContext {
+        pio,
+        mmio,
         lifecycle: lifecycle.clone(),
         pause: pause.clone(),
-    })?;
+    };
+    let (vcpu_threads, kickers, go) = start_vcpus(&vm, vcpus, &context)?;
     lifecycle.set_kickers(kickers.clone());
     if restoring {
         // Only now can an interrupt reach a vCPU and stay pending there.
-        for device in &devices {
-            if let Some(transport) = Weak::upgrade(&device.transport) {
-                transport
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .raise_pending_interrupt();
-            }
+        for subscriber in &subscribers {
+            subscriber
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .raise_pending_interrupt();
         }
     }
 
@@ -919,7 +919,7 @@ type StartedVcpus = (
 fn start_vcpus(
     vm: &Arc<dyn Vm>,
     setups: Vec<VcpuSetup>,
-    mut context: impl FnMut(u32) -> vcpu::VcpuContext,
+    context: &vcpu::VcpuContext,
 ) -> Result<StartedVcpus> {
     use std::sync::mpsc;
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -930,7 +930,7 @@ fn start_vcpus(
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let vm = vm.clone();
         let ready = ready_tx.clone();
-        let ctx = context(index);
+        let ctx = context.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {

@@ -9,6 +9,7 @@ use crate::bus::Bus;
 use crate::lifecycle::Lifecycle;
 use crate::{Error, ExitReason, Result, VcpuSetup, arch};
 
+#[derive(Clone)]
 pub(crate) struct VcpuContext {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,

@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
@@ -111,7 +111,7 @@ impl Hypervisor for HvfHypervisor {
             core: Mutex::new(Core {
                 power: PowerTable::new(&mpidrs),
                 generation: 0,
-                handles: vec![None; vcpu_count],
+                created: vec![false; vcpu_count],
                 saved_gic: vec![None; vcpu_count],
                 pending_gic: vec![None; vcpu_count],
             }),
@@ -248,8 +248,8 @@ struct Shared {
 struct Core {
     power: PowerTable,
     generation: u64,
-    /// Each vCPU's framework handle, once its thread has created it.
-    handles: Vec<Option<ffi::hv_vcpu_t>>,
+    /// Which vCPUs a thread has created (and not yet destroyed).
+    created: Vec<bool>,
     /// Each vCPU's GIC state, saved by its own thread for `Vm::save_state`.
     saved_gic: Vec<Option<GicCpuState>>,
     /// Each vCPU's GIC state from `Vm::restore_state`, for its own thread
@@ -286,7 +286,7 @@ impl Vm for HvfVm {
                 self.shared.mpidrs.len()
             )));
         };
-        if self.shared.lock().handles[i].is_some() {
+        if self.shared.lock().created[i] {
             return Err(hv::Error::Invalid(format!("vCPU {index} exists already")));
         }
         let mut handle: ffi::hv_vcpu_t = 0;
@@ -304,7 +304,7 @@ impl Vm for HvfVm {
             shared: self.shared.clone(),
             kicker: Arc::new(HvfKicker {
                 kicked: AtomicBool::new(false),
-                handle: AtomicU64::new(handle),
+                handle,
                 shared: Arc::downgrade(&self.shared),
             }),
             timebase: self.timebase,
@@ -312,7 +312,7 @@ impl Vm for HvfVm {
             data: [0; 8],
         };
         vcpu.set_sys(sys_regs::MPIDR_EL1, mpidr)?;
-        self.shared.lock().handles[i] = Some(handle);
+        self.shared.lock().created[i] = true;
         Ok(Box::new(vcpu))
     }
 
@@ -466,17 +466,16 @@ impl Drop for HvfNotifier {
 #[derive(Debug)]
 struct HvfKicker {
     kicked: AtomicBool,
-    handle: AtomicU64,
+    handle: ffi::hv_vcpu_t,
     shared: Weak<Shared>,
 }
 
 impl VcpuKicker for HvfKicker {
     fn kick(&self) {
         self.kicked.store(true, Ordering::SeqCst);
-        let handle = self.handle.load(Ordering::SeqCst);
         // SAFETY: one valid handle; the framework allows this call from
         // any thread.
-        unsafe { ffi::hv_vcpus_exit(&handle, 1) };
+        unsafe { ffi::hv_vcpus_exit(&self.handle, 1) };
         if let Some(shared) = self.shared.upgrade() {
             shared.wake_all();
         }
@@ -636,22 +635,19 @@ impl HvfVcpu {
         Ok(())
     }
 
-    /// Waits while this vCPU is powered off; returns false if kicked
-    /// first.
-    fn wait_until_on(&self) -> Result<bool, Error> {
+    /// Waits while this vCPU is powered off, or until it is kicked.
+    fn wait_until_on(&self) -> Result<(), Error> {
         let i = self.index as usize;
         let mut core = self.shared.lock();
         loop {
-            if core.power.power(i) == Some(PowerState::On) {
-                return Ok(true);
+            if core.power.power(i) == Some(PowerState::On)
+                || self.kicker.kicked.load(Ordering::SeqCst)
+            {
+                return Ok(());
             }
             if let Some(start) = core.power.take_start(i) {
                 drop(core);
-                self.enter_at(start)?;
-                return Ok(true);
-            }
-            if self.kicker.kicked.load(Ordering::SeqCst) {
-                return Ok(false);
+                return self.enter_at(start);
             }
             core = self
                 .shared
@@ -727,8 +723,8 @@ impl HvfVcpu {
 
     /// Runs the guest once and decides what its exit means.
     fn step(&mut self) -> Result<Outcome, Error> {
-        if !self.wait_until_on()? || self.kicker.kicked.swap(false, Ordering::SeqCst) {
-            self.kicker.kicked.store(false, Ordering::SeqCst);
+        self.wait_until_on()?;
+        if self.kicker.kicked.swap(false, Ordering::SeqCst) {
             return Ok(Outcome::Exit(VcpuExit::Interrupted));
         }
         // SAFETY: on the owning thread.
@@ -922,8 +918,8 @@ impl HvfVcpu {
 
 impl Drop for HvfVcpu {
     fn drop(&mut self) {
-        if let Some(slot) = self.shared.lock().handles.get_mut(self.index as usize) {
-            *slot = None;
+        if let Some(created) = self.shared.lock().created.get_mut(self.index as usize) {
+            *created = false;
         }
         if thread::current().id() != self.owner {
             log::warn!(

@@ -168,6 +168,7 @@ pub fn open_in_root(root: BorrowedFd<'_>, rel: &Path) -> rustix::io::Result<Owne
 /// without following it, and symlinks are resolved against the root.
 #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
 fn open_in_root_by_walking(root: BorrowedFd<'_>, rel: &Path) -> rustix::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
     // What is left to resolve, innermost last; and where we are.
     let mut pending: Vec<std::ffi::OsString> = Vec::new();
     push_components(&mut pending, rel);
@@ -196,7 +197,7 @@ fn open_in_root_by_walking(root: BorrowedFd<'_>, rel: &Path) -> rustix::io::Resu
                 return Err(Errno::LOOP);
             }
             let target = rustix::fs::readlinkat(&dir, name.as_os_str(), Vec::new())?;
-            let target = Path::new(OsStr::from_bytes_compat(target.as_bytes()));
+            let target = Path::new(OsStr::from_bytes(target.as_bytes()));
             if target.is_absolute() {
                 at.clear();
             }
@@ -225,17 +226,6 @@ fn push_components(pending: &mut Vec<std::ffi::OsString>, path: &Path) {
         })
         .collect();
     pending.extend(parts.into_iter().rev());
-}
-
-/// Byte strings as OS strings (Unix paths are bytes).
-trait FromBytesCompat {
-    fn from_bytes_compat(bytes: &[u8]) -> &OsStr;
-}
-
-impl FromBytesCompat for OsStr {
-    fn from_bytes_compat(bytes: &[u8]) -> &OsStr {
-        std::os::unix::ffi::OsStrExt::from_bytes(bytes)
-    }
 }
 
 /// Makes a FIFO `name` in directory `dir`.

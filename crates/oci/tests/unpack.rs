@@ -2,6 +2,8 @@
 //! hostile layer tries to write outside it.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -426,7 +428,7 @@ fn zstd_layers_and_diff_ids_are_checked() {
     let mut u = s.unpacker(Limits::default());
     let raw = tar(&[file("hello", b"world")]);
     let diff_id = format!("sha256:{}", supermachine_oci::Digest::sha256_of(&raw).hex());
-    let z = zstd_compress(&raw);
+    let z = common::zstd_compress(&raw);
     assert_eq!(Compression::sniff(&z), Compression::Zstd);
     u.apply("z", &z[..], Compression::Zstd, Some(&diff_id))
         .unwrap();
@@ -439,13 +441,4 @@ fn zstd_layers_and_diff_ids_are_checked() {
         }
         other => panic!("expected a diff_id refusal, got {other:?}"),
     }
-}
-
-/// `data` as libzstd compresses it (on Linux, where the tests run), or
-/// as the pure-Rust encoder does where libzstd is not built.
-fn zstd_compress(data: &[u8]) -> Vec<u8> {
-    #[cfg(target_os = "linux")]
-    return zstd::encode_all(data, 3).unwrap();
-    #[cfg(not(target_os = "linux"))]
-    return ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest);
 }

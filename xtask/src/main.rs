@@ -603,6 +603,12 @@ const WINDOWS_CRATES: &[&str] = &[
     "supermachine-host",
     "supermachine-agent-protocol",
     "supermachine-test-guests",
+    "supermachine-boot",
+    "supermachine-virtq",
+    "supermachine-virtio-testing",
+    "supermachine-virtio-mmio",
+    "supermachine-virtio-blk",
+    "supermachine-virtio-rng",
 ];
 
 /// `cargo check` and `cargo clippy` of every crate that should build for

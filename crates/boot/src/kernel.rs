@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{KernelLoader, bzimage::BzImage, elf::Elf};
-use supermachine_memory::{GuestAddress, GuestMemoryMmapped};
+use supermachine_memory::{GuestAddress, GuestMemoryMmapped, VolatileFile};
 
 use crate::layout::HIMEM_START;
 use crate::{Error, Result};
@@ -228,7 +228,8 @@ pub fn load_kernel(mem: &GuestMemoryMmapped, kernel: &mut KernelImage) -> Result
     };
     match kernel.format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut kernel.file, himem).map_err(load_err)?;
+            let r = Elf::load(mem, None, &mut VolatileFile::new(&mut kernel.file), himem)
+                .map_err(load_err)?;
             Ok(LoadedKernel {
                 entry: r.kernel_load.0,
                 end: r.kernel_end,
@@ -236,7 +237,8 @@ pub fn load_kernel(mem: &GuestMemoryMmapped, kernel: &mut KernelImage) -> Result
             })
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, &mut kernel.file, himem).map_err(load_err)?;
+            let r = BzImage::load(mem, None, &mut VolatileFile::new(&mut kernel.file), himem)
+                .map_err(load_err)?;
             let load = r.kernel_load.0;
             Ok(LoadedKernel {
                 entry: load + 0x200,

@@ -168,15 +168,19 @@ pub(crate) fn read_initrd(
     path: &std::path::Path,
 ) -> Result<()> {
     use supermachine_memory::Bytes as _;
-    mem.read_exact_volatile_from(vm_memory::GuestAddress(addr), file, size as usize)
-        .map_err(|e| match e {
-            vm_memory::GuestMemoryError::IOError(source) => Error::InitrdRead {
-                path: path.to_owned(),
-                source,
-            },
-            other => Error::GuestMemory {
-                what: "initrd",
-                source: other,
-            },
-        })
+    mem.read_exact_volatile_from(
+        vm_memory::GuestAddress(addr),
+        &mut supermachine_memory::VolatileFile::new(file),
+        size as usize,
+    )
+    .map_err(|e| match e {
+        vm_memory::GuestMemoryError::IOError(source) => Error::InitrdRead {
+            path: path.to_owned(),
+            source,
+        },
+        other => Error::GuestMemory {
+            what: "initrd",
+            source: other,
+        },
+    })
 }

@@ -1,62 +1,12 @@
-//! Files: giving a disk image's blocks back or zeroing them without
-//! writing, and opening paths inside a directory tree that must not be
-//! escaped (an image's root filesystem, as it is unpacked and read).
+//! Opening paths inside a directory tree that must not be escaped (an
+//! image's root filesystem, as it is unpacked and read).
 
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Component, Path};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
-
-/// Deallocates `len` bytes at `offset` (they read as zeroes after),
-/// keeping the file's size.
-pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use rustix::fs::FallocateFlags;
-        rustix::fs::fallocate(
-            file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        )?;
-        Ok(())
-    }
-    #[cfg(target_vendor = "apple")]
-    {
-        apple::punch_hole(file, offset, len)
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
-    {
-        let _ = (file, offset, len);
-        Err(io::ErrorKind::Unsupported.into())
-    }
-}
-
-/// Makes `len` bytes at `offset` read as zeroes, keeping them allocated
-/// where the filesystem can. Where it cannot, `Unsupported`: the caller
-/// writes zeroes.
-pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use rustix::fs::FallocateFlags;
-        rustix::fs::fallocate(
-            file,
-            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        )?;
-        Ok(())
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        let _ = (file, offset, len);
-        Err(io::ErrorKind::Unsupported.into())
-    }
-}
 
 /// Opens directory `path` as the base of `*at` calls (`O_PATH` where
 /// there is one: no read permission needed).
@@ -242,21 +192,8 @@ pub fn mkfifo_at(dir: BorrowedFd<'_>, name: &OsStr, mode: Mode) -> rustix::io::R
 
 #[cfg(target_vendor = "apple")]
 mod apple {
-    use std::fs::File;
     use std::io;
     use std::os::fd::AsRawFd;
-
-    /// `struct fpunchhole` of `<sys/fcntl.h>`.
-    #[repr(C)]
-    struct PunchHole {
-        flags: u32,
-        reserved: u32,
-        offset: i64,
-        length: i64,
-    }
-
-    /// `F_PUNCHHOLE` of `<sys/fcntl.h>`.
-    const F_PUNCHHOLE: i32 = 99;
 
     pub(super) fn mkfifo_at(
         dir: std::os::fd::BorrowedFd<'_>,
@@ -277,32 +214,13 @@ mod apple {
             )
         }
     }
-
-    pub(super) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::ErrorKind::InvalidInput.into());
-        };
-        let args = PunchHole {
-            flags: 0,
-            reserved: 0,
-            offset,
-            length,
-        };
-        // SAFETY: F_PUNCHHOLE reads one `struct fpunchhole` through the
-        // pointer, which is valid for the call.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), F_PUNCHHOLE, &args as *const PunchHole) };
-        if rc == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::fs::File;
+    use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::fs::symlink;
 
@@ -384,34 +302,5 @@ mod tests {
         mkfifo_at(sub.as_fd(), OsStr::new("fifo"), Mode::from_raw_mode(0o600)).unwrap();
         let kind = std::fs::symlink_metadata(dir.path().join("etc/fifo")).unwrap();
         assert!(std::os::unix::fs::FileTypeExt::is_fifo(&kind.file_type()));
-    }
-
-    #[test]
-    fn punched_and_zeroed_ranges_read_as_zeroes_and_keep_the_size() {
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&vec![0xaa; 1 << 20]).unwrap();
-        let done = |what: &str, result: io::Result<()>| match result {
-            Ok(()) => true,
-            // A filesystem without the operation: the caller falls back.
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
-            Err(e) if e.raw_os_error() == Some(95) => false, // EOPNOTSUPP
-            Err(e) => panic!("{what}: {e}"),
-        };
-        let punched = done("punch", punch_hole(&file, 4096, 8192));
-        let zeroed = done("zero", zero_range(&file, 65536, 4096));
-        assert_eq!(file.metadata().unwrap().len(), 1 << 20);
-        let mut data = vec![0u8; 1 << 20];
-        file.seek(SeekFrom::Start(0)).unwrap();
-        file.read_exact(&mut data).unwrap();
-        if punched {
-            assert!(data[4096..12288].iter().all(|&b| b == 0));
-        }
-        if zeroed {
-            assert!(data[65536..69632].iter().all(|&b| b == 0));
-        }
-        // Only the ranges asked for changed.
-        assert_eq!(data[4095], 0xaa);
-        assert_eq!(data[12288], 0xaa);
-        assert_eq!(data[69632], 0xaa);
     }
 }

@@ -1,19 +1,21 @@
 //! What supermachine's VMM and devices use from the host OS, one small
-//! interface per need, each with a Linux implementation and, where macOS
-//! has the same thing, a macOS one:
+//! interface per need, each with a Linux implementation and, where the
+//! other hosts have the same thing, a macOS or Windows one:
 //!
-//! | need | Linux | macOS |
-//! |---|---|---|
-//! | [`Poller`]: readiness of many descriptors | epoll | kqueue |
-//! | [`Event`]: a wake-up a poller can watch | eventfd | a non-blocking pipe |
-//! | [`connect_unix_nonblocking`] | `SOCK_NONBLOCK` at creation | `O_NONBLOCK` right after |
-//! | [`zero_range`], [`punch_hole`] | `fallocate` | `F_PUNCHHOLE` (holes only) |
-//! | [`open_dir_beneath`]: no symlinks, no escape | `openat2(RESOLVE_BENEATH)` | `O_NOFOLLOW_ANY` |
-//! | [`open_in_root`]: a chroot's view of symlinks | `openat2(RESOLVE_IN_ROOT)` | resolved a component at a time |
-//! | [`mkfifo_at`] | `mknodat` | `mkfifoat` |
+//! | need | Linux | macOS | Windows |
+//! |---|---|---|---|
+//! | [`Poller`]: readiness of many descriptors | epoll | kqueue | not yet |
+//! | [`Event`]: a wake-up a poller can watch | eventfd | a non-blocking pipe | not yet |
+//! | [`connect_unix_nonblocking`] | `SOCK_NONBLOCK` at creation | `O_NONBLOCK` right after | not yet |
+//! | [`zero_range`] | `fallocate` | `Unsupported`: the caller writes zeroes | `Unsupported` |
+//! | [`punch_hole`] | `fallocate` | `F_PUNCHHOLE` | `FSCTL_SET_ZERO_DATA` |
+//! | [`open_dir_beneath`]: no symlinks, no escape | `openat2(RESOLVE_BENEATH)` | `O_NOFOLLOW_ANY` | none |
+//! | [`open_in_root`]: a chroot's view of symlinks | `openat2(RESOLVE_IN_ROOT)` | resolved a component at a time | none |
+//! | [`mkfifo_at`] | `mknodat` | `mkfifoat` | none |
 //!
-//! Nothing here exists on Windows yet (see `docs/platforms.md`).
+//! See `docs/platforms.md` for what each host runs.
 
+mod disk;
 #[cfg(unix)]
 mod event;
 #[cfg(unix)]
@@ -23,10 +25,11 @@ mod net;
 #[cfg(unix)]
 mod poller;
 
+pub use disk::{punch_hole, zero_range};
 #[cfg(unix)]
 pub use event::Event;
 #[cfg(unix)]
-pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root, punch_hole, zero_range};
+pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root};
 #[cfg(unix)]
 pub use net::connect_unix_nonblocking;
 #[cfg(unix)]

@@ -252,6 +252,114 @@ fn private_region(_len: u64, _file: FileOffset) -> Result<vm_memory::MmapRegion<
     ))
 }
 
+/// A file that guest memory can be read from and written to on every
+/// host, for code generic over vm-memory's `ReadVolatile` and
+/// `WriteVolatile` (kernel loaders, block I/O). vm-memory implements those
+/// for `File` only with its `rawfd` feature, which it refuses on Windows.
+/// On Unix this moves bytes straight between the file and guest memory;
+/// elsewhere through a bounce buffer.
+#[derive(Debug)]
+pub struct VolatileFile<'a> {
+    file: &'a mut File,
+}
+
+impl<'a> VolatileFile<'a> {
+    /// Reads and writes `file` at its current offset.
+    pub fn new(file: &'a mut File) -> Self {
+        Self { file }
+    }
+}
+
+impl std::io::Read for VolatileFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl std::io::Write for VolatileFile<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl std::io::Seek for VolatileFile<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl vm_memory::ReadVolatile for VolatileFile<'_> {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<'_, B>,
+    ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+        #[cfg(unix)]
+        return self.file.read_volatile(buf);
+        #[cfg(not(unix))]
+        return read_through_bounce(self.file, buf);
+    }
+}
+
+impl vm_memory::WriteVolatile for VolatileFile<'_> {
+    fn write_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<'_, B>,
+    ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+        #[cfg(unix)]
+        return self.file.write_volatile(buf);
+        #[cfg(not(unix))]
+        return write_through_bounce(self.file, buf);
+    }
+}
+
+/// Fills `buf` from `src` through a 64 KiB buffer, stopping early only at
+/// the end of `src` (vm-memory reads each region with one call).
+#[cfg_attr(unix, allow(dead_code))]
+fn read_through_bounce<R: std::io::Read, B: vm_memory::bitmap::BitmapSlice>(
+    src: &mut R,
+    buf: &mut VolatileSlice<'_, B>,
+) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+    let mut bounce = vec![0u8; buf.len().min(BOUNCE_BYTES)];
+    let mut done = 0;
+    while done < buf.len() {
+        let want = (buf.len() - done).min(bounce.len());
+        let n = match src.read(&mut bounce[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(vm_memory::VolatileMemoryError::IOError(e)),
+        };
+        buf.offset(done)?.copy_from(&bounce[..n]);
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Writes all of `buf` to `dst` through a 64 KiB buffer.
+#[cfg_attr(unix, allow(dead_code))]
+fn write_through_bounce<W: std::io::Write, B: vm_memory::bitmap::BitmapSlice>(
+    dst: &mut W,
+    buf: &VolatileSlice<'_, B>,
+) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+    let mut bounce = vec![0u8; buf.len().min(BOUNCE_BYTES)];
+    let mut done = 0;
+    while done < buf.len() {
+        let n = (buf.len() - done).min(bounce.len());
+        buf.offset(done)?.copy_to(&mut bounce[..n]);
+        dst.write_all(&bounce[..n])
+            .map_err(vm_memory::VolatileMemoryError::IOError)?;
+        done += n;
+    }
+    Ok(done)
+}
+
+#[cfg_attr(unix, allow(dead_code))]
+const BOUNCE_BYTES: usize = 64 << 10;
+
 /// A region of guest RAM and where it is mapped in this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostMapping {
@@ -267,6 +375,114 @@ pub struct HostMapping {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom};
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn file_reader_fills_guest_memory_from_the_file_offset() {
+        let data = pattern(300 << 10);
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        file.seek(SeekFrom::Start(1000)).unwrap();
+        let ram = GuestRam::anonymous(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+        let len = data.len() - 1000;
+        ram.memory()
+            .read_exact_volatile_from(GuestAddress(0x1234), &mut VolatileFile::new(&mut file), len)
+            .unwrap();
+        let mut back = vec![0u8; len];
+        ram.memory()
+            .read_slice(&mut back, GuestAddress(0x1234))
+            .unwrap();
+        assert_eq!(back, data[1000..]);
+    }
+
+    /// The path Windows takes, driven here through any `Read`.
+    struct Bounced<R>(R);
+
+    impl<R: Read> vm_memory::ReadVolatile for Bounced<R> {
+        fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+            &mut self,
+            buf: &mut VolatileSlice<'_, B>,
+        ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+            read_through_bounce(&mut self.0, buf)
+        }
+    }
+
+    #[test]
+    fn bounced_reads_fill_guest_memory_across_many_buffers() {
+        let data = pattern((200 << 10) + 17);
+        let ram = GuestRam::anonymous(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+        ram.memory()
+            .read_exact_volatile_from(GuestAddress(0x10_0001), &mut Bounced(&data[..]), data.len())
+            .unwrap();
+        let mut back = vec![0u8; data.len()];
+        ram.memory()
+            .read_slice(&mut back, GuestAddress(0x10_0001))
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    impl<W: std::io::Write> vm_memory::WriteVolatile for Bounced<W> {
+        fn write_volatile<B: vm_memory::bitmap::BitmapSlice>(
+            &mut self,
+            buf: &VolatileSlice<'_, B>,
+        ) -> std::result::Result<usize, vm_memory::VolatileMemoryError> {
+            write_through_bounce(&mut self.0, buf)
+        }
+    }
+
+    #[test]
+    fn bounced_writes_take_guest_memory_across_many_buffers() {
+        let data = pattern((150 << 10) + 3);
+        let ram = GuestRam::anonymous(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+        ram.memory()
+            .write_slice(&data, GuestAddress(0x2_0003))
+            .unwrap();
+        let mut out = Bounced(Vec::new());
+        ram.memory()
+            .write_all_volatile_to(GuestAddress(0x2_0003), &mut out, data.len())
+            .unwrap();
+        assert_eq!(out.0, data);
+    }
+
+    #[test]
+    fn volatile_file_writes_guest_memory_at_the_file_offset() {
+        let data = pattern(100 << 10);
+        let ram = GuestRam::anonymous(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+        ram.memory()
+            .write_slice(&data, GuestAddress(0x5000))
+            .unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.seek(SeekFrom::Start(512)).unwrap();
+        ram.memory()
+            .write_all_volatile_to(
+                GuestAddress(0x5000),
+                &mut VolatileFile::new(&mut file),
+                data.len(),
+            )
+            .unwrap();
+        let mut back = Vec::new();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        file.read_to_end(&mut back).unwrap();
+        assert_eq!(back[..512], [0u8; 512]);
+        assert_eq!(back[512..], data);
+    }
+
+    #[test]
+    fn bounced_read_past_the_end_of_its_source_fails_the_read() {
+        let data = pattern(100);
+        let ram = GuestRam::anonymous(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+        let err = ram
+            .memory()
+            .read_exact_volatile_from(GuestAddress(0), &mut Bounced(&data[..]), 101)
+            .unwrap_err();
+        assert!(
+            matches!(err, GuestMemoryError::PartialBuffer { completed: 100, .. }),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn small_guest_is_one_low_range() {

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use supermachine_memory::GuestMemoryMmapped;
+use supermachine_memory::{GuestMemoryMmapped, VolatileFile};
 use supermachine_virtio_mmio::{ActiveDevice, VirtioDevice, read_config_bytes};
 use supermachine_virtq::{Chain, Reader, Writer};
 use virtio_bindings::virtio_blk as vb;
@@ -289,7 +289,7 @@ fn read_into(file: &mut File, offset: u64, writer: &mut Writer<'_>, len: usize) 
     file.seek(SeekFrom::Start(offset))?;
     let mut done = 0;
     while done < len {
-        match writer.copy_from(file, len - done)? {
+        match writer.copy_from(&mut VolatileFile::new(file), len - done)? {
             0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image shrank")),
             n => done += n,
         }
@@ -301,7 +301,7 @@ fn write_from(file: &mut File, offset: u64, reader: &mut Reader<'_>, len: usize)
     file.seek(SeekFrom::Start(offset))?;
     let mut done = 0;
     while done < len {
-        match reader.copy_to(file, len - done)? {
+        match reader.copy_to(&mut VolatileFile::new(file), len - done)? {
             0 => return Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
             n => done += n,
         }

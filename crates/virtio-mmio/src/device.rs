@@ -1,5 +1,6 @@
 //! What a virtio device implements, and what it gets when it starts.
 
+#[cfg(unix)]
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -154,7 +155,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The driver notified queue `index` (only after activation).
     fn queue_notified(&mut self, index: usize);
-    /// A descriptor the event loop should watch for host-side work.
+    /// A descriptor the event loop should watch for host-side work. Unix
+    /// only: the devices that have one (vsock, net) are not built for
+    /// Windows yet.
+    #[cfg(unix)]
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }

@@ -310,6 +310,7 @@ impl MmioTransport {
     }
 
     /// The device's host-side descriptor, for the event loop.
+    #[cfg(unix)]
     pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         self.device.backend_fd()
     }

@@ -136,8 +136,12 @@ impl Image {
             load: entry,
             needed: self.image_size,
         })?;
-        mem.read_exact_volatile_from(GuestAddress(entry), &mut self.file, size)
-            .map_err(crate::mem_err("the kernel Image"))?;
+        mem.read_exact_volatile_from(
+            GuestAddress(entry),
+            &mut supermachine_memory::VolatileFile::new(&mut self.file),
+            size,
+        )
+        .map_err(crate::mem_err("the kernel Image"))?;
         Ok(LoadedImage { entry, end })
     }
 }

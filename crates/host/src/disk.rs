@@ -106,6 +106,7 @@ mod windows {
     use std::io;
     use std::os::windows::io::AsRawHandle;
 
+    use windows_sys::Win32::Foundation::{ERROR_INVALID_FUNCTION, ERROR_NOT_SUPPORTED};
     use windows_sys::Win32::System::IO::DeviceIoControl;
     use windows_sys::Win32::System::Ioctl::{FILE_ZERO_DATA_INFORMATION, FSCTL_SET_ZERO_DATA};
 
@@ -136,10 +137,17 @@ mod windows {
                 std::ptr::null_mut(),
             )
         };
-        if ok == 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
+        if ok != 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        // FAT and exFAT answer ERROR_INVALID_FUNCTION, Wine
+        // ERROR_NOT_SUPPORTED: both mean the caller should write zeroes.
+        match error.raw_os_error().map(|code| code as u32) {
+            Some(ERROR_INVALID_FUNCTION | ERROR_NOT_SUPPORTED) => {
+                Err(io::ErrorKind::Unsupported.into())
+            }
+            _ => Err(error),
         }
     }
 }

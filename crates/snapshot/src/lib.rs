@@ -383,6 +383,15 @@ mod tests {
             assert!(meta.blocks() * 512 < 1 << 20, "{} blocks", meta.blocks());
         }
 
+        // Copy-on-write file views are not written for Windows: a restore
+        // there says so instead of mapping.
+        #[cfg(windows)]
+        {
+            let e = GuestRam::private_file(&layout, File::open(&path).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("not implemented on Windows"), "{e}");
+            return;
+        }
+        #[cfg_attr(windows, allow(unreachable_code))]
         let before = std::fs::read(&path).unwrap();
         let a = GuestRam::private_file(&layout, File::open(&path).unwrap()).unwrap();
         let b = GuestRam::private_file(&layout, File::open(&path).unwrap()).unwrap();

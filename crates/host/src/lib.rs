@@ -16,21 +16,17 @@
 //! See `docs/platforms.md` for what each host runs.
 
 mod disk;
-#[cfg(unix)]
 mod event;
 #[cfg(unix)]
 mod fs;
 #[cfg(unix)]
 mod net;
-#[cfg(unix)]
 mod poller;
 
 pub use disk::{punch_hole, zero_range};
-#[cfg(unix)]
 pub use event::Event;
 #[cfg(unix)]
 pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root};
 #[cfg(unix)]
 pub use net::connect_unix_nonblocking;
-#[cfg(unix)]
-pub use poller::{Interest, Poller, Ready, Trigger};
+pub use poller::{AsPollable, Interest, Pollable, Poller, Ready, Trigger};

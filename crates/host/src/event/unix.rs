@@ -1,5 +1,4 @@
-//! A wake-up an event loop can watch: readable once signalled, until
-//! drained.
+//! The Unix event: an eventfd on Linux, a pipe elsewhere.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -80,6 +79,12 @@ impl Event {
 
 impl AsFd for Event {
     fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+}
+
+impl crate::AsPollable for Event {
+    fn as_pollable(&self) -> crate::Pollable<'_> {
         self.read.as_fd()
     }
 }

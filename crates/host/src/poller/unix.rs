@@ -1,52 +1,10 @@
-//! Readiness of many descriptors at once: epoll on Linux, kqueue on
-//! macOS. A poller is itself a descriptor that turns readable when any of
-//! its own is ready, so a device's poller can sit inside the VMM's.
+//! The Unix poller: epoll, or kqueue.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-/// What to be told about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Interest {
-    /// Readable, or hung up, or in error.
-    pub readable: bool,
-    /// Writable, or in error.
-    pub writable: bool,
-}
-
-impl Interest {
-    /// Readability only.
-    pub const READ: Self = Self {
-        readable: true,
-        writable: false,
-    };
-    /// Both.
-    pub const BOTH: Self = Self {
-        readable: true,
-        writable: true,
-    };
-}
-
-/// When to be told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Trigger {
-    /// As long as the descriptor is ready.
-    Level,
-    /// Once each time it becomes ready.
-    Edge,
-}
-
-/// A descriptor that is ready, by the token it was added with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ready {
-    /// The token given to [`Poller::add`].
-    pub token: u64,
-    /// Readable (or hung up, or in error): a read says which.
-    pub readable: bool,
-    /// Writable (or in error).
-    pub writable: bool,
-}
+use super::{Interest, Ready, Trigger};
 
 /// A set of watched descriptors.
 ///
@@ -129,6 +87,12 @@ impl Poller {
 
 impl AsFd for Poller {
     fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl crate::AsPollable for Poller {
+    fn as_pollable(&self) -> crate::Pollable<'_> {
         self.fd.as_fd()
     }
 }

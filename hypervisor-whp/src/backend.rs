@@ -2,7 +2,7 @@
 
 use std::ffi::c_void;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -15,9 +15,7 @@ use supermachine_hypervisor::{
     self as hv, Datamatch, Hypervisor, InterruptLine, IoAddress, IoNotifier, Regs, Vcpu, VcpuExit,
     VcpuKicker, Vm, VmSpec,
 };
-use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
 use windows_sys::Win32::System::Hypervisor::*;
-use windows_sys::Win32::System::Threading::{CreateEventW, SetEvent};
 
 use crate::exit::{self, PortAccess, reason};
 use crate::ioapic::{self, Ioapic};
@@ -273,7 +271,7 @@ struct Shared {
     /// vCPUs wait on `wake` for it to change.
     generation: Mutex<u64>,
     wake: Condvar,
-    notifiers: WriteWatches<CountedEvent>,
+    notifiers: WriteWatches<supermachine_host::Event>,
 }
 
 impl Shared {
@@ -292,8 +290,11 @@ impl Shared {
 
     /// Signals the notifier that watches this write, if one does.
     fn notify(&self, addr: IoAddress, data: &[u8]) -> bool {
-        self.notifiers
-            .signal_matching(addr, data, CountedEvent::signal)
+        self.notifiers.signal_matching(addr, data, |event| {
+            if let Err(e) = event.signal() {
+                log::warn!("notifier at {addr:?}: {e}");
+            }
+        })
     }
 
     /// Delivers an edge on I/O APIC line `pin` where the guest routed it.
@@ -390,18 +391,10 @@ impl Vm for WhpVm {
         addr: IoAddress,
         datamatch: Datamatch,
     ) -> hv::Result<Box<dyn IoNotifier>> {
-        // SAFETY: creates an auto-reset event, unsignalled, unnamed.
-        let event = unsafe { CreateEventW(ptr::null(), 0, 0, ptr::null()) };
-        if event.is_null() {
-            return Err(hv::Error::Os {
-                op: "CreateEventW",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let signal = CountedEvent {
-            event: Event(event),
-            count: AtomicU64::new(0),
-        };
+        let signal = supermachine_host::Event::new().map_err(|source| hv::Error::Os {
+            op: "creating a notifier event",
+            source,
+        })?;
         let watched = self.shared.notifiers.add(addr, datamatch, signal);
         Ok(Box::new(WhpNotifier {
             watched,
@@ -453,51 +446,23 @@ impl InterruptLine for IoapicLine {
     }
 }
 
-/// A Win32 event handle, closed when dropped.
-#[derive(Debug)]
-struct Event(HANDLE);
-
-// SAFETY: an event handle may be signalled and waited on from any thread.
-unsafe impl Send for Event {}
-// SAFETY: as above; the handle value itself is never changed.
-unsafe impl Sync for Event {}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        // SAFETY: closes the handle this value owns, once.
-        unsafe { CloseHandle(self.0) };
-    }
-}
-
-/// A Win32 event with the number of times it was signalled since the
-/// last `consume`.
-#[derive(Debug)]
-struct CountedEvent {
-    event: Event,
-    count: AtomicU64,
-}
-
-impl CountedEvent {
-    fn signal(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: signals the event this value owns.
-        unsafe { SetEvent(self.event.0) };
-    }
-}
-
 #[derive(Debug)]
 struct WhpNotifier {
-    watched: Arc<Watched<CountedEvent>>,
+    watched: Arc<Watched<supermachine_host::Event>>,
     shared: Weak<Shared>,
 }
 
 impl IoNotifier for WhpNotifier {
     fn as_raw_handle(&self) -> std::os::windows::io::RawHandle {
-        self.watched.signal.event.0
+        use std::os::windows::io::{AsHandle, AsRawHandle};
+        self.watched.signal.as_handle().as_raw_handle()
     }
 
     fn consume(&self) -> hv::Result<u64> {
-        Ok(self.watched.signal.count.swap(0, Ordering::AcqRel))
+        self.watched.signal.drain().map_err(|source| hv::Error::Os {
+            op: "reading a notifier event",
+            source,
+        })
     }
 }
 

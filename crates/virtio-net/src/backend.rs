@@ -8,9 +8,15 @@
 //! style, which `gvproxy` also offers).
 
 use std::fmt::Debug;
-use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io;
+#[cfg(unix)]
+use std::io::{IoSlice, Read, Write};
+#[cfg(unix)]
+use std::os::fd::AsFd;
+#[cfg(unix)]
 use std::os::unix::net::{UnixDatagram, UnixStream};
+
+use supermachine_host::Pollable;
 
 /// The largest frame either framing carries: an Ethernet header, a VLAN
 /// tag and a 65535-byte IP packet.
@@ -23,7 +29,7 @@ pub const MAX_FRAME: usize = 14 + 4 + 65535;
 /// returns `None` when no whole frame is waiting.
 pub trait FrameBackend: Send + Debug {
     /// The socket to wait on, readable or writable.
-    fn fd(&self) -> BorrowedFd<'_>;
+    fn source(&self) -> Pollable<'_>;
     /// Whether part of a frame is still waiting to be sent; send nothing
     /// more until [`FrameBackend::flush`] has returned true.
     fn busy(&self) -> bool;
@@ -37,6 +43,7 @@ pub trait FrameBackend: Send + Debug {
     fn recv(&mut self) -> io::Result<Option<Vec<u8>>>;
 }
 
+#[cfg(unix)]
 fn would_block(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -46,6 +53,7 @@ fn would_block(e: &io::Error) -> bool {
 
 /// Frames as QEMU's `-netdev stream` frames them: a 4-byte big-endian
 /// length, then the frame.
+#[cfg(unix)]
 #[derive(Debug)]
 pub struct StreamBackend {
     socket: UnixStream,
@@ -57,6 +65,7 @@ pub struct StreamBackend {
     start: usize,
 }
 
+#[cfg(unix)]
 impl StreamBackend {
     /// Uses `socket` (connected; made non-blocking here).
     pub fn new(socket: UnixStream) -> io::Result<Self> {
@@ -96,8 +105,9 @@ impl StreamBackend {
     }
 }
 
+#[cfg(unix)]
 impl FrameBackend for StreamBackend {
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn source(&self) -> Pollable<'_> {
         self.socket.as_fd()
     }
 
@@ -174,6 +184,7 @@ impl FrameBackend for StreamBackend {
 }
 
 /// One frame per datagram.
+#[cfg(unix)]
 #[derive(Debug)]
 pub struct DatagramBackend {
     socket: UnixDatagram,
@@ -181,6 +192,7 @@ pub struct DatagramBackend {
     inbox: Vec<u8>,
 }
 
+#[cfg(unix)]
 impl DatagramBackend {
     /// Uses `socket` (connected to its peer; made non-blocking here).
     pub fn new(socket: UnixDatagram) -> io::Result<Self> {
@@ -193,8 +205,9 @@ impl DatagramBackend {
     }
 }
 
+#[cfg(unix)]
 impl FrameBackend for DatagramBackend {
-    fn fd(&self) -> BorrowedFd<'_> {
+    fn source(&self) -> Pollable<'_> {
         self.socket.as_fd()
     }
 
@@ -244,7 +257,7 @@ impl FrameBackend for DatagramBackend {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ pub mod policy;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+#[cfg(unix)]
 use std::os::fd::{AsRawFd, RawFd};
 
 use supermachine_host::{Interest, Poller, Trigger};
@@ -32,7 +33,9 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
 };
 
-pub use backend::{DatagramBackend, FrameBackend, MAX_FRAME, StreamBackend};
+#[cfg(unix)]
+pub use backend::{DatagramBackend, StreamBackend};
+pub use backend::{FrameBackend, MAX_FRAME};
 pub use policy::{EgressPolicy, PolicyMode, Rule, Verdict};
 
 const VIRTIO_ID_NET: u32 = 1;
@@ -134,7 +137,7 @@ impl Net {
         let poller = Poller::new().map_err(Error::Poll)?;
         let interest = Interest::READ;
         poller
-            .add(backend.fd(), 0, interest, Trigger::Level)
+            .add(backend.source(), 0, interest, Trigger::Level)
             .map_err(Error::Poll)?;
         Ok(Self {
             config,
@@ -171,7 +174,7 @@ impl Net {
         }
         log::warn!("virtio-net: the network backend is gone ({why}); link down");
         self.connected = false;
-        let _ = self.poller.delete(self.backend.fd());
+        let _ = self.poller.delete(self.backend.source());
         // Told once the queue work under way is over (`after_work`).
         self.link_news = true;
     }
@@ -198,7 +201,7 @@ impl Net {
         if want != self.interest {
             match self
                 .poller
-                .modify(self.backend.fd(), 0, want, Trigger::Level)
+                .modify(self.backend.source(), 0, want, Trigger::Level)
             {
                 Ok(()) => self.interest = want,
                 Err(e) => log::error!("virtio-net: polling: {e}"),
@@ -632,6 +635,7 @@ impl VirtioDevice for Net {
         self.after_work();
     }
 
+    #[cfg(unix)]
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.poller.as_raw_fd())
     }

@@ -2,6 +2,8 @@
 //! guest memory, against a real socket pair standing where passt (or
 //! gvproxy) sits.
 #![allow(clippy::unwrap_used)]
+// The backends are Unix sockets; Windows has none yet.
+#![cfg(unix)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

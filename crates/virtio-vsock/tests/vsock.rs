@@ -1,6 +1,8 @@
 //! virtio-vsock driven through the MMIO transport by an in-process guest
 //! driver, against real Unix sockets on the host side.
 #![allow(clippy::unwrap_used)]
+// The device is built for Unix hosts only.
+#![cfg(unix)]
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -614,6 +614,9 @@ const WINDOWS_CRATES: &[&str] = &[
     "supermachine-virtio-mmio",
     "supermachine-virtio-blk",
     "supermachine-virtio-rng",
+    "supermachine-virtio-net",
+    "supermachine-virtio-vsock",
+    "supermachine-oci",
 ];
 
 /// `cargo check` and `cargo clippy` of every crate that should build for

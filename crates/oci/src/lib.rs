@@ -28,7 +28,9 @@ pub use import::{LoadOptions, load};
 pub use pull::{PullOptions, normalize, pull, pull_async};
 pub use spec::{ImageConfig, Overrides, ProcessSpec};
 pub use store::{ImageRecord, LayerRecord, Store, StoreLock};
-pub use unpack::{Compression, Fixup, Limits, Unpacker};
+#[cfg(unix)]
+pub use unpack::Unpacker;
+pub use unpack::{Compression, Fixup, Limits};
 
 /// Errors from pulling, importing, storing and unpacking images.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// This host has no implementation of what was asked.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// Neither `XDG_CACHE_HOME` nor `HOME` is set.
     #[error("no cache directory: set XDG_CACHE_HOME or HOME")]
     NoCacheDir,

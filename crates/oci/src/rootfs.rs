@@ -4,17 +4,21 @@
 //! docs/images.md.
 
 use std::fs;
-use std::io::Read;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
+#[cfg(unix)]
+use std::{io::Read, os::fd::AsFd, path::Path, process::Command};
 
 use crate::Error;
 use crate::digest::Digest;
-use crate::store::{ImageRecord, Store, io_error};
-use crate::unpack::{Compression, Limits, Unpacker};
+#[cfg(unix)]
+use crate::store::io_error;
+use crate::store::{ImageRecord, Store};
+use crate::unpack::Limits;
+#[cfg(unix)]
+use crate::unpack::{Compression, Unpacker};
 
 /// Longest /etc/passwd or /etc/group read from an image.
+#[cfg(unix)]
 const MAX_ACCOUNT_FILE: u64 = 4 << 20;
 
 /// A built root file system disk and what the image says about accounts.
@@ -59,6 +63,27 @@ pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<Root
             cached: true,
         });
     }
+    #[cfg(unix)]
+    return build_uncached(store, record, limits, disk, accounts);
+    #[cfg(not(unix))]
+    {
+        let _ = limits;
+        Err(Error::Unsupported(
+            "building an image's root disk: unpacking layers needs a POSIX file system, \
+             and there is no Windows implementation yet",
+        ))
+    }
+}
+
+/// Unpacks, reads the accounts, runs `mkfs.erofs` and stores the result.
+#[cfg(unix)]
+fn build_uncached(
+    store: &Store,
+    record: &ImageRecord,
+    limits: Limits,
+    disk: PathBuf,
+    accounts: PathBuf,
+) -> Result<RootFs, Error> {
     let _adding = store.lock_shared()?;
     let work = store.temp_dir()?;
     let tree = work.path().join("tree");
@@ -96,6 +121,7 @@ pub fn build(store: &Store, record: &ImageRecord, limits: Limits) -> Result<Root
 /// Unpacks every layer of a stored image, in order, into the empty
 /// directory `tree`, checking each layer's uncompressed digest. Returns
 /// what an unprivileged process could not apply.
+#[cfg(unix)]
 pub fn unpack_image(
     store: &Store,
     record: &ImageRecord,
@@ -123,6 +149,7 @@ pub fn unpack_image(
 /// Runs `mkfs.erofs` (uncompressed: building fast matters more than size
 /// for a local cache; per-file mtimes kept; a UUID from the digest so the
 /// same image always gives the same disk).
+#[cfg(unix)]
 fn make_erofs(tree: &Path, out: &Path, uuid: &str, all_root: bool) -> Result<(), Error> {
     let mut cmd = Command::new("mkfs.erofs");
     cmd.args(["--quiet", "--preserve-mtime", "-x2"])
@@ -149,6 +176,7 @@ fn make_erofs(tree: &Path, out: &Path, uuid: &str, all_root: bool) -> Result<(),
 }
 
 /// A UUID (8-4-4-4-12 hex) taken from the digest's first bytes.
+#[cfg(unix)]
 fn digest_uuid(digest: &str) -> String {
     let hex: String = digest
         .split_once(':')
@@ -170,6 +198,7 @@ fn digest_uuid(digest: &str) -> String {
 /// Reads `rel` inside `root` with the image's own view of symlinks: an
 /// `/etc/passwd` that is a symlink to `/x` means the image's `/x`, never
 /// the host's (`RESOLVE_IN_ROOT`). Missing means empty.
+#[cfg(unix)]
 fn read_in_root(root: &Path, rel: &str) -> Result<String, Error> {
     let dir = supermachine_host::open_dir(root)
         .map_err(|e| io_error(format!("opening {}", root.display()), e.into()))?;

@@ -114,16 +114,17 @@ impl Store {
     /// Waits for, and holds, the lock shared by everything that adds to
     /// the store.
     pub fn lock_shared(&self) -> Result<StoreLock, Error> {
-        self.lock(rustix::fs::FlockOperation::LockShared)
+        self.lock(fs::File::lock_shared)
     }
 
     fn lock_exclusive(&self) -> Result<StoreLock, Error> {
-        self.lock(rustix::fs::FlockOperation::LockExclusive)
+        self.lock(fs::File::lock)
     }
 
-    /// flock(2) on `<root>/lock`: released when the file closes, also
-    /// when the process dies.
-    fn lock(&self, operation: rustix::fs::FlockOperation) -> Result<StoreLock, Error> {
+    /// A whole-file lock on `<root>/lock` (`flock` on Unix, `LockFileEx`
+    /// on Windows): released when the file closes, also when the process
+    /// dies.
+    fn lock(&self, lock: fn(&fs::File) -> std::io::Result<()>) -> Result<StoreLock, Error> {
         let path = self.root.join("lock");
         let file = fs::OpenOptions::new()
             .create(true)
@@ -131,8 +132,7 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(|e| io_error(format!("opening {}", path.display()), e))?;
-        rustix::fs::flock(&file, operation)
-            .map_err(|e| io_error("locking the image store".into(), e.into()))?;
+        lock(&file).map_err(|e| io_error("locking the image store".into(), e))?;
         Ok(StoreLock { _file: file })
     }
 
@@ -146,7 +146,7 @@ impl Store {
                 .to_str()
                 .and_then(|n| n.split('-').next())
                 .and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            let alive = pid.is_some_and(supermachine_host::process_exists);
             if !alive {
                 let path = entry.path();
                 let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));

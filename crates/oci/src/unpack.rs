@@ -19,22 +19,32 @@
 //! cannot apply (ownership, privileged xattrs) is kept as a [`Fixup`] for
 //! the disk-image builder.
 
-use std::collections::{BTreeMap, HashSet};
-use std::ffi::{OsStr, OsString};
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::ffi::OsString;
+#[cfg(unix)]
+use std::{
+    collections::{BTreeMap, HashSet},
+    ffi::OsStr,
+    fs::File,
+    io::{self, Read},
+    os::fd::{AsFd, OwnedFd},
+    os::unix::ffi::OsStrExt,
+    path::{Component, Path, PathBuf},
+};
 
+#[cfg(unix)]
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+#[cfg(unix)]
 use sha2::{Digest as _, Sha256};
 
+#[cfg(unix)]
 use crate::Error;
 
 /// How many symlinks one path may go through (as Linux's `MAXSYMLINKS`).
+#[cfg(unix)]
 const MAX_SYMLINK_FOLLOWS: usize = 40;
+#[cfg(unix)]
 const WHITEOUT_PREFIX: &str = ".wh.";
+#[cfg(unix)]
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
 /// Bounds on what one image may unpack to: a layer that decompresses past
@@ -106,6 +116,7 @@ pub struct Fixup {
 }
 
 /// Unpacks layers into one directory.
+#[cfg(unix)]
 #[derive(Debug)]
 pub struct Unpacker {
     root: OwnedFd,
@@ -120,11 +131,13 @@ pub struct Unpacker {
 }
 
 /// One layer being applied: its name for errors, and what it created.
+#[cfg(unix)]
 struct Layer<'a> {
     name: &'a str,
     created: HashSet<PathBuf>,
 }
 
+#[cfg(unix)]
 impl Layer<'_> {
     fn error(&self, entry: &Path, reason: impl std::fmt::Display) -> Error {
         Error::Unpack {
@@ -135,6 +148,7 @@ impl Layer<'_> {
     }
 }
 
+#[cfg(unix)]
 impl Unpacker {
     /// Unpacks into `root`, which must be an existing, empty directory.
     pub fn new(root: &Path, limits: Limits) -> Result<Self, Error> {
@@ -649,6 +663,7 @@ impl Unpacker {
 }
 
 /// Checks an entry name: relative, no `..`; returns it without `.` parts.
+#[cfg(unix)]
 fn entry_path(raw: &Path) -> Result<PathBuf, String> {
     let mut clean = PathBuf::new();
     for c in raw.components() {
@@ -665,6 +680,7 @@ fn entry_path(raw: &Path) -> Result<PathBuf, String> {
 }
 
 /// "" names the root for the *at calls as ".".
+#[cfg(unix)]
 fn nonempty(p: &Path) -> &Path {
     if p.as_os_str().is_empty() {
         Path::new(".")
@@ -673,12 +689,14 @@ fn nonempty(p: &Path) -> &Path {
     }
 }
 
+#[cfg(unix)]
 fn stat_kind(dir: &OwnedFd, name: &OsStr) -> Option<FileType> {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .ok()
         .map(|st| FileType::from_raw_mode(st.st_mode))
 }
 
+#[cfg(unix)]
 fn timestamps(mtime: u64) -> Timestamps {
     let t = Timespec {
         tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
@@ -690,14 +708,17 @@ fn timestamps(mtime: u64) -> Timestamps {
     }
 }
 
+#[cfg(unix)]
 fn uid_of(uid: u32) -> rustix::fs::Uid {
     rustix::fs::Uid::from_raw(uid)
 }
 
+#[cfg(unix)]
 fn gid_of(gid: u32) -> rustix::fs::Gid {
     rustix::fs::Gid::from_raw(gid)
 }
 
+#[cfg(unix)]
 fn parse_decimal(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
 }
@@ -707,11 +728,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+#[cfg(unix)]
 struct HashingReader<R> {
     inner: R,
     hash: Sha256,
 }
 
+#[cfg(unix)]
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;

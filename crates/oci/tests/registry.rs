@@ -1,6 +1,8 @@
 //! Pulling from a real registry (Debian's docker-registry on 127.0.0.1)
 //! images pushed by skopeo.
 #![allow(clippy::unwrap_used)]
+// Layers are unpacked onto a POSIX file system; Windows has no unpacker.
+#![cfg(unix)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! Layers applied to a directory: the OCI semantics, and every way a
 //! hostile layer tries to write outside it.
 #![allow(clippy::unwrap_used)]
+// Layers are unpacked onto a POSIX file system; Windows has no unpacker.
+#![cfg(unix)]
 
 mod common;
 

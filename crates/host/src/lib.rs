@@ -12,6 +12,7 @@
 //! | [`open_dir_beneath`]: no symlinks, no escape | `openat2(RESOLVE_BENEATH)` | `O_NOFOLLOW_ANY` | none |
 //! | [`open_in_root`]: a chroot's view of symlinks | `openat2(RESOLVE_IN_ROOT)` | resolved a component at a time | none |
 //! | [`mkfifo_at`] | `mknodat` | `mkfifoat` | none |
+//! | [`ThreadedReader`]: a blocking reader made pollable | a thread | a thread | a thread |
 //! | [`process_exists`] | `kill(pid, 0)` | `kill(pid, 0)` | `OpenProcess`, `GetExitCodeProcess` |
 //!
 //! See `docs/platforms.md` for what each host runs.
@@ -24,6 +25,7 @@ mod fs;
 mod net;
 mod poller;
 mod process;
+mod threaded_reader;
 
 pub use disk::{punch_hole, zero_range};
 pub use event::Event;
@@ -33,3 +35,4 @@ pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root};
 pub use net::connect_unix_nonblocking;
 pub use poller::{AsPollable, Interest, Pollable, Poller, Ready, Trigger};
 pub use process::process_exists;
+pub use threaded_reader::ThreadedReader;

@@ -1,13 +1,14 @@
 //! The VMM's event loop: host input for the serial console, virtio queue
 //! notifications and device backends, and the wake-up that ends the loop
 //! when the VM finishes. It waits on one `supermachine_host::Poller`
-//! (epoll on Linux, kqueue on macOS), level-triggered.
+//! (epoll on Linux, kqueue on macOS, an I/O completion port on Windows),
+//! level-triggered.
 
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use supermachine_host::{Interest, Poller, Trigger};
+use supermachine_host::{AsPollable, Interest, Pollable, Poller, Trigger};
+use supermachine_hypervisor::IoNotifier;
 
 use crate::devices::serial::SerialPort;
 use crate::devices::virtio::VirtioSubscriber;
@@ -21,9 +22,11 @@ pub(crate) struct InputForwarder {
     pub(crate) paused: bool,
 }
 
-/// Host input: a pollable, readable descriptor.
-pub(crate) trait InputSource: Read + AsFd + Send {}
-impl<T: Read + AsFd + Send> InputSource for T {}
+/// Host input: readable, and pollable for when it is. A read that would
+/// block (`WouldBlock`) is not an error: the input waits for the next
+/// readiness.
+pub(crate) trait InputSource: Read + AsPollable + Send {}
+impl<T: Read + AsPollable + Send> InputSource for T {}
 
 /// What a token stands for.
 #[derive(Clone, Copy, Debug)]
@@ -32,16 +35,55 @@ enum Source {
     Input,
     InputRoom,
     Notifier { device: usize, queue: usize },
+    /// A device's host side (vsock, net: Unix only).
+    #[cfg_attr(not(unix), allow(dead_code))]
     Backend { device: usize },
 }
 
-/// Borrows a descriptor owned by something the loop keeps alive.
+/// `source`, borrowed without its owner's lifetime.
 ///
 /// # Safety
-/// `fd` must stay open for as long as the borrow is used.
-unsafe fn borrowed(fd: RawFd) -> BorrowedFd<'static> {
+/// What `source` borrows must stay open for as long as the result is
+/// used: the loop only does this for what it owns.
+unsafe fn unbound(source: Pollable<'_>) -> Pollable<'static> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the caller's promise.
+        unsafe { BorrowedFd::borrow_raw(source.as_raw_fd()) }
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::io::{AsRawHandle, AsRawSocket, BorrowedHandle, BorrowedSocket};
+        match source {
+            Pollable::Socket(s) => {
+                // SAFETY: the caller's promise.
+                let socket = unsafe { BorrowedSocket::borrow_raw(s.as_raw_socket()) };
+                Pollable::Socket(socket)
+            }
+            Pollable::Waitable(h) => {
+                // SAFETY: the caller's promise.
+                let handle = unsafe { BorrowedHandle::borrow_raw(h.as_raw_handle()) };
+                Pollable::Waitable(handle)
+            }
+        }
+    }
+}
+
+/// What a queue notifier is watched through: a descriptor (eventfd,
+/// pipe) on Unix, an event object on Windows.
+///
+/// # Safety
+/// As for [`unbound`]: the notifier must outlive the result's use.
+unsafe fn notifier_source(notifier: &dyn IoNotifier) -> Pollable<'static> {
+    #[cfg(unix)]
     // SAFETY: the caller's promise.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+    return unsafe { std::os::fd::BorrowedFd::borrow_raw(notifier.as_raw_fd()) };
+    #[cfg(windows)]
+    // SAFETY: the caller's promise.
+    return Pollable::Waitable(unsafe {
+        std::os::windows::io::BorrowedHandle::borrow_raw(notifier.as_raw_handle())
+    });
 }
 
 struct EventLoop {
@@ -56,37 +98,32 @@ struct EventLoop {
 }
 
 impl EventLoop {
-    fn watch(&mut self, fd: BorrowedFd<'_>, source: Source) -> std::io::Result<()> {
+    fn watch(&mut self, pollable: Pollable<'_>, source: Source) -> std::io::Result<()> {
         let token = self.sources.len() as u64;
-        self.poller.add(fd, token, Interest::READ, Trigger::Level)?;
+        self.poller
+            .add(pollable, token, Interest::READ, Trigger::Level)?;
         self.sources.push(source);
         Ok(())
     }
 
-    fn room_fd(input: &InputForwarder) -> RawFd {
-        input
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .uart
-            .events()
-            .room
-            .as_raw_fd()
+    /// The UART's "room in the FIFO again" event.
+    fn room(input: &InputForwarder) -> Pollable<'static> {
+        let serial = input.serial.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the UART, and its room event, live as long as the
+        // forwarder this loop owns.
+        unsafe { unbound(serial.uart.events().room.as_pollable()) }
     }
 
     /// Registers everything; a failure ends the VM.
     fn register(&mut self) -> std::io::Result<()> {
         let finished = self.lifecycle.clone();
-        self.watch(finished.finished_evt.as_fd(), Source::Finished)?;
+        self.watch(finished.finished_evt.as_pollable(), Source::Finished)?;
         if let Some(input) = self.input.take() {
             self.input_token = self.sources.len() as u64;
-            let added = self.watch(input.input.as_fd(), Source::Input);
+            let added = self.watch(input.input.as_pollable(), Source::Input);
             match added {
                 Ok(()) => {
-                    // SAFETY: the UART, and its room event, live as long
-                    // as the forwarder this loop owns.
-                    let room = unsafe { borrowed(Self::room_fd(&input)) };
-                    self.watch(room, Source::InputRoom)?;
+                    self.watch(Self::room(&input), Source::InputRoom)?;
                     self.input = Some(input);
                 }
                 // A regular file cannot be polled; such input is not
@@ -95,20 +132,22 @@ impl EventLoop {
             }
         }
         for device in 0..self.devices.len() {
-            let fds: Vec<RawFd> = self.devices[device]
+            let notifiers: Vec<Pollable<'static>> = self.devices[device]
                 .notifiers
                 .iter()
-                .map(|n| n.as_raw_fd())
-                .collect();
-            for (queue, fd) in fds.into_iter().enumerate() {
                 // SAFETY: the notifier is owned by the subscriber, which
                 // this loop owns.
-                self.watch(unsafe { borrowed(fd) }, Source::Notifier { device, queue })?;
+                .map(|n| unsafe { notifier_source(n.as_ref()) })
+                .collect();
+            for (queue, pollable) in notifiers.into_iter().enumerate() {
+                self.watch(pollable, Source::Notifier { device, queue })?;
             }
+            #[cfg(unix)]
             if let Some(fd) = self.devices[device].backend {
                 // SAFETY: the backend's descriptor belongs to the device,
                 // which the subscriber's transport keeps alive.
-                self.watch(unsafe { borrowed(fd) }, Source::Backend { device })?;
+                let backend = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                self.watch(backend, Source::Backend { device })?;
             }
         }
         Ok(())
@@ -132,13 +171,13 @@ impl EventLoop {
         };
         let result = if watched {
             self.poller.add(
-                input.input.as_fd(),
+                input.input.as_pollable(),
                 self.input_token,
                 Interest::READ,
                 Trigger::Level,
             )
         } else {
-            self.poller.delete(input.input.as_fd())
+            self.poller.delete(input.input.as_pollable())
         };
         if let Err(e) = result {
             log::warn!("console input: {e}");
@@ -180,7 +219,14 @@ impl EventLoop {
                 }
                 false
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                false
+            }
             Err(e) => {
                 log::warn!("console input: {e}; no longer forwarded");
                 true

@@ -31,9 +31,11 @@ pub use bus::{Bus, BusDevice};
 use snapshot::DeviceSnapshot;
 pub use snapshot::{DeviceKind, MachineState};
 pub use supermachine_virtio_net::{
-    DEFAULT_MTU, DatagramBackend, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule,
-    StreamBackend, format_mac, policy::is_private,
+    DEFAULT_MTU, EgressPolicy, FrameBackend, PolicyMode, Rule as NetRule, format_mac,
+    policy::is_private,
 };
+#[cfg(unix)]
+pub use supermachine_virtio_net::{DatagramBackend, StreamBackend};
 
 use devices::console::ConsoleSink;
 use devices::serial::{InputRoom, IrqTrigger, SerialPort};
@@ -648,10 +650,9 @@ pub fn restore(hypervisor: &dyn Hypervisor, config: RestoreConfig) -> Result<Run
                 let socket = vsock_socket.take().ok_or_else(|| {
                     bad("the snapshot has a vsock device: a socket for it is needed".into())
                 })?;
-                let vsock = supermachine_virtio_vsock::Vsock::new(*cid, &socket)?;
                 (
                     format!("virtio-vsock {}", socket.display()),
-                    Box::new(vsock),
+                    vsock_device(*cid, &socket)?,
                 )
             }
             DeviceKind::Entropy => (
@@ -820,10 +821,11 @@ fn launch(a: Assembled) -> Result<RunningVm> {
     let pio = Arc::new(pio);
     let mut subscribers = Vec::with_capacity(transports.len());
     for placed in &transports {
-        let (queue_count, backend) = {
-            let t = placed.transport.lock().unwrap_or_else(|p| p.into_inner());
-            (t.queue_count(), t.backend_fd())
-        };
+        let t = placed.transport.lock().unwrap_or_else(|p| p.into_inner());
+        let queue_count = t.queue_count();
+        #[cfg(unix)]
+        let backend = t.backend_fd();
+        drop(t);
         let notifiers = (0..queue_count as u32)
             .map(|q| {
                 vm.io_notifier(
@@ -838,6 +840,7 @@ fn launch(a: Assembled) -> Result<RunningVm> {
             name: placed.name.clone(),
             transport: placed.transport.clone(),
             notifiers,
+            #[cfg(unix)]
             backend,
         });
     }
@@ -873,11 +876,14 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         }
     }
 
-    let input = forward_stdin.then(|| event_loop::InputForwarder {
-        input: Box::new(io::stdin()),
-        serial: serial.clone(),
-        paused: false,
-    });
+    let input = match forward_stdin {
+        true => Some(event_loop::InputForwarder {
+            input: stdin_source()?,
+            serial: serial.clone(),
+            paused: false,
+        }),
+        false => None,
+    };
     let event_thread = {
         let lifecycle = lifecycle.clone();
         std::thread::Builder::new()
@@ -1035,11 +1041,10 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
         )?;
     }
     if let Some(v) = &config.vsock {
-        let vsock = supermachine_virtio_vsock::Vsock::new(v.cid, &v.socket)?;
         place(
             format!("virtio-vsock {}", v.socket.display()),
             Some(DeviceKind::Vsock { cid: v.cid }),
-            Box::new(vsock),
+            vsock_device(v.cid, &v.socket)?,
         )?;
     }
     if let Some(net) = config.net.take() {
@@ -1066,6 +1071,35 @@ fn virtio_devices(config: &mut VmConfig) -> Result<Vec<PlacedDevice>> {
         )?;
     }
     Ok(devices)
+}
+
+/// This process's standard input, as the event loop reads it: polled
+/// directly on Unix; on Windows, where neither a console nor a pipe handle
+/// can be polled for bytes, read by a thread of its own.
+fn stdin_source() -> Result<Box<dyn event_loop::InputSource>> {
+    #[cfg(unix)]
+    return Ok(Box::new(io::stdin()));
+    #[cfg(not(unix))]
+    return supermachine_host::ThreadedReader::spawn(io::stdin(), "vmm-stdin")
+        .map(|reader| Box::new(reader) as Box<dyn event_loop::InputSource>)
+        .map_err(host("starting the console input thread"));
+}
+
+/// The virtio-vsock device for guest `cid`, listening on `socket`.
+#[cfg(unix)]
+fn vsock_device(cid: u64, socket: &std::path::Path) -> Result<Box<dyn VirtioDevice>> {
+    Ok(Box::new(supermachine_virtio_vsock::Vsock::new(
+        cid, socket,
+    )?))
+}
+
+/// The vsock device's host side is Unix sockets.
+#[cfg(not(unix))]
+fn vsock_device(_cid: u64, _socket: &std::path::Path) -> Result<Box<dyn VirtioDevice>> {
+    Err(Error::Config(
+        "virtio-vsock's host side is Unix sockets, which this build for Windows does not have yet"
+            .into(),
+    ))
 }
 
 /// An anonymous shared-memory file (memfd) for guest RAM, closed on exec.

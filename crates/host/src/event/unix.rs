@@ -83,12 +83,6 @@ impl AsFd for Event {
     }
 }
 
-impl crate::AsPollable for Event {
-    fn as_pollable(&self) -> crate::Pollable<'_> {
-        self.read.as_fd()
-    }
-}
-
 impl AsRawFd for Event {
     fn as_raw_fd(&self) -> RawFd {
         self.read.as_raw_fd()

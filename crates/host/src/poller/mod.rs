@@ -29,10 +29,18 @@ pub enum Pollable<'a> {
     Waitable(std::os::windows::io::BorrowedHandle<'a>),
 }
 
-/// Something a [`Poller`] can watch.
+/// Something a [`Poller`] can watch: on Unix, anything with a
+/// descriptor.
 pub trait AsPollable {
     /// The source, borrowed.
     fn as_pollable(&self) -> Pollable<'_>;
+}
+
+#[cfg(unix)]
+impl<T: std::os::fd::AsFd + ?Sized> AsPollable for T {
+    fn as_pollable(&self) -> Pollable<'_> {
+        self.as_fd()
+    }
 }
 
 /// What to be told about.

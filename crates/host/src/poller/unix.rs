@@ -91,12 +91,6 @@ impl AsFd for Poller {
     }
 }
 
-impl crate::AsPollable for Poller {
-    fn as_pollable(&self) -> crate::Pollable<'_> {
-        self.fd.as_fd()
-    }
-}
-
 impl AsRawFd for Poller {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -1,7 +1,6 @@
 //! virtio-mmio devices in the VM: where they sit, how the guest learns of
 //! them, and how their notifications reach them.
 
-use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use supermachine_hypervisor::IoNotifier;
@@ -27,7 +26,9 @@ pub(crate) struct VirtioSubscriber {
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
     /// One per queue, in queue order.
     pub(crate) notifiers: Vec<Box<dyn IoNotifier>>,
-    pub(crate) backend: Option<RawFd>,
+    /// The device's host-side descriptor (vsock and net, Unix only).
+    #[cfg(unix)]
+    pub(crate) backend: Option<std::os::fd::RawFd>,
 }
 
 impl VirtioSubscriber {

@@ -9,7 +9,6 @@
 //! protocol's window, so neither side ever buffers without bound.
 
 use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -20,6 +19,7 @@ use supermachine_agent_protocol::{
     WindowSize,
 };
 
+use crate::sys::UnixStream;
 use crate::vm::{AgentConn, Vm, agent_io, unexpected};
 use crate::{Error, Result, io_error};
 

@@ -45,6 +45,7 @@ mod pool;
 mod ports;
 mod shares;
 mod snapshot;
+mod sys;
 mod vm;
 
 pub use exec::{

@@ -9,25 +9,31 @@
 //! it inherits (`--fd`); it runs `--one-off`, so it also exits when the
 //! VMM's end closes, even if the VMM is killed.
 
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-
-use supermachine_vmm::{
-    DatagramBackend, EgressPolicy, FrameBackend, NetConfig, NetRule, PolicyMode, StreamBackend,
+#[cfg(unix)]
+use std::{
+    io::Read,
+    os::fd::AsRawFd,
+    os::unix::net::{UnixDatagram, UnixStream},
+    os::unix::process::CommandExt,
+    path::Path,
+    process::{Command, Stdio},
 };
+
+#[cfg(unix)]
+use supermachine_vmm::{DatagramBackend, EgressPolicy, FrameBackend, StreamBackend};
+use supermachine_vmm::{NetConfig, NetRule, PolicyMode};
 
 use crate::shares::find_helper;
 use crate::{Error, Result};
 
 /// The guest's MAC address (every VM has its own network, so all share
 /// it).
+#[cfg_attr(not(unix), allow(dead_code))]
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// The guest's IPv4 address, on a /24.
 pub const GUEST_IPV4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -139,6 +145,7 @@ pub(crate) struct Passt {
 impl Passt {
     /// Starts passt on one end of a new socket pair; returns it and the
     /// VMM's end.
+    #[cfg(unix)]
     fn start(program: &Path, ipv4: bool, ipv6: bool) -> Result<(Passt, UnixStream)> {
         let (ours, theirs) =
             UnixStream::pair().map_err(crate::io_error("making passt's socket pair"))?;
@@ -273,6 +280,7 @@ fn host_has_default_route(ipv6: bool) -> bool {
 
 /// The host's own addresses (which passt would reach directly), for the
 /// deny-private policy.
+#[cfg(unix)]
 fn host_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -319,6 +327,7 @@ pub(crate) struct Attached {
 
 /// What a VM's network will be, decided before anything is started.
 #[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))]
 pub(crate) struct Plan {
     backend: Backend,
     ipv4: bool,
@@ -329,6 +338,7 @@ pub(crate) struct Plan {
 }
 
 #[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))]
 enum Backend {
     Passt(PathBuf),
     Stream(PathBuf),
@@ -373,6 +383,11 @@ pub(crate) fn plan(network: &Network) -> Result<Option<Plan>> {
                     return Ok(None);
                 }
             }
+        }
+        NetworkMode::Stream(_) | NetworkMode::Datagram(_) if cfg!(windows) => {
+            return Err(Error::InvalidOption(
+                "--network stream:/dgram: the network device's backends are Unix sockets, which this build for Windows does not have yet".into(),
+            ));
         }
         // Another backend is assumed to serve these addresses (gvproxy's
         // and vfkit's users set theirs to match).
@@ -427,7 +442,17 @@ pub(crate) fn guest_view(network: &Network) -> Result<Option<String>> {
 }
 
 impl Plan {
+    /// Starts or connects the backend. ([`plan`] gives no plan on
+    /// Windows, which has no backend yet.)
+    #[cfg(not(unix))]
+    pub(crate) fn attach(self, _network: &Network) -> Result<Attached> {
+        Err(Error::InvalidOption(
+            "this build for Windows has no guest network backend yet".into(),
+        ))
+    }
+
     /// Starts or connects the backend.
+    #[cfg(unix)]
     pub(crate) fn attach(self, network: &Network) -> Result<Attached> {
         let (backend, passt): (Box<dyn FrameBackend>, Option<Passt>) = match &self.backend {
             Backend::Passt(program) => {

@@ -5,10 +5,11 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+
+use supermachine_host::{AsPollable, Interest, Poller, Trigger};
 
 use crate::vm::AgentDialer;
 use crate::{Error, Result, Vm, io_error};
@@ -129,6 +130,22 @@ impl Vm {
 }
 
 fn accept_loop(listener: &TcpListener, guest_port: u16, dialer: &AgentDialer, stop: &AtomicBool) {
+    // Woken by a connection, or every 100 ms to see whether to stop.
+    let mut poller = match Poller::new().and_then(|poller| {
+        poller.add(listener.as_pollable(), 0, Interest::READ, Trigger::Level)?;
+        Ok(poller)
+    }) {
+        Ok(poller) => poller,
+        Err(e) => {
+            log::warn!("port {guest_port}: cannot wait for connections: {e}");
+            return;
+        }
+    };
+    let mut ready = Vec::new();
+    let mut wait_readable = || {
+        ready.clear();
+        let _ = poller.wait(Some(std::time::Duration::from_millis(100)), &mut ready);
+    };
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((client, _)) => {
@@ -137,7 +154,7 @@ fn accept_loop(listener: &TcpListener, guest_port: u16, dialer: &AgentDialer, st
                     .name("port-conn".into())
                     .spawn(move || serve(client, guest_port, &dialer));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(listener, 100),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // Out of descriptors, say: back off rather than spin.
@@ -146,16 +163,6 @@ fn accept_loop(listener: &TcpListener, guest_port: u16, dialer: &AgentDialer, st
             }
         }
     }
-}
-
-fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
-    let mut fd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a descriptor the caller keeps open.
-    unsafe { libc::poll(&mut fd, 1, timeout_ms) };
 }
 
 /// Splices one client connection to the guest port until both directions

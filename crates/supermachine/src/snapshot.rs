@@ -23,7 +23,6 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -128,9 +127,20 @@ impl DiskIdentity {
         Ok(Self {
             path: path.to_path_buf(),
             size: m.len(),
-            file: (m.dev(), m.ino()),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            file: crate::sys::file_identity(&m),
+            mtime_ns: mtime_ns(&m),
         })
+    }
+}
+
+/// Last modification, ns since the epoch (before it: negative).
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    match meta.modified() {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => after.as_nanos() as i128,
+            Err(before) => -(before.duration().as_nanos() as i128),
+        },
+        Err(_) => 0,
     }
 }
 
@@ -195,7 +205,7 @@ impl Snapshot {
             .flatten()
             .flatten()
             .filter_map(|e| e.metadata().ok())
-            .map(|m| m.blocks() * 512)
+            .map(|m| crate::sys::allocated_bytes(&m))
             .sum()
     }
 

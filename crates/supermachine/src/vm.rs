@@ -11,8 +11,6 @@
 use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +29,8 @@ use crate::guest::GuestImage;
 use crate::network::{self, Network, Passt};
 use crate::shares::{Share, Virtiofsd, find_virtiofsd};
 use crate::snapshot::{DiskIdentity, Snapshot, SnapshotInfo, Workload, check_snapshottable};
-use crate::{Error, ExitReason, Machine, Result, images, io_error};
+use crate::sys::{UnixListener, UnixStream};
+use crate::{Error, ExitReason, Machine, Result, images, io_error, sys};
 
 /// The guest's vsock context id (each VM has its own device).
 const GUEST_CID: u64 = 3;
@@ -169,10 +168,7 @@ impl RuntimeDir {
         if dir.exists() {
             let _ = fs::remove_dir_all(&dir);
         }
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_error(format!("creating {}", dir.display())))?;
+        sys::create_private_dir(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
         Ok(RuntimeDir(dir))
     }
 }
@@ -180,31 +176,14 @@ impl RuntimeDir {
 /// This user's private directory for VM sockets and state:
 /// `$XDG_RUNTIME_DIR/supermachine`, else `/tmp/supermachine-<uid>`
 /// (created mode 0700; refused unless it is a directory only this user
-/// can enter).
+/// can enter); on Windows `%LOCALAPPDATA%\supermachine\run`.
 pub fn runtime_dir() -> Result<PathBuf> {
-    let uid = fs::metadata("/proc/self")
-        .map_err(io_error("reading /proc/self"))?
-        .uid();
-    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d).join("supermachine"),
-        _ => std::env::temp_dir().join(format!("supermachine-{uid}")),
-    };
-    match fs::DirBuilder::new().mode(0o700).create(&base) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(io_error(format!("creating {}", base.display()))(e)),
+    let base = sys::runtime_base();
+    if let Some(parent) = base.parent() {
+        fs::create_dir_all(parent).map_err(io_error(format!("creating {}", parent.display())))?;
     }
-    // A shared /tmp: the directory must be ours and private.
-    let meta = fs::symlink_metadata(&base).map_err(io_error(base.display().to_string()))?;
-    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
-        return Err(Error::Io {
-            what: format!("runtime directory {}", base.display()),
-            source: io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "not a private directory owned by this user",
-            ),
-        });
-    }
+    sys::create_private_dir(&base).map_err(io_error(format!("creating {}", base.display())))?;
+    sys::check_private(&base).map_err(io_error(format!("runtime directory {}", base.display())))?;
     Ok(base)
 }
 
@@ -222,7 +201,7 @@ fn remove_stale(base: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !supermachine_host::process_exists(pid) {
             log::debug!("removing stale {}", entry.path().display());
             let _ = fs::remove_dir_all(entry.path());
         }
@@ -1224,7 +1203,7 @@ impl IdleHandle {
     /// An idle connection the agent has not closed meanwhile.
     fn pop(&self) -> Option<UnixStream> {
         while let Some(c) = self.lock().pop() {
-            if still_open(&c) {
+            if sys::still_open(&c) {
                 return Some(c);
             }
         }
@@ -1234,21 +1213,6 @@ impl IdleHandle {
     fn clear(&self) {
         self.lock().clear();
     }
-}
-
-/// True when an idle connection is neither closed nor holding stray bytes.
-fn still_open(c: &UnixStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut fd = libc::pollfd {
-        fd: c.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a descriptor `c` keeps open; a zero
-    // timeout only samples its state.
-    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
-    // Readable while idle means closed (or out of step): not reusable.
-    ready == 0
 }
 
 /// A connection to the agent during one request.

@@ -34,10 +34,15 @@ enum Source {
     Finished,
     Input,
     InputRoom,
-    Notifier { device: usize, queue: usize },
+    Notifier {
+        device: usize,
+        queue: usize,
+    },
     /// A device's host side (vsock, net: Unix only).
     #[cfg_attr(not(unix), allow(dead_code))]
-    Backend { device: usize },
+    Backend {
+        device: usize,
+    },
 }
 
 /// `source`, borrowed without its owner's lifetime.

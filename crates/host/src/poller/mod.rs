@@ -43,6 +43,24 @@ impl<T: std::os::fd::AsFd + ?Sized> AsPollable for T {
     }
 }
 
+/// The standard library's sockets, watched as sockets.
+#[cfg(windows)]
+macro_rules! pollable_sockets {
+    ($($socket:ty),*) => {$(
+        impl AsPollable for $socket {
+            fn as_pollable(&self) -> Pollable<'_> {
+                Pollable::Socket(std::os::windows::io::AsSocket::as_socket(self))
+            }
+        }
+    )*};
+}
+#[cfg(windows)]
+pollable_sockets!(
+    std::net::TcpListener,
+    std::net::TcpStream,
+    std::net::UdpSocket
+);
+
 /// What to be told about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Interest {

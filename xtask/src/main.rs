@@ -595,42 +595,17 @@ const LINUX_ONLY: &[&str] = &[
     "xtask",
 ];
 
-/// Crates that build for Windows so far: the hypervisor interface, both
-/// portable backends' decoding and conversions (WHP's whole backend),
-/// and what needs no POSIX host (see `docs/platforms.md`).
-const WINDOWS_CRATES: &[&str] = &[
-    "supermachine-memory",
-    "supermachine-snapshot",
-    "supermachine-hypervisor",
-    "supermachine-hypervisor-whp",
-    "supermachine-hypervisor-hvf",
-    "supermachine-hypervisor-conformance",
-    "supermachine-host",
-    "supermachine-agent-protocol",
-    "supermachine-test-guests",
-    "supermachine-boot",
-    "supermachine-virtq",
-    "supermachine-virtio-testing",
-    "supermachine-virtio-mmio",
-    "supermachine-virtio-blk",
-    "supermachine-virtio-rng",
-    "supermachine-virtio-net",
-    "supermachine-virtio-vsock",
-    "supermachine-oci",
-];
-
-/// `cargo check` and `cargo clippy` of every crate that should build for
-/// macOS (`aarch64-apple-darwin`: all but [`LINUX_ONLY`]) and for Windows
-/// (`x86_64-pc-windows-gnu`: [`WINDOWS_CRATES`]), then the Windows crates'
-/// tests under Wine. Nothing runs for macOS: this machine cannot.
+/// `cargo check` and `cargo clippy` of every crate but [`LINUX_ONLY`] for
+/// macOS (`aarch64-apple-darwin`) and Windows (`x86_64-pc-windows-gnu`),
+/// then the Windows builds' tests under Wine. Nothing runs for macOS: this
+/// machine cannot.
 fn other_platforms() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut macos = vec!["--workspace"];
-    macos.extend(LINUX_ONLY.iter().flat_map(|p| ["--exclude", *p]));
-    let windows: Vec<&str> = WINDOWS_CRATES.iter().flat_map(|p| ["-p", *p]).collect();
-    for (name, target, packages) in [
-        ("macOS", "aarch64-apple-darwin", macos),
-        ("Windows", "x86_64-pc-windows-gnu", windows),
+    let mut packages = vec!["--workspace"];
+    packages.extend(LINUX_ONLY.iter().flat_map(|p| ["--exclude", *p]));
+    for (name, target) in [
+        ("macOS", "aarch64-apple-darwin"),
+        ("Windows", "x86_64-pc-windows-gnu"),
     ] {
         eprintln!("xtask: == {name} ({target}): check and clippy ==");
         deps::ensure_rust_target(target)?;
@@ -646,8 +621,7 @@ fn other_platforms() -> Result<()> {
         }
     }
     eprintln!("xtask: == Windows (x86_64-pc-windows-gnu): tests under Wine ==");
-    let windows: Vec<&str> = WINDOWS_CRATES.iter().flat_map(|p| ["-p", *p]).collect();
-    wine::test(&cargo, &windows)
+    wine::test(&cargo, &packages)
 }
 
 /// Seconds each fuzz target runs in a smoke run.

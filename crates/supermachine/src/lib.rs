@@ -149,6 +149,9 @@ pub enum Error {
     /// The process has ended; it takes no more input or signals.
     #[error("the process has ended")]
     ProcessEnded,
+    /// What was asked is not built for this host yet.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// `map_err` for a host I/O failure while doing `what`.

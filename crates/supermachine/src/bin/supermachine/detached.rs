@@ -31,6 +31,7 @@ use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use supermachine::images::ProcessSpec;
 use supermachine::{Error, Image, OutputReader, Result, Vm};
 
+use crate::ExecArgs;
 use crate::run::{RunArgs, new_id};
 use crate::session;
 
@@ -680,31 +681,6 @@ fn write_records(bytes: Vec<u8>) -> Vec<u8> {
         at += 5 + len;
     }
     bytes[at..].to_vec()
-}
-
-/// What `exec` runs, with its flags.
-#[derive(clap::Args, Debug)]
-pub struct ExecArgs {
-    /// Feed stdin to the process.
-    #[arg(short = 'i', long)]
-    interactive: bool,
-    /// Give the process a pseudo-terminal.
-    #[arg(short = 't', long)]
-    tty: bool,
-    /// Set an environment variable (NAME=VALUE). Repeatable.
-    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
-    env: Vec<String>,
-    /// Working directory (default: the workload's).
-    #[arg(short = 'w', long = "workdir")]
-    workdir: Option<String>,
-    /// Run as USER[:GROUP] (default: the workload's user).
-    #[arg(short = 'u', long)]
-    user: Option<String>,
-    /// The VM's name or ID.
-    name: String,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-    command: Vec<String>,
 }
 
 /// `exec NAME CMD...`: returns the process's exit status.

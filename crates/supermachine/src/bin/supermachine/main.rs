@@ -1,10 +1,13 @@
 //! The `supermachine` command-line tool.
 
+#[cfg(unix)]
 mod detached;
 mod netargs;
 mod run;
+#[cfg(unix)]
 mod session;
 mod snapshot;
+#[cfg(unix)]
 mod terminal;
 
 use std::path::PathBuf;
@@ -19,6 +22,31 @@ use supermachine::{Console, DEFAULT_CMDLINE, DiskConfig, Machine, MachineConfig,
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// What `exec` runs, with its flags.
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// Feed stdin to the process.
+    #[arg(short = 'i', long)]
+    pub(crate) interactive: bool,
+    /// Give the process a pseudo-terminal.
+    #[arg(short = 't', long)]
+    pub(crate) tty: bool,
+    /// Set an environment variable (NAME=VALUE). Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
+    pub(crate) env: Vec<String>,
+    /// Working directory (default: the workload's).
+    #[arg(short = 'w', long = "workdir")]
+    pub(crate) workdir: Option<String>,
+    /// Run as USER[:GROUP] (default: the workload's user).
+    #[arg(short = 'u', long)]
+    pub(crate) user: Option<String>,
+    /// The VM's name or ID.
+    pub(crate) name: String,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    pub(crate) command: Vec<String>,
 }
 
 /// Each subcommand's arguments are built only when it is the one given:
@@ -47,7 +75,7 @@ enum Command {
         name: String,
     },
     /// Run a command in a running detached VM.
-    Exec(detached::ExecArgs),
+    Exec(ExecArgs),
     /// Stop detached VMs: their workload gets its stop signal, then the VM
     /// is ended after the timeout.
     Stop {
@@ -207,6 +235,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 /// published port holds two per client connection, and a burst of clients
 /// must not be cut short by the 1024 soft default (Go's runtime does the
 /// same for the same reason).
+#[cfg(unix)]
 fn raise_descriptor_limit() {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
@@ -216,7 +245,87 @@ fn raise_descriptor_limit() {
     }
 }
 
+/// How `run` and `exec` end: the workload's status, or one line and the
+/// status `docker run` gives for the failure.
+fn workload_exit(result: supermachine::Result<u8>) -> ExitCode {
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("supermachine: {e}");
+            ExitCode::from(run::failure_status(&e))
+        }
+    }
+}
+
+#[cfg(unix)]
+fn run_image(args: &run::RunArgs) -> supermachine::Result<u8> {
+    if args.detach {
+        let argv: Vec<String> = std::env::args().skip(2).collect();
+        detached::start(args, argv).map(|()| 0)
+    } else {
+        run::foreground(args)
+    }
+}
+
+#[cfg(unix)]
+fn exec_in_vm(args: &ExecArgs) -> supermachine::Result<u8> {
+    detached::exec(args)
+}
+
+#[cfg(unix)]
+fn vmm_process(dir: &std::path::Path) -> ExitCode {
+    ExitCode::from(detached::serve(dir))
+}
+
+#[cfg(unix)]
+use detached as detached_vms;
+
+/// Why this build for Windows runs no image's program yet.
+#[cfg(not(unix))]
+fn no_agent(what: &str) -> supermachine::Error {
+    supermachine::Error::Unsupported(format!(
+        "{what}: an image's program runs through its guest agent, reached over virtio-vsock, \
+         whose host side (Unix sockets) this build for Windows does not have yet"
+    ))
+}
+
+#[cfg(not(unix))]
+fn run_image(_args: &run::RunArgs) -> supermachine::Result<u8> {
+    Err(no_agent("run"))
+}
+
+#[cfg(not(unix))]
+fn exec_in_vm(_args: &ExecArgs) -> supermachine::Result<u8> {
+    Err(no_agent("exec"))
+}
+
+#[cfg(not(unix))]
+fn vmm_process(_dir: &std::path::Path) -> ExitCode {
+    eprintln!("supermachine: {}", no_agent("a detached VM"));
+    ExitCode::from(run::EXIT_OWN_FAILURE)
+}
+
+/// `ps`, `logs`, `stop` and `rm` on Windows: there are no detached VMs.
+#[cfg(not(unix))]
+mod detached_vms {
+    use supermachine::Result;
+
+    pub fn ps(_all: bool, _json: bool) -> Result<()> {
+        Err(super::no_agent("ps"))
+    }
+    pub fn logs(_name: &str, _follow: bool) -> Result<()> {
+        Err(super::no_agent("logs"))
+    }
+    pub fn stop(_names: &[String], _time: Option<u64>) -> Result<()> {
+        Err(super::no_agent("stop"))
+    }
+    pub fn rm(_names: &[String], _force: bool) -> Result<()> {
+        Err(super::no_agent("rm"))
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
     raise_descriptor_limit();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
@@ -246,35 +355,13 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => {
-            let result = if args.detach {
-                let argv: Vec<String> = std::env::args().skip(2).collect();
-                detached::start(&args, argv).map(|()| 0)
-            } else {
-                run::foreground(&args)
-            };
-            return match result {
-                Ok(status) => ExitCode::from(status),
-                Err(e) => {
-                    eprintln!("supermachine: {e}");
-                    ExitCode::from(run::failure_status(&e))
-                }
-            };
-        }
-        Command::Exec(args) => {
-            return match detached::exec(&args) {
-                Ok(status) => ExitCode::from(status),
-                Err(e) => {
-                    eprintln!("supermachine: {e}");
-                    ExitCode::from(run::failure_status(&e))
-                }
-            };
-        }
-        Command::Vmm { dir } => return ExitCode::from(detached::serve(&dir)),
-        Command::Ps { all, json } => detached::ps(all, json),
-        Command::Logs { follow, name } => detached::logs(&name, follow),
-        Command::Stop { time, names } => detached::stop(&names, time),
-        Command::Rm { force, names } => detached::rm(&names, force),
+        Command::Run(args) => return workload_exit(run_image(&args)),
+        Command::Exec(args) => return workload_exit(exec_in_vm(&args)),
+        Command::Vmm { dir } => return vmm_process(&dir),
+        Command::Ps { all, json } => detached_vms::ps(all, json),
+        Command::Logs { follow, name } => detached_vms::logs(&name, follow),
+        Command::Stop { time, names } => detached_vms::stop(&names, time),
+        Command::Rm { force, names } => detached_vms::rm(&names, force),
         Command::Boot {
             restore: Some(snapshot),
             console_file,

@@ -1,15 +1,24 @@
 //! `supermachine run IMAGE [COMMAND...]`: an image's program in a fresh
 //! VM, behaving as `docker run` does.
+// On Windows `run` refuses before preparing anything (main.rs): the
+// preparation is built there, and only the parts that attach a session
+// are left out.
+#![cfg_attr(not(unix), allow(dead_code))]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+#[cfg(unix)]
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(unix)]
+use std::time::Instant;
 
 use supermachine::images::{Overrides, PullOptions, manifest::Platform};
 use supermachine::{Error, Image, PortMapping, Result, Share, Vm, VmConfig};
 
-use crate::{parse_platform, parse_size, session};
+#[cfg(unix)]
+use crate::session;
+use crate::{parse_platform, parse_size};
 
 /// Exit status for a failure of supermachine itself (as Docker's 125).
 pub const EXIT_OWN_FAILURE: u8 = 125;
@@ -242,6 +251,7 @@ pub fn new_id() -> String {
 }
 
 /// Runs in the foreground; returns the exit status to exit with.
+#[cfg(unix)]
 pub fn foreground(args: &RunArgs) -> Result<u8> {
     let started = Instant::now();
     let id = new_id();
@@ -308,6 +318,7 @@ pub fn start_vm(prepared: &Prepared, args: &RunArgs) -> Result<(Vm, Option<i32>)
 
 /// Spawns the workload (or, restored from a snapshot, attaches to it),
 /// streams it, and maps how it ended to an exit status.
+#[cfg(unix)]
 pub fn run_workload(
     vm: &Arc<Vm>,
     spec: &supermachine::images::ProcessSpec,

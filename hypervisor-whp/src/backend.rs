@@ -17,6 +17,19 @@ use supermachine_hypervisor::{
 };
 use windows_sys::Win32::System::Hypervisor::*;
 
+// WHP's functions, found at run time (see `api`); these names shadow the
+// glob's imported declarations.
+use crate::api::{
+    self, WHvCancelRunVirtualProcessor, WHvCreatePartition, WHvCreateVirtualProcessor,
+    WHvDeletePartition, WHvDeleteVirtualProcessor, WHvEmulatorCreateEmulator,
+    WHvEmulatorDestroyEmulator, WHvEmulatorTryMmioEmulation, WHvGetCapability,
+    WHvGetVirtualProcessorInterruptControllerState2, WHvGetVirtualProcessorRegisters,
+    WHvGetVirtualProcessorXsaveState, WHvMapGpaRange, WHvRequestInterrupt, WHvRunVirtualProcessor,
+    WHvSetPartitionProperty, WHvSetVirtualProcessorInterruptControllerState2,
+    WHvSetVirtualProcessorRegisters, WHvSetVirtualProcessorXsaveState, WHvSetupPartition,
+    WHvTranslateGva,
+};
+
 use crate::exit::{self, PortAccess, reason};
 use crate::ioapic::{self, Ioapic};
 use crate::regs::{self, name};
@@ -86,6 +99,11 @@ pub struct WhpHypervisor {
 impl WhpHypervisor {
     /// Checks that the platform is present and turned on.
     pub fn new() -> hv::Result<Self> {
+        if let Some(why) = api::missing() {
+            return Err(hv::Error::Unavailable(format!(
+                "the Windows Hypervisor Platform is not available ({why}): turn on the \"Windows Hypervisor Platform\" feature"
+            )));
+        }
         let mut present: i32 = 0;
         let mut written = 0u32;
         // SAFETY: writes at most 4 bytes into `present`, whose size is passed.

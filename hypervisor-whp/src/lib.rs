@@ -37,6 +37,8 @@ mod lapic;
 mod regs;
 
 #[cfg(windows)]
+mod api;
+#[cfg(windows)]
 mod backend;
 
 #[cfg(windows)]
@@ -96,6 +98,24 @@ pub fn describe(hresult: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the platform is off (or under Wine, which has none) the
+    /// process still starts, and `new` says what to turn on.
+    #[cfg(windows)]
+    #[test]
+    fn a_missing_platform_is_reported_in_one_line() {
+        match WhpHypervisor::new() {
+            Ok(_) => {}
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("turn on the \"Windows Hypervisor Platform\" feature"),
+                    "{text}"
+                );
+                assert!(!text.contains('\n'), "{text}");
+            }
+        }
+    }
 
     #[test]
     fn hresults_read_as_words_and_map_to_the_trait_error() {

@@ -13,10 +13,12 @@
 //! | [`open_in_root`]: a chroot's view of symlinks | `openat2(RESOLVE_IN_ROOT)` | resolved a component at a time | none |
 //! | [`mkfifo_at`] | `mknodat` | `mkfifoat` | none |
 //! | [`ThreadedReader`]: a blocking reader made pollable | a thread | a thread | a thread |
+//! | [`user_cache_dir`] | `$XDG_CACHE_HOME`, `~/.cache` | `$XDG_CACHE_HOME`, `~/.cache` | `$XDG_CACHE_HOME`, `%LOCALAPPDATA%` |
 //! | [`process_exists`] | `kill(pid, 0)` | `kill(pid, 0)` | `OpenProcess`, `GetExitCodeProcess` |
 //!
 //! See `docs/platforms.md` for what each host runs.
 
+mod dirs;
 mod disk;
 mod event;
 #[cfg(unix)]
@@ -27,6 +29,7 @@ mod poller;
 mod process;
 mod threaded_reader;
 
+pub use dirs::user_cache_dir;
 pub use disk::{punch_hole, zero_range};
 pub use event::Event;
 #[cfg(unix)]

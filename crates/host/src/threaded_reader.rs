@@ -192,7 +192,7 @@ mod tests {
         assert_eq!(reader.read(&mut buf).unwrap(), 8);
         assert_eq!(&buf, b"hello wo");
         // Bytes left: still readable.
-        assert!(readable(&mut poller, Duration::ZERO));
+        assert!(readable(&mut poller, Duration::from_secs(5)));
         assert_eq!(reader.read(&mut buf).unwrap(), 3);
         assert_eq!(&buf[..3], b"rld");
         assert!(!readable(&mut poller, Duration::from_millis(20)));

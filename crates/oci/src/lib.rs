@@ -47,8 +47,9 @@ pub enum Error {
     /// This host has no implementation of what was asked.
     #[error("{0}")]
     Unsupported(&'static str),
-    /// Neither `XDG_CACHE_HOME` nor `HOME` is set.
-    #[error("no cache directory: set XDG_CACHE_HOME or HOME")]
+    /// Neither `XDG_CACHE_HOME` nor `HOME` (`LOCALAPPDATA` on Windows)
+    /// is set.
+    #[error("no cache directory: set XDG_CACHE_HOME, or HOME (LOCALAPPDATA on Windows)")]
     NoCacheDir,
     /// Not a digest this crate accepts.
     #[error("not a valid digest: {0:?}")]

@@ -82,13 +82,10 @@ impl ImageRecord {
 
 impl Store {
     /// The store under the user's cache directory
-    /// (`$XDG_CACHE_HOME/supermachine/oci`, else `~/.cache/supermachine/oci`).
+    /// (`$XDG_CACHE_HOME/supermachine/oci`, else `~/.cache/supermachine/oci`;
+    /// `%LOCALAPPDATA%\supermachine\oci` on Windows).
     pub fn open_default() -> Result<Self, Error> {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .ok_or(Error::NoCacheDir)?;
+        let cache = supermachine_host::user_cache_dir().ok_or(Error::NoCacheDir)?;
         Self::open(&cache.join("supermachine").join("oci"))
     }
 
@@ -210,7 +207,11 @@ impl Store {
     /// Moves `path`, a file in the store's temporary space whose content
     /// the caller has verified to be `digest`, into place as that blob.
     pub(crate) fn adopt(&self, path: &Path, digest: &Digest) -> Result<(), Error> {
-        File::open(path)
+        // Written for syncing: Windows flushes only through a handle that
+        // may write.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(path)
             .and_then(|f| f.sync_all())
             .and_then(|()| fs::rename(path, self.blob_path(digest)))
             .map_err(|e| io_error(format!("storing blob {digest}"), e))

@@ -61,7 +61,7 @@ impl GuestImage {
             tried.push(bin_dir.join("supermachine-guest"));
             tried.push(bin_dir.join("../share/supermachine/guest"));
         }
-        if let Some(cache) = cache_dir() {
+        if let Some(cache) = supermachine_host::user_cache_dir() {
             tried.push(cache.join("supermachine/guest/current"));
         }
         for dir in &tried {
@@ -78,13 +78,6 @@ impl GuestImage {
                 .collect::<Vec<_>>()
                 .join(", ")
         )))
-    }
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    match std::env::var_os("XDG_CACHE_HOME") {
-        Some(d) if !d.is_empty() => Some(PathBuf::from(d)),
-        _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")),
     }
 }
 

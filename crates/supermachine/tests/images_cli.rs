@@ -93,8 +93,16 @@ fn load_list_and_remove_images() {
     let list = json.as_array().unwrap();
     assert_eq!(list.len(), 2);
     assert_eq!(list[1]["reference"], "example.com/hi:2");
-    let disk = list[1]["disk"].as_str().unwrap();
-    assert!(Path::new(disk).is_file(), "load prepares the root disk");
+    // Windows builds no root disk yet: the image is only stored.
+    let disk = list[1]["disk"].as_str().map(Path::new);
+    if cfg!(unix) {
+        assert!(
+            disk.is_some_and(Path::is_file),
+            "load prepares the root disk"
+        );
+    } else {
+        assert!(disk.is_none(), "{disk:?}");
+    }
 
     let out = ok(&supermachine(&cache, &["rmi", "hello:1"]));
     assert!(
@@ -102,9 +110,9 @@ fn load_list_and_remove_images() {
         "{out}"
     );
     // The other name still holds the shared disk.
-    assert!(Path::new(disk).is_file());
+    assert!(disk.is_none_or(Path::is_file));
     ok(&supermachine(&cache, &["rmi", "example.com/hi:2"]));
-    assert!(!Path::new(disk).exists());
+    assert!(disk.is_none_or(|d| !d.exists()));
     let json = ok(&supermachine(&cache, &["images", "--json"]));
     assert_eq!(json.trim(), "[]");
 }

@@ -479,7 +479,11 @@ fn load(
 }
 
 /// Builds the image's root disk now, so the first run does not wait.
+/// (Windows builds none yet: the image is stored, and `run` refuses.)
 fn prepare(store: &Store, record: &ImageRecord) -> supermachine::Result<()> {
+    if cfg!(windows) {
+        return Ok(());
+    }
     oci::rootfs::build(store, record, oci::Limits::default())?;
     Ok(())
 }

@@ -101,7 +101,7 @@ impl WhpHypervisor {
     pub fn new() -> hv::Result<Self> {
         if let Some(why) = api::missing() {
             return Err(hv::Error::Unavailable(format!(
-                "the Windows Hypervisor Platform is not available ({why}): turn on the \"Windows Hypervisor Platform\" feature"
+                "{why}: turn on the \"Windows Hypervisor Platform\" feature"
             )));
         }
         let mut present: i32 = 0;
@@ -117,7 +117,7 @@ impl WhpHypervisor {
         };
         if result < 0 || present == 0 {
             return Err(hv::Error::Unavailable(
-                "the Windows Hypervisor Platform is not available: turn on the \"Windows Hypervisor Platform\" feature"
+                "the Windows Hypervisor Platform is off or unsupported here: turn on the \"Windows Hypervisor Platform\" feature"
                     .into(),
             ));
         }

@@ -15,6 +15,7 @@
 //! | [`ThreadedReader`]: a blocking reader made pollable | a thread | a thread | a thread |
 //! | [`user_cache_dir`] | `$XDG_CACHE_HOME`, `~/.cache` | `$XDG_CACHE_HOME`, `~/.cache` | `$XDG_CACHE_HOME`, `%LOCALAPPDATA%` |
 //! | [`process_exists`] | `kill(pid, 0)` | `kill(pid, 0)` | `OpenProcess`, `GetExitCodeProcess` |
+//! | [`process_start`]: which process has an id | `/proc/PID/stat` | `proc_pidinfo` | `GetProcessTimes` |
 //!
 //! See `docs/platforms.md` for what each host runs.
 
@@ -37,5 +38,5 @@ pub use fs::{mkfifo_at, open_dir, open_dir_beneath, open_in_root};
 #[cfg(unix)]
 pub use net::connect_unix_nonblocking;
 pub use poller::{AsPollable, Interest, Pollable, Poller, Ready, Trigger};
-pub use process::process_exists;
+pub use process::{process_exists, process_start};
 pub use threaded_reader::ThreadedReader;

@@ -1,4 +1,5 @@
-//! Whether another process is still there, by its id.
+//! Whether another process is still there, by its id, and which one it
+//! is (ids are reused).
 
 /// Whether a process with id `pid` exists now. (It may be a newer process
 /// that was given the same id: callers use this only to tell leftovers of
@@ -8,6 +9,17 @@ pub fn process_exists(pid: u32) -> bool {
         return false;
     }
     sys::process_exists(pid)
+}
+
+/// When process `pid` started, as an opaque stamp: a process that later
+/// gets the same id has another. `None` when there is no such process.
+/// (Linux: field 22 of `/proc/PID/stat`, in clock ticks since boot; macOS:
+/// `proc_pidinfo`'s start time; Windows: the creation time.)
+pub fn process_start(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    sys::process_start(pid)
 }
 
 #[cfg(unix)]
@@ -23,16 +35,67 @@ mod sys {
         // else's, but there.
         matches!(test_kill_process(pid), Ok(()) | Err(Errno::PERM))
     }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    pub(super) fn process_start(pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces; fields after it do not.
+        let after = stat.get(stat.rfind(')')? + 2..)?;
+        after.split(' ').nth(19)?.parse().ok()
+    }
+
+    #[cfg(target_vendor = "apple")]
+    pub(super) fn process_start(pid: u32) -> Option<u64> {
+        let pid = i32::try_from(pid).ok()?;
+        // SAFETY: proc_bsdinfo is plain integers and arrays: all zeroes is
+        // a valid value.
+        let mut info: libc::proc_bsdinfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::proc_bsdinfo>() as i32;
+        // SAFETY: the buffer is one proc_bsdinfo, and its size is passed.
+        let written = unsafe {
+            libc::proc_pidinfo(pid, libc::PROC_PIDTBSDINFO, 0, (&raw mut info).cast(), size)
+        };
+        (written == size).then(|| info.pbi_start_tvsec * 1_000_000 + info.pbi_start_tvusec)
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
+    pub(super) fn process_start(_pid: u32) -> Option<u64> {
+        None
+    }
 }
 
 #[cfg(windows)]
 mod sys {
     use windows_sys::Win32::Foundation::{
-        CloseHandle, ERROR_ACCESS_DENIED, GetLastError, STILL_ACTIVE,
+        CloseHandle, ERROR_ACCESS_DENIED, FILETIME, GetLastError, STILL_ACTIVE,
     };
     use windows_sys::Win32::System::Threading::{
-        GetExitCodeProcess, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
+        GetExitCodeProcess, GetProcessTimes, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
     };
+
+    pub(super) fn process_start(pid: u32) -> Option<u64> {
+        // SAFETY: no pointers; a null result is checked.
+        let handle = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+        if handle.is_null() {
+            return None;
+        }
+        let mut times = [FILETIME {
+            dwLowDateTime: 0,
+            dwHighDateTime: 0,
+        }; 4];
+        let [created, exited, kernel, user] = &mut times;
+        // SAFETY: a process handle just opened, and four valid out
+        // pointers.
+        let ok = unsafe { GetProcessTimes(handle, created, exited, kernel, user) };
+        let mut code = 0u32;
+        // SAFETY: as above, one valid out pointer.
+        let running =
+            unsafe { GetExitCodeProcess(handle, &mut code) } != 0 && code == STILL_ACTIVE as u32;
+        // SAFETY: closes the handle opened above, once.
+        unsafe { CloseHandle(handle) };
+        (ok != 0 && running)
+            .then(|| u64::from(times[0].dwHighDateTime) << 32 | u64::from(times[0].dwLowDateTime))
+    }
 
     pub(super) fn process_exists(pid: u32) -> bool {
         // SAFETY: no pointers; a null result is checked.
@@ -66,5 +129,14 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(!process_exists(pid), "{pid}");
+        assert_eq!(process_start(pid), None);
+    }
+
+    #[test]
+    fn a_process_keeps_its_start_stamp() {
+        let me = process_start(std::process::id());
+        assert!(me.is_some());
+        assert_eq!(process_start(std::process::id()), me);
+        assert_eq!(process_start(0), None);
     }
 }

@@ -117,14 +117,6 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// The start time of process `pid` (field 22 of /proc/PID/stat).
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; fields after it do not.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split(' ').nth(19)?.parse().ok()
-}
-
 impl State {
     fn load(dir: &Path) -> Result<State> {
         let path = dir.join("state.json");
@@ -145,7 +137,7 @@ impl State {
 
     /// The VMM process is alive (and is the one recorded).
     pub fn vmm_alive(&self) -> bool {
-        self.pid != 0 && process_start(self.pid) == Some(self.pid_start)
+        self.pid != 0 && supermachine_host::process_start(self.pid) == Some(self.pid_start)
     }
 
     /// Running, as far as anyone can tell: recorded so and its VMM alive.
@@ -376,7 +368,7 @@ fn boot(dir: &Path) -> Result<Running> {
         exit_code: None,
         finished: None,
         pid: std::process::id(),
-        pid_start: process_start(std::process::id()).unwrap_or(0),
+        pid_start: supermachine_host::process_start(std::process::id()).unwrap_or(0),
         vsock: Some(vm.vsock_socket().to_path_buf()),
         ports: forwards
             .iter()
@@ -818,6 +810,6 @@ mod tests {
 
     #[test]
     fn this_process_has_a_start_time() {
-        assert!(process_start(std::process::id()).is_some());
+        assert!(supermachine_host::process_start(std::process::id()).is_some());
     }
 }

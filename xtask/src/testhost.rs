@@ -241,6 +241,27 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Removes the initramfs of earlier runs whose xtask is gone (a killed
+/// run never reaches its cleanup, and each is some 300 MB).
+fn remove_orphaned_initramfs(work: &Path) {
+    let Ok(entries) = fs::read_dir(work) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("host-"))
+            .and_then(|n| n.strip_suffix(".cpio"))
+            .and_then(|n| n.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) -> Result<Boot> {
     let arch = bins.arch;
     deps::ensure_packages(match arch {
@@ -250,6 +271,7 @@ fn run_once(bins: &Binaries, assets: &Path, extra: &[PathBuf], command: &str) ->
     let host_kernel = kernel::build(kernel::Flavor::TestHost, arch, None)?;
     let work = cache_root()?.join("testhost-run");
     fs::create_dir_all(&work)?;
+    remove_orphaned_initramfs(&work);
     let initramfs = work.join(format!("host-{}.cpio", std::process::id()));
     let _cleanup = RemoveOnDrop(initramfs.clone());
 

@@ -48,6 +48,7 @@ const X86_64_ONLY: &[&str] = &[
     "net-guest-reaches-the-host-by-name-over-tcp-and-udp",
     "net-a-gibibyte-down-arrives-intact",
     "net-a-gibibyte-up-arrives-intact",
+    "net-a-half-closed-connection-sees-the-servers-close",
     "net-deny-private-refuses-what-it-should",
     "snapshot-baked-server-restores-twenty-at-once",
 ];
@@ -525,6 +526,10 @@ fn tests<'a>(env: &'a Env, vm: &'a agent::AgentVm) -> Vec<Test<'a>> {
         (
             "net-busybox-guest-fetches-from-the-host",
             Box::new(move || net::busybox_guest_fetches_from_the_host(env)),
+        ),
+        (
+            "net-a-half-closed-connection-sees-the-servers-close",
+            Box::new(move || net::a_half_closed_connection_sees_the_servers_close(env)),
         ),
         (
             "net-guest-reaches-the-host-by-name-over-tcp-and-udp",

@@ -105,6 +105,11 @@ impl Cli {
         self.run_full(args, None, &[])
     }
 
+    /// [`Cli::run`] with more environment variables.
+    pub(crate) fn run_with_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Run {
+        self.run_full(args, None, vars)
+    }
+
     /// Runs `supermachine ARGS`, feeding `input` to its stdin.
     pub fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Run {
         self.run_full(args, input, &[])

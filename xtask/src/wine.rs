@@ -17,7 +17,14 @@ const TARGET: &str = "x86_64-pc-windows-gnu";
 /// Hypervisor Platform, which Wine does not have, and are left out here.
 /// On a Windows host with it, `cargo test -p PACKAGE --test TARGET` runs
 /// them. (package, its directory, test target)
-const NEED_WHP: &[(&str, &str, &str)] = &[("supermachine", "crates/supermachine", "snapshot")];
+const NEED_WHP: &[(&str, &str, &str)] = &[
+    ("supermachine", "crates/supermachine", "snapshot"),
+    (
+        "supermachine-hypervisor-whp",
+        "hypervisor-whp",
+        "guest_programs",
+    ),
+];
 
 /// `cargo test --target x86_64-pc-windows-gnu` of `packages` (`--workspace`
 /// and its `--exclude`s) with Wine as the runner, but for [`NEED_WHP`].

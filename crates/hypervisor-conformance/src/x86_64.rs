@@ -1,0 +1,349 @@
+//! x86_64: a few instructions, assembled with `iced-x86`, entered in
+//! 64-bit mode with the boot crate's page tables and boot state, checking
+//! the exits a VMM sees.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use supermachine_hypervisor::{
+    Datamatch, Hypervisor, IoAddress, MsrEntry, RamRegion, Vcpu, VcpuExit, Vm, VmSpec,
+};
+use supermachine_memory::{Bytes, GuestAddress, GuestRam, MemoryLayout};
+
+/// Where the programs are loaded.
+pub const CODE_ADDR: u64 = 0x10_0000;
+/// The port a program writes to when it is done.
+pub const DONE_PORT: u16 = 0xf4;
+/// An address with nothing behind it: accesses exit to the VMM.
+pub const MMIO_ADDR: u64 = 0xd000_0000;
+
+/// A VM with one vCPU about to run a program. Fields drop in order: the
+/// VM before the RAM it maps.
+struct Guest {
+    vm: Arc<dyn Vm>,
+    /// In 64-bit mode at the program.
+    vcpu: Box<dyn Vcpu>,
+    ram: GuestRam,
+}
+
+fn assemble(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    build(&mut a).unwrap();
+    a.assemble(CODE_ADDR).unwrap()
+}
+
+fn guest_with_ram(hv: &dyn Hypervisor, code: &[u8], ram_bytes: u64) -> Guest {
+    let layout = MemoryLayout::x86_64(ram_bytes).unwrap();
+    let ram = GuestRam::anonymous(&layout).unwrap();
+    let regions = ram
+        .host_mappings()
+        .iter()
+        // SAFETY: `ram` lives in the returned Guest next to the VM and
+        // outlives it (fields drop in declaration order: vm, vcpu, ram).
+        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
+        .collect();
+    let vm = hv
+        .create_vm(&VmSpec {
+            vcpu_count: 1,
+            ram: regions,
+        })
+        .unwrap();
+    supermachine_boot::write_long_mode_tables(ram.memory()).unwrap();
+    ram.memory()
+        .write_slice(code, GuestAddress(CODE_ADDR))
+        .unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_cpu_state(&supermachine_boot::boot_cpu_state(CODE_ADDR))
+        .unwrap();
+    Guest { vm, vcpu, ram }
+}
+
+fn guest(hv: &dyn Hypervisor, code: &[u8]) -> Guest {
+    guest_with_ram(hv, code, 16 << 20)
+}
+
+/// Runs until the guest writes to DONE_PORT, collecting port writes.
+fn run_to_done(vcpu: &mut dyn Vcpu) -> Vec<(u16, Vec<u8>)> {
+    let mut outs = Vec::new();
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut {
+                port: DONE_PORT, ..
+            } => return outs,
+            VcpuExit::IoOut { port, data } => outs.push((port, data.to_vec())),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+fn done(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(dx, DONE_PORT as u32)?;
+    a.out(dx, al)
+}
+
+/// `OUT` of a byte and of a dword each exit with port and data.
+pub fn port_writes_exit_with_their_data(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        a.mov(dx, 0x3f8u32)?;
+        for b in b"hi\n" {
+            a.mov(al, *b as u32)?;
+            a.out(dx, al)?;
+        }
+        a.mov(eax, 0xdead_beefu32)?;
+        a.mov(dx, 0x510u32)?;
+        a.out(dx, eax)?;
+        done(a)
+    });
+    let mut g = guest(hv, &code);
+    let outs = run_to_done(g.vcpu.as_mut());
+    let serial: Vec<u8> = outs
+        .iter()
+        .filter(|(p, _)| *p == 0x3f8)
+        .flat_map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(serial, b"hi\n");
+    assert_eq!(
+        outs.last().unwrap(),
+        &(0x510, 0xdead_beefu32.to_le_bytes().to_vec())
+    );
+}
+
+/// `IN` exits, and the guest computes with what the VMM answered.
+pub fn port_reads_return_what_the_vmm_supplies(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        a.mov(dx, 0x60u32)?;
+        a.in_(al, dx)?;
+        a.add(al, 1)?;
+        a.mov(dx, 0x511u32)?;
+        a.out(dx, al)?;
+        done(a)
+    });
+    let mut g = guest(hv, &code);
+    match g.vcpu.run().unwrap() {
+        VcpuExit::IoIn { port: 0x60, data } => {
+            assert_eq!(data.len(), 1);
+            data[0] = 41;
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    assert_eq!(run_to_done(g.vcpu.as_mut()), vec![(0x511, vec![42])]);
+}
+
+/// A load and a store outside RAM exit as MMIO, the load taking the VMM's answer.
+pub fn mmio_outside_ram_exits_both_ways(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        a.mov(rbx, MMIO_ADDR)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.add(eax, 0x100)?;
+        a.mov(dword_ptr(rbx + 8), eax)?;
+        done(a)
+    });
+    let mut g = guest(hv, &code);
+    match g.vcpu.run().unwrap() {
+        VcpuExit::MmioRead { addr, data } => {
+            assert_eq!((addr, data.len()), (MMIO_ADDR, 4));
+            data.copy_from_slice(&0x23u32.to_le_bytes());
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    match g.vcpu.run().unwrap() {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!(addr, MMIO_ADDR + 8);
+            assert_eq!(data, 0x123u32.to_le_bytes());
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    assert!(run_to_done(g.vcpu.as_mut()).is_empty());
+}
+
+/// General registers set before a run are what the guest computes with; the boot state is 64-bit with the boot crate's page tables.
+pub fn registers_round_trip_and_guest_computes_with_them(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        a.add(rax, rbx)?;
+        a.imul_2(rax, rcx)?;
+        done(a)
+    });
+    let mut g = guest(hv, &code);
+    let mut regs = g.vcpu.regs().unwrap();
+    regs.rax = 5;
+    regs.rbx = 7;
+    regs.rcx = 0x1_0000_0000;
+    regs.r15 = 0x1234_5678_9abc_def0;
+    g.vcpu.set_regs(&regs).unwrap();
+    assert_eq!(g.vcpu.regs().unwrap(), regs);
+    let sregs = g.vcpu.special_regs().unwrap();
+    assert_eq!(sregs.cr3, supermachine_boot::layout::PML4_ADDR);
+    assert!(sregs.cs.l);
+    run_to_done(g.vcpu.as_mut());
+    let after = g.vcpu.regs().unwrap();
+    assert_eq!(after.rax, 12 * 0x1_0000_0000);
+    assert_eq!(after.r15, 0x1234_5678_9abc_def0);
+}
+
+/// MSRs set are read back; an MSR that does not exist is refused, not dropped.
+pub fn msrs_round_trip(hv: &dyn Hypervisor) {
+    let code = assemble(done);
+    let mut g = guest(hv, &code);
+    const LSTAR: u32 = 0xc000_0082;
+    const KERNEL_GS_BASE: u32 = 0xc000_0102;
+    g.vcpu
+        .set_msrs(&[
+            MsrEntry {
+                index: LSTAR,
+                data: 0xffff_ffff_8100_0000,
+            },
+            MsrEntry {
+                index: KERNEL_GS_BASE,
+                data: 0x4242,
+            },
+        ])
+        .unwrap();
+    let read = g.vcpu.msrs(&[LSTAR, KERNEL_GS_BASE]).unwrap();
+    assert_eq!(read[0].data, 0xffff_ffff_8100_0000);
+    assert_eq!(read[1].data, 0x4242);
+    // An MSR that does not exist is refused, not silently dropped.
+    assert!(
+        g.vcpu
+            .set_msrs(&[MsrEntry {
+                index: 0x4000_1234,
+                data: 1
+            }])
+            .is_err()
+    );
+}
+
+/// Guest stores land in RAM below the MMIO gap and above 4 GiB.
+pub fn guest_writes_reach_both_memory_slots(hv: &dyn Hypervisor) {
+    // 4 GiB + 16 MiB of RAM: slot 0 below the MMIO gap, slot 1 above 4 GiB.
+    // Only touched pages are ever allocated.
+    let high = 0x1_0000_1000u64;
+    let code = assemble(|a| {
+        a.mov(rbx, 0x20_0000u64)?;
+        a.mov(qword_ptr(rbx), 0x1111_2222)?;
+        a.mov(rbx, high)?;
+        a.mov(rax, 0x5555_6666_7777_8888u64)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        done(a)
+    });
+    // The boot tables identity-map 4 GiB; map the 5th GiB too, through a
+    // fifth page directory right after the other four.
+    let mut g = guest_with_ram(hv, &code, (3 << 30) + (1 << 30) + (16 << 20));
+    let pdpt = supermachine_boot::layout::PDPT_ADDR;
+    let pd = supermachine_boot::layout::PD_ADDR + 4 * 0x1000;
+    let mem = g.ram.memory();
+    mem.write_obj(pd | 0b11, GuestAddress(pdpt + 4 * 8))
+        .unwrap();
+    mem.write_obj((4u64 << 30) | 0b11 | (1 << 7), GuestAddress(pd))
+        .unwrap();
+    run_to_done(g.vcpu.as_mut());
+    let low: u64 = g.ram.memory().read_obj(GuestAddress(0x20_0000)).unwrap();
+    let hi: u64 = g.ram.memory().read_obj(GuestAddress(high)).unwrap();
+    assert_eq!(low, 0x1111_2222);
+    assert_eq!(hi, 0x5555_6666_7777_8888);
+}
+
+/// A write matching a notifier is counted without an exit; one that does not match exits.
+pub fn notifier_write_is_counted_without_an_exit(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        a.mov(rbx, MMIO_ADDR)?;
+        a.mov(dword_ptr(rbx), 3)?; // matches: no exit
+        a.mov(dword_ptr(rbx), 3)?; // matches: no exit
+        a.mov(dword_ptr(rbx), 4)?; // does not match: exits
+        done(a)
+    });
+    let mut g = guest(hv, &code);
+    let notifier =
+        g.vm.io_notifier(IoAddress::Mmio(MMIO_ADDR), Datamatch::U32(3))
+            .unwrap();
+    assert_eq!(notifier.consume().unwrap(), 0);
+    match g.vcpu.run().unwrap() {
+        VcpuExit::MmioWrite { addr, data } => {
+            assert_eq!((addr, data), (MMIO_ADDR, &4u32.to_le_bytes()[..]));
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    run_to_done(g.vcpu.as_mut());
+    assert_eq!(notifier.consume().unwrap(), 2);
+}
+
+/// A kick, before or during a run, ends it with `Interrupted`, and the guest resumes after.
+pub fn kick_interrupts_a_spinning_vcpu_and_it_resumes(hv: &dyn Hypervisor) {
+    let code = assemble(|a| {
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.inc(rax)?;
+        a.jmp(spin)
+    });
+    let mut g = guest(hv, &code);
+    // A kick before run() is not lost.
+    let kicker = g.vcpu.kicker();
+    kicker.kick();
+    assert!(matches!(g.vcpu.run().unwrap(), VcpuExit::Interrupted));
+    // A kick while the guest spins.
+    for _ in 0..3 {
+        let k = kicker.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            k.kick();
+        });
+        assert!(matches!(g.vcpu.run().unwrap(), VcpuExit::Interrupted));
+        t.join().unwrap();
+    }
+    let spun = g.vcpu.regs().unwrap().rax;
+    assert!(spun > 0, "the guest ran between kicks");
+}
+
+/// A triple fault is a `Shutdown` exit.
+pub fn triple_fault_is_a_shutdown_exit(hv: &dyn Hypervisor) {
+    // With a zero-limit IDT any exception escalates to a triple fault.
+    let code = assemble(|a| a.ud2());
+    let mut g = guest(hv, &code);
+    let mut sregs = g.vcpu.special_regs().unwrap();
+    sregs.idt.limit = 0;
+    g.vcpu.set_special_regs(&sregs).unwrap();
+    assert!(matches!(g.vcpu.run().unwrap(), VcpuExit::Shutdown));
+}
+
+/// Interrupt lines trigger; vCPU indices and counts out of range are refused.
+pub fn interrupt_lines_and_vcpu_indices_are_validated(hv: &dyn Hypervisor) {
+    let code = assemble(done);
+    let g = guest(hv, &code);
+    let line = g.vm.interrupt_line(4).unwrap();
+    line.trigger().unwrap();
+    assert!(g.vm.create_vcpu(1).is_err(), "only one vCPU was asked for");
+    for vcpu_count in [0, 100_000] {
+        let spec = VmSpec {
+            vcpu_count,
+            ram: Vec::new(),
+        };
+        assert!(hv.create_vm(&spec).is_err(), "{vcpu_count} vCPUs");
+    }
+}
+
+/// Defines one `#[test]` per program of this module, each running it on
+/// the backend `$hypervisor` evaluates to (once per test):
+/// `x86_64_programs!(KvmHypervisor::new().expect("..."));`.
+#[macro_export]
+macro_rules! x86_64_programs {
+    ($hypervisor:expr) => {
+        $crate::x86_64_programs!(@each $hypervisor;
+            port_writes_exit_with_their_data,
+            port_reads_return_what_the_vmm_supplies,
+            mmio_outside_ram_exits_both_ways,
+            registers_round_trip_and_guest_computes_with_them,
+            msrs_round_trip,
+            guest_writes_reach_both_memory_slots,
+            notifier_write_is_counted_without_an_exit,
+            kick_interrupts_a_spinning_vcpu_and_it_resumes,
+            triple_fault_is_a_shutdown_exit,
+            interrupt_lines_and_vcpu_indices_are_validated
+        );
+    };
+    (@each $hypervisor:expr; $($program:ident),*) => {$(
+        #[test]
+        fn $program() {
+            $crate::x86_64::$program(&$hypervisor);
+        }
+    )*};
+}

@@ -36,3 +36,8 @@ fn registers_round_trip_through_the_guest() {
 fn a_second_vcpu_starts_with_psci_cpu_on() {
     conformance::a_second_vcpu_starts_with_psci_cpu_on(&hvf());
 }
+
+#[test]
+fn a_vm_saved_and_gone_resumes_in_a_new_one() {
+    conformance::a_vm_saved_and_gone_resumes_in_a_new_one(&hvf());
+}

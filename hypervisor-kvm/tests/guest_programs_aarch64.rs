@@ -8,7 +8,6 @@
 #![cfg(target_arch = "aarch64")]
 #![allow(clippy::unwrap_used)]
 
-use supermachine_hypervisor::aarch64::{PowerState, sys_regs};
 use supermachine_hypervisor::{Hypervisor, Vcpu};
 use supermachine_hypervisor_conformance::aarch64::{self as conformance, CODE_ADDR, Guest};
 use supermachine_hypervisor_kvm::KvmHypervisor;
@@ -70,16 +69,6 @@ fn a_vcpu_and_its_gic_move_to_another_vm_and_go_on_counting() {
     }
     let vcpu_states: Vec<_> = vcpus.iter_mut().map(|v| v.save_state().unwrap()).collect();
     let vm_state = g.vm.save_state().unwrap();
-    assert_eq!(vcpu_states[0].power, PowerState::On);
-    assert_eq!(vcpu_states[1].power, PowerState::Off, "never started");
-    assert_eq!(vm_state.gic_cpus.len(), 2);
-    assert!(
-        vcpu_states[0]
-            .sys_regs
-            .iter()
-            .any(|r| r.id == sys_regs::CNTVCT_EL0),
-        "the virtual count is saved under its architectural name"
-    );
     hv.check_restorable(&vcpu_states).unwrap();
 
     // A second VM with the first one's memory: it resumes after 5.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use supermachine_hypervisor::aarch64::{PowerState, mpidr, pstate, sys_regs};
-use supermachine_hypervisor::{CpuState, Hypervisor, RamRegion, Vcpu, VcpuExit, Vm, VmSpec};
+use supermachine_hypervisor::{CpuState, Hypervisor, Vcpu, VcpuExit, Vm};
 use supermachine_memory::{AARCH64_RAM_START, Bytes, GuestAddress, GuestRam, MemoryLayout};
 
 /// Where the programs are loaded: the start of RAM.
@@ -85,19 +85,9 @@ pub struct Guest {
 pub fn guest(hv: &dyn Hypervisor, vcpu_count: u32, programs: &[(u64, Vec<u32>)]) -> Guest {
     let layout = MemoryLayout::aarch64(16 << 20).unwrap();
     let ram = GuestRam::anonymous(&layout).unwrap();
-    let regions = ram
-        .host_mappings()
-        .iter()
-        // SAFETY: `ram` lives in the returned Guest next to the VM and
-        // outlives it (fields drop in declaration order: vm, then ram).
-        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
-        .collect();
-    let vm = hv
-        .create_vm(&VmSpec {
-            vcpu_count,
-            ram: regions,
-        })
-        .unwrap();
+    // SAFETY: `ram` lives in the returned Guest next to the VM and
+    // outlives it (fields drop in declaration order: vm, then ram).
+    let vm = unsafe { crate::vm_over(hv, &ram, vcpu_count) };
     for (addr, code) in programs {
         ram.memory()
             .write_slice(&a64::bytes(code), GuestAddress(*addr))

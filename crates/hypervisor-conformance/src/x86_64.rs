@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use supermachine_hypervisor::{
-    Datamatch, Hypervisor, IoAddress, MsrEntry, RamRegion, Vcpu, VcpuExit, Vm, VmSpec,
+    Datamatch, Hypervisor, IoAddress, MsrEntry, Vcpu, VcpuExit, Vm, VmSpec,
 };
 use supermachine_memory::{Bytes, GuestAddress, GuestRam, MemoryLayout};
 use supermachine_test_guests as guests;
@@ -37,19 +37,9 @@ fn assemble(build: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> 
 fn guest_with_ram(hv: &dyn Hypervisor, code: &[u8], ram_bytes: u64) -> Guest {
     let layout = MemoryLayout::x86_64(ram_bytes).unwrap();
     let ram = GuestRam::anonymous(&layout).unwrap();
-    let regions = ram
-        .host_mappings()
-        .iter()
-        // SAFETY: `ram` lives in the returned Guest next to the VM and
-        // outlives it (fields drop in declaration order: vm, vcpu, ram).
-        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
-        .collect();
-    let vm = hv
-        .create_vm(&VmSpec {
-            vcpu_count: 1,
-            ram: regions,
-        })
-        .unwrap();
+    // SAFETY: `ram` lives in the returned Guest next to the VM and
+    // outlives it (fields drop in declaration order: vm, vcpu, ram).
+    let vm = unsafe { crate::vm_over(hv, &ram, 1) };
     supermachine_boot::write_long_mode_tables(ram.memory()).unwrap();
     ram.memory()
         .write_slice(code, GuestAddress(CODE_ADDR))
@@ -435,17 +425,9 @@ struct RunningGuest {
 }
 
 fn vm_with(hv: &dyn Hypervisor, ram: GuestRam) -> (Arc<dyn Vm>, GuestRam) {
-    let regions = ram
-        .host_mappings()
-        .iter()
-        // SAFETY: `ram` is returned next to the VM and kept alive with it.
-        .map(|m| unsafe { RamRegion::new(m.guest_addr, m.len, m.host_addr) })
-        .collect();
-    let spec = VmSpec {
-        vcpu_count: 1,
-        ram: regions,
-    };
-    (hv.create_vm(&spec).unwrap(), ram)
+    // SAFETY: `ram` is returned next to the VM, and every caller keeps
+    // it alive with the VM.
+    (unsafe { crate::vm_over(hv, &ram, 1) }, ram)
 }
 
 /// Runs until `count` reports have been written; returns them.

@@ -18,31 +18,7 @@ fn kvm() -> KvmHypervisor {
 }
 
 // The guest programs every backend runs (`supermachine-hypervisor-conformance`).
-
-#[test]
-fn a_guest_at_el1_powers_off_through_psci() {
-    conformance::a_guest_at_el1_powers_off_through_psci(&kvm());
-}
-
-#[test]
-fn mmio_outside_ram_exits_both_ways() {
-    conformance::mmio_outside_ram_exits_both_ways(&kvm());
-}
-
-#[test]
-fn registers_round_trip_through_the_guest() {
-    conformance::registers_round_trip_through_the_guest(&kvm());
-}
-
-#[test]
-fn a_second_vcpu_starts_with_psci_cpu_on() {
-    conformance::a_second_vcpu_starts_with_psci_cpu_on(&kvm());
-}
-
-#[test]
-fn a_vm_saved_and_gone_resumes_in_a_new_one() {
-    conformance::a_vm_saved_and_gone_resumes_in_a_new_one(&kvm());
-}
+supermachine_hypervisor_conformance::aarch64_programs!(kvm());
 
 // KVM's own: two VMs in one process at once (Hypervisor.framework allows
 // one at a time).

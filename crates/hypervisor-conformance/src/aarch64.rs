@@ -351,3 +351,19 @@ pub fn a_vm_saved_and_gone_resumes_in_a_new_one(hv: &dyn Hypervisor) {
         assert_eq!(next_count(vcpus[0].as_mut()), expected);
     }
 }
+
+/// Defines one `#[test]` per program of this module, each running it on
+/// the backend `$hypervisor` evaluates to (once per test, on the test's
+/// own thread): `aarch64_programs!(HvfHypervisor::new().expect("..."));`.
+#[macro_export]
+macro_rules! aarch64_programs {
+    ($hypervisor:expr) => {
+        $crate::tests_for_programs!(aarch64, $hypervisor;
+            a_guest_at_el1_powers_off_through_psci,
+            mmio_outside_ram_exits_both_ways,
+            registers_round_trip_through_the_guest,
+            a_second_vcpu_starts_with_psci_cpu_on,
+            a_vm_saved_and_gone_resumes_in_a_new_one
+        );
+    };
+}

@@ -9,6 +9,20 @@ pub mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
+/// One `#[test]` per named program of `$crate::$module`, each running it
+/// on the backend `$hypervisor` evaluates to; what `x86_64_programs!` and
+/// `aarch64_programs!` expand to.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! tests_for_programs {
+    ($module:ident, $hypervisor:expr; $($program:ident),* $(,)?) => {$(
+        #[test]
+        fn $program() {
+            $crate::$module::$program(&$hypervisor);
+        }
+    )*};
+}
+
 use std::sync::Arc;
 
 use supermachine_hypervisor::{Hypervisor, RamRegion, Vm, VmSpec};

@@ -612,7 +612,7 @@ pub fn a_vcpu_using_features_this_host_lacks_is_refused(hv: &dyn Hypervisor) {
 #[macro_export]
 macro_rules! x86_64_programs {
     ($hypervisor:expr) => {
-        $crate::x86_64_programs!(@each $hypervisor;
+        $crate::tests_for_programs!(x86_64, $hypervisor;
             port_writes_exit_with_their_data,
             port_reads_return_what_the_vmm_supplies,
             mmio_outside_ram_exits_both_ways,
@@ -629,10 +629,4 @@ macro_rules! x86_64_programs {
             a_vcpu_using_features_this_host_lacks_is_refused
         );
     };
-    (@each $hypervisor:expr; $($program:ident),*) => {$(
-        #[test]
-        fn $program() {
-            $crate::x86_64::$program(&$hypervisor);
-        }
-    )*};
 }

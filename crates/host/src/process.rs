@@ -66,50 +66,56 @@ mod sys {
 
 #[cfg(windows)]
 mod sys {
+    use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle};
+
     use windows_sys::Win32::Foundation::{
-        CloseHandle, ERROR_ACCESS_DENIED, FILETIME, GetLastError, STILL_ACTIVE,
+        ERROR_ACCESS_DENIED, FILETIME, GetLastError, STILL_ACTIVE,
     };
     use windows_sys::Win32::System::Threading::{
         GetExitCodeProcess, GetProcessTimes, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
     };
 
-    pub(super) fn process_start(pid: u32) -> Option<u64> {
+    /// Process `pid`, opened to be asked about; the error code when it
+    /// cannot be.
+    fn open(pid: u32) -> Result<OwnedHandle, u32> {
         // SAFETY: no pointers; a null result is checked.
-        let handle = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
-        if handle.is_null() {
-            return None;
+        let raw = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+        if raw.is_null() {
+            // SAFETY: reads this thread's last error; no inputs.
+            return Err(unsafe { GetLastError() });
         }
+        // SAFETY: a handle just opened, which nothing else owns.
+        Ok(unsafe { OwnedHandle::from_raw_handle(raw) })
+    }
+
+    /// Whether the opened process has not exited (a handle keeps an
+    /// exited process's id from being reused).
+    fn still_running(process: &OwnedHandle) -> bool {
+        let mut code = 0u32;
+        // SAFETY: an open process handle and a valid out pointer.
+        let ok = unsafe { GetExitCodeProcess(process.as_raw_handle(), &mut code) };
+        ok != 0 && code == STILL_ACTIVE as u32
+    }
+
+    pub(super) fn process_start(pid: u32) -> Option<u64> {
+        let process = open(pid).ok()?;
         let mut times = [FILETIME {
             dwLowDateTime: 0,
             dwHighDateTime: 0,
         }; 4];
         let [created, exited, kernel, user] = &mut times;
-        // SAFETY: a process handle just opened, and four valid out
-        // pointers.
-        let ok = unsafe { GetProcessTimes(handle, created, exited, kernel, user) };
-        let mut code = 0u32;
-        // SAFETY: as above, one valid out pointer.
-        let running =
-            unsafe { GetExitCodeProcess(handle, &mut code) } != 0 && code == STILL_ACTIVE as u32;
-        // SAFETY: closes the handle opened above, once.
-        unsafe { CloseHandle(handle) };
-        (ok != 0 && running)
+        // SAFETY: an open process handle and four valid out pointers.
+        let ok = unsafe { GetProcessTimes(process.as_raw_handle(), created, exited, kernel, user) };
+        (ok != 0 && still_running(&process))
             .then(|| u64::from(times[0].dwHighDateTime) << 32 | u64::from(times[0].dwLowDateTime))
     }
 
     pub(super) fn process_exists(pid: u32) -> bool {
-        // SAFETY: no pointers; a null result is checked.
-        let handle = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
-        if handle.is_null() {
-            // SAFETY: reads this thread's last error; no inputs.
-            return unsafe { GetLastError() } == ERROR_ACCESS_DENIED;
+        match open(pid) {
+            Ok(process) => still_running(&process),
+            // Someone else's, but there.
+            Err(code) => code == ERROR_ACCESS_DENIED,
         }
-        let mut code = 0u32;
-        // SAFETY: a process handle just opened, and a valid out pointer.
-        let ok = unsafe { GetExitCodeProcess(handle, &mut code) };
-        // SAFETY: closes the handle opened above, once.
-        unsafe { CloseHandle(handle) };
-        ok != 0 && code == STILL_ACTIVE as u32
     }
 }
 

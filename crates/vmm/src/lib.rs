@@ -876,13 +876,14 @@ fn launch(a: Assembled) -> Result<RunningVm> {
         }
     }
 
-    let input = match forward_stdin {
-        true => Some(event_loop::InputForwarder {
+    let input = if forward_stdin {
+        Some(event_loop::InputForwarder {
             input: stdin_source()?,
             serial: serial.clone(),
             paused: false,
-        }),
-        false => None,
+        })
+    } else {
+        None
     };
     let event_thread = {
         let lifecycle = lifecycle.clone();
